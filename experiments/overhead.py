@@ -1,0 +1,100 @@
+"""Tracking overhead on a GPT-2-small-sized training step on CPU, against PyTorch's own memory tools.
+
+    python experiments/overhead.py [--reps 7]
+
+Model: 12 layers, d=768, 12 heads, vocab 50257, sequence 256, batch 2, AdamW (124M parameters).
+Conditions, interleaved round-robin so that drift on a noisy machine hits all of them alike:
+
+    plain       the step alone
+    memprof     ``with memprof.track(model, opt)`` around the step (op calibration cached, as in any step
+                after a process's first tracked one)
+    MemTracker  ``torch.distributed._tools.mem_tracker.MemTracker`` (private PyTorch API)
+    profiler    ``torch.profiler.profile(activities=[CPU], profile_memory=True)``
+
+Writes results/overhead.json: per-condition step times, the median ratio to plain, and the cost of the
+first tracked step in the process (which measures every op signature's scratch memory once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch  # noqa: I001
+from _common import write_result
+
+import memprof
+from memprof.zoo import GPT, GPTConfig, gpt_batch
+
+GPT2_SMALL = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_size=50257)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model = GPT(GPT2_SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = gpt_batch(GPT2_SMALL, batch_size=2)
+
+    def step():
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def with_memprof():
+        with memprof.track(model, opt):
+            step()
+
+    def with_memtracker():
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        mt = MemTracker()
+        mt.track_external(model, opt)
+        with mt:
+            step()
+
+    def with_profiler():
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+            step()
+
+    step()
+    step()  # optimizer state exists: every condition times a steady step
+    t0 = time.perf_counter()
+    with_memprof()
+    first_tracked_s = time.perf_counter() - t0
+    conditions = {"plain": step, "memprof": with_memprof, "MemTracker": with_memtracker, "profiler": with_profiler}
+    for fn in conditions.values():  # warm each path once
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in conditions}
+    for _ in range(args.reps):
+        for name, fn in conditions.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {k: med[k] / med["plain"] for k in conditions}
+    result = {
+        "model": "GPT-2 small shape: 12 layers, d=768, 12 heads, vocab 50257, seq 256, batch 2, AdamW",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "reps": args.reps,
+        "step_seconds": times,
+        "median_step_seconds": med,
+        "ratio_to_plain": ratios,
+        "memprof_first_tracked_step_seconds": first_tracked_s,
+        "target": "memprof <= 1.05x and below both others",
+        "target_met": ratios["memprof"] <= 1.05 and ratios["memprof"] < min(ratios["MemTracker"], ratios["profiler"]),
+    }
+    path = write_result("overhead", result)
+    print(f"wrote {path}")
+    for k in conditions:
+        print(f"  {k:11s} {med[k]:.3f} s  x{ratios[k]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""memprof: where a PyTorch training step's memory goes, what to do about it, and proof that it worked."""
+
+from ._version import __version__
+from .errors import MemprofError
+from .files import load
+from .profiles import ModuleStats, Profile
+from .tracking import Tracker, track
+from .tracking.decorator import profile
+
+__all__ = ["__version__", "MemprofError", "Profile", "ModuleStats", "Tracker", "track", "profile", "load"]

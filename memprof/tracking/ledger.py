@@ -1,0 +1,327 @@
+"""The storage ledger: a ``TorchDispatchMode`` that sees every op's outputs and records each storage once.
+
+This is the hottest code in memprof: it runs on every aten op of the tracked step. It only appends to an
+event log and keeps a running total; everything else (peaks, samples, per-module statistics) is computed
+from the log once per step by :mod:`memprof.tracking.replay`.
+
+How bytes are counted
+    * A storage is keyed by its Python ``UntypedStorage`` object (``id``), which PyTorch keeps unique per
+      storage for the storage's whole life; ``data_ptr`` is not used (fake storages report 0, real pointers
+      are reused). Views, tied weights and weights saved by autograd share a storage and count once.
+    * A ``weakref`` callback on the storage records its free at the moment the allocator frees it.
+    * In-place resizes (FSDP's ``UntypedStorage.resize_``, ``aten.resize_``) are followed: the tracker patches
+      ``UntypedStorage.resize_`` while it runs and in-place ops' outputs are re-measured.
+    * CUDA storages are counted as the caching allocator rounds them (multiples of 512 bytes).
+    * Memory an op allocates and frees inside itself (oneDNN scratch, matmul packing buffers) is invisible
+      to dispatch; :mod:`memprof.tracking.scratch` measures it from the allocator and the ledger records it as
+      a momentary ``temporary`` spike at that op.
+
+Memory found already live is counted too: parameters, buffers, optimizer state and root-module inputs
+(found by the tracker's hooks) from the start of the step; storages an op reads or aliases that the ledger
+has not seen (a loss target, ``torch.tensor(...)`` constants, ``torch.from_numpy`` data) from that op on.
+Known limit: live memory that no tracked op or module touches is not seen.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+from time import perf_counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+
+from .categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
+
+__all__ = ["StorageRecord", "ModuleNode", "Ledger", "real_tensors"]
+
+_Tensor = torch.Tensor
+_graph_task_id = torch._C._current_graph_task_id
+
+
+
+def real_tensors(t):
+    """The plain tensors that hold ``t``'s memory (wrapper subclasses such as DTensor are flattened)."""
+    if type(t) is _Tensor or type(t) is torch.nn.Parameter or not is_traceable_wrapper_subclass(t):
+        yield t
+        return
+    inner, _ = t.__tensor_flatten__()
+    for attr in inner:
+        x = getattr(t, attr)
+        if isinstance(x, _Tensor):  # DTensor also lists its device mesh
+            yield from real_tensors(x)
+
+
+# Op kinds, cached per OpOverload.
+_FRESH, _VIEW, _INPLACE = 0, 1, 2
+_ALLOCATING_ALIASES = {torch.ops.aten.lift_fresh.default}
+
+
+class StorageRecord:
+    """One storage's life: its size, category, owner module and where it was made."""
+
+    __slots__ = ("nbytes", "cat", "node", "phase", "phase_id", "op", "shape", "dtype", "device", "label",
+                 "ref", "param")
+
+    def __init__(self, nbytes, cat, node, phase, phase_id, op, shape, dtype, device, label=""):
+        self.nbytes = nbytes
+        self.cat = cat
+        self.node = node
+        self.phase = phase
+        self.phase_id = phase_id
+        self.op = op
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        self.label = label
+        self.ref = None
+        self.param = None  # for grads / optimizer state: the parameter record it belongs to
+
+
+class ModuleNode:
+    """A tracked module: its name in the tree and the statistics the replay accumulates for it."""
+
+    __slots__ = ("name", "type", "parent", "structure", "op_ms", "stats", "module")
+
+    def __init__(self, name: str, type_name: str, parent: ModuleNode | None, structure: str = "", module=None):
+        self.module = weakref.ref(module) if module is not None else None
+        self.name = name
+        self.type = type_name
+        self.parent = parent
+        self.structure = structure
+        self.op_ms: dict[str, float] = {}  # forward op time in the current step (exclusive of children)
+        self.stats = None  # filled by replay.NodeStats
+
+
+class Ledger(TorchDispatchMode):
+    """Records storages made by ops (and found already live) into an append-only event log.
+
+    ``events`` holds ``(record, delta_bytes)``; ``prelude`` holds storages found already live during the
+    current step (counted from the step's start); ``marks`` hold module/phase boundaries at event positions.
+    """
+
+    def __init__(self, *, calibrator=None, limit_bytes: int | None = None, on_limit=None, on_backward=None,
+                 timer=perf_counter):
+        super().__init__()
+        self.live: dict[int, StorageRecord] = {}
+        self.events: list = []
+        self.prelude: list = []
+        self.marks: list = []
+        self.total = 0
+        self.phase = OTHER_PHASE
+        self.phase_id = 0
+        self.cur: ModuleNode | None = None
+        self.calibrator = calibrator
+        self.limit_bytes = limit_bytes
+        self.on_limit = on_limit
+        self.on_backward = on_backward
+        self.timer = timer
+        self.devices: dict[str, int] = {}  # device string -> index into device_names
+        self.device_names: list[str] = []
+        self._dev_cache: dict = {}  # torch.device -> (device index, rounds to 512)
+        self._kind: dict = {}
+        self._opname: dict = {}
+
+    # ------------------------------------------------------------------------------------------ per op --
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        if self.phase != BACKWARD and _graph_task_id() != -1:
+            self.on_backward()
+        kind = self._kind.get(func)
+        if kind is None:
+            kind = self._classify(func)
+        live = self.live
+        for a in args:  # inputs never seen before were live before the step (a loss target, a cache)
+            if isinstance(a, _Tensor):
+                if id(a.untyped_storage()) not in live:
+                    self._found_input(a, func)
+            elif type(a) is list or type(a) is tuple:
+                for x in a:
+                    if isinstance(x, _Tensor) and id(x.untyped_storage()) not in live:
+                        self._found_input(x, func)
+        cal = self.calibrator
+        t0 = perf_counter()
+        if cal is not None and kind != _VIEW:
+            out, excess, excess_device = cal.call(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+            excess = 0
+        dt = perf_counter() - t0
+        if type(out) is _Tensor:
+            self._see(out, func, kind)
+        elif isinstance(out, (tuple, list)):
+            for o in out:
+                if isinstance(o, _Tensor):
+                    self._see(o, func, kind)
+                elif isinstance(o, (tuple, list)):
+                    for oo in o:
+                        if isinstance(oo, _Tensor):
+                            self._see(oo, func, kind)
+        elif isinstance(out, _Tensor):
+            self._see(out, func, kind)
+        if excess:
+            self._spike(excess, func, excess_device)
+        node = self.cur
+        if self.phase == FORWARD and node is not None:
+            name = self._opname.get(func) or self._name_op(func)
+            node.op_ms[name] = node.op_ms.get(name, 0.0) + dt * 1e3
+        if self.limit_bytes is not None and self.total > self.limit_bytes:
+            self.on_limit(func)
+        return out
+
+    def _found_input(self, t, func) -> None:
+        for rt in real_tensors(t):
+            s = rt.untyped_storage()
+            if id(s) not in self.live:
+                self.found(s, rt, OTHER, op=None, label="found live", now=True)
+
+    def _classify(self, func) -> int:
+        if func in _ALLOCATING_ALIASES:
+            kind = _FRESH
+        elif func.is_view:
+            kind = _VIEW
+        else:
+            kind = _FRESH
+            for ret in func._schema.returns:
+                info = ret.alias_info
+                if info is not None:
+                    kind = _INPLACE if info.is_write else max(kind, _VIEW)
+        self._kind[func] = kind
+        return kind
+
+    def _name_op(self, func) -> str:
+        name = func.overloadpacket.__name__
+        self._opname[func] = name
+        return name
+
+    def _see(self, t, func, kind) -> None:
+        if type(t) is not _Tensor and is_traceable_wrapper_subclass(t):
+            for rt in real_tensors(t):
+                self._see(rt, func, kind)
+            return
+        s = t.untyped_storage()
+        rec = self.live.get(id(s))
+        if rec is None:
+            if kind == _FRESH:
+                self.born(s, t, func)
+            else:
+                self.found(s, t, OTHER, op=func)
+        elif kind == _INPLACE:
+            nb = s.nbytes()
+            if rec.device < 0 and nb:  # device index stored negative when rounding applies
+                nb = (nb + 511) // 512 * 512
+            if nb != rec.nbytes:
+                self._resized(rec, nb)
+
+    # ------------------------------------------------------------------------------------ bookkeeping --
+    def _device(self, d: torch.device) -> int:
+        entry = self._dev_cache.get(d)
+        if entry is None:
+            name = str(d)
+            if name not in self.devices:
+                self.devices[name] = len(self.device_names)
+                self.device_names.append(name)
+            idx = self.devices[name]
+            rounds = d.type == "cuda"
+            # Encode "rounds to 512" in the sign so the per-op path needs one attribute: -(idx+1) rounds.
+            entry = -(idx + 1) if rounds else idx
+            self._dev_cache[d] = entry
+        return entry
+
+    def _new_record(self, s, device, shape, dtype, cat, op, label=""):
+        dev = self._device(device)
+        nb = s.nbytes()
+        if dev < 0 and nb:
+            nb = (nb + 511) // 512 * 512
+        rec = StorageRecord(nb, cat, self.cur, self.phase, self.phase_id, op, shape, dtype, dev, label)
+        key = id(s)
+        rec.ref = weakref.ref(s, partial(self._free, key))
+        self.live[key] = rec
+        self.total += nb
+        return rec
+
+    def born(self, s, t, op) -> StorageRecord:
+        """A storage made now, by an op."""
+        phase = self.phase
+        cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
+        rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op)
+        self.events.append((rec, rec.nbytes))
+        return rec
+
+    def found(self, s, t, cat, op=None, label="", node=None, now=False) -> StorageRecord:
+        """A storage seen for the first time that no op made: counted from the step's start, or from now.
+
+        Parameters, buffers, optimizer state and a root module's inputs are found by hooks and were live
+        before the step. Storages first met as an op's input are counted from that op (``now``): they are as
+        often made outside the dispatcher just then (``torch.tensor(...)``) as they are old.
+        """
+        rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op, label)
+        rec.phase = OTHER_PHASE
+        rec.phase_id = -1
+        if node is not None:
+            rec.node = node
+        if now:
+            self.events.append((rec, rec.nbytes))
+        else:
+            self.prelude.append((rec, rec.nbytes))
+        return rec
+
+    def lookup(self, t) -> StorageRecord | None:
+        return self.live.get(id(t.untyped_storage()))
+
+    def _resized(self, rec, nb) -> None:
+        delta = nb - rec.nbytes
+        rec.nbytes = nb
+        self.total += delta
+        self.events.append((rec, delta))
+
+    def storage_resized(self, s) -> None:
+        """Called after ``UntypedStorage.resize_`` (patched while tracking)."""
+        rec = self.live.get(id(s))
+        nb = s.nbytes()
+        if rec is None:
+            if nb:
+                phase = self.phase
+                cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
+                rec = self._new_record(s, s.device, (nb,), torch.uint8, cat, None)
+                self.events.append((rec, rec.nbytes))
+            return
+        if rec.device < 0 and nb:
+            nb = (nb + 511) // 512 * 512
+        if nb != rec.nbytes:
+            self._resized(rec, nb)
+
+    def _free(self, key, _ref) -> None:
+        rec = self.live.pop(key, None)
+        if rec is None:
+            return
+        rec.ref = None
+        n = rec.nbytes
+        if n:
+            self.total -= n
+            self.events.append((rec, -n))
+        if rec.phase_id == self.phase_id and (rec.cat == ACTIVATION or rec.cat == OTHER):
+            rec.cat = TEMPORARY
+
+    def _spike(self, excess, func, device) -> None:
+        """Memory an op used inside itself: up and down again at this op."""
+        rec = StorageRecord(excess, TEMPORARY, self.cur, self.phase, self.phase_id, func, (), None,
+                            self._device(device), "workspace")
+        self.events.append((rec, excess))
+        self.events.append((rec, -excess))
+        if self.limit_bytes is not None and self.total + excess > self.limit_bytes:
+            self.total += excess
+            try:
+                self.on_limit(func)
+            finally:
+                self.total -= excess
+
+    def mark(self, kind: str, node: ModuleNode | None = None) -> None:
+        self.marks.append((len(self.events), kind, node, self.timer(), self.phase, self.cur))
+
+    def detach_all(self) -> None:
+        """Drop every weakref callback (the tracker is finished: no callbacks may outlive it)."""
+        for rec in self.live.values():
+            rec.ref = None
+        self.live.clear()

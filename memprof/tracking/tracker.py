@@ -1,0 +1,826 @@
+"""The Tracker: one tracking code path for ``memprof.track``, ``@memprof.profile`` and ``memprof run``.
+
+It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and optimizer hooks that tell it
+*where* each op runs:
+
+* global module forward pre/post hooks (or only the given model's modules) keep a forward module stack;
+* ``register_multi_grad_hook`` on each module's outputs ("any") and inputs ("all") marks its backward,
+  which unlike ``register_full_backward_hook`` is right for modules whose inputs need no grad; modules whose
+  backward never closes (embeddings, the first layer) are closed when the graph task ends;
+* backward is detected per op from the autograd engine (``_current_graph_task_id``), so a loss computed
+  outside any module is attributed correctly;
+* global optimizer step pre/post hooks delimit the optimizer phase; a step ends at its optimizer step and
+  the next one starts at the next forward;
+* ``register_post_accumulate_grad_hook`` relabels a parameter's ``.grad`` (born as a backward temporary)
+  as ``grad``; after each optimizer step its state tensors are relabelled ``optimizer``.
+
+Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` patch and every
+storage weakref are removed when tracking stops, also when the tracked block raises (including out of
+memory). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
+profile); non-``nn.Module`` models get no per-module rows; with ``model=None`` only modules that run
+forward inside the block are found.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import platform
+import sys
+from functools import partial
+from time import perf_counter
+
+import torch
+from torch.autograd.graph import register_multi_grad_hook
+from torch.nn.modules import module as _nn_module
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._pytree import tree_leaves
+
+from .._version import __version__
+from ..errors import DeviceMemoryExceeded, TrackingError
+from ..units import format_bytes
+from .categories import (
+    ACTIVATION,
+    BACKWARD,
+    BUFFER,
+    CATEGORIES,
+    FORWARD,
+    GRAD,
+    INPUT,
+    OPT_PHASE,
+    OPTIMIZER,
+    OTHER,
+    OTHER_PHASE,
+    PARAM,
+    PHASES,
+)
+from .devices import CudaPeakFolder, cpu_name, cuda_available, cuda_device_facts, host_memory_bytes
+from .ledger import Ledger, ModuleNode, real_tensors
+from .replay import Replay, downsample
+from .scratch import ScratchCalibrator
+
+__all__ = ["Tracker", "track"]
+
+_graph_task_id = torch._C._current_graph_task_id
+_IDLE, _RUNNING, _PAUSED, _STOPPED = range(4)
+
+
+def _as_list(obj, kind, what):
+    if obj is None:
+        return []
+    items = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    for x in items:
+        if not isinstance(x, kind):
+            raise TrackingError(
+                f"{what} must be a {kind.__name__} (or a list of them), got {type(x).__module__}.{type(x).__name__}"
+            )
+    return items
+
+
+class _Timer:
+    """Wall clock on CPU; CUDA events when CUDA runs, so module times measure the GPU's work."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def __call__(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return perf_counter()
+
+    def bind(self, origin):
+        if not self.cuda:
+            return lambda t: t
+        return lambda t: origin.elapsed_time(t) / 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class Tracker:
+    """Tracks memory of training steps by module, category and phase; ``profile`` holds the result.
+
+    Args:
+        model: the module(s) to attribute memory to; ``None`` tracks every module run inside the block.
+        optimizer: the optimizer(s) whose steps delimit steps; ``None`` uses every optimizer stepped inside.
+        steps: stop tracking by itself after this many optimizer steps (``None``: until ``stop()``).
+        device_memory: rehearse a device of this many bytes: raise :class:`DeviceMemoryExceeded` (with the
+            partial profile) when tracked memory would go over it.
+        top_tensors: how many of the largest live tensors to keep at the peak.
+        max_samples: bound on the timeline's length (long runs are downsampled; the peak is always kept).
+        calibrate: measure op-internal scratch memory on the real allocator (see :mod:`.scratch`).
+        on_stop: called with the tracker once tracking has stopped and ``profile`` is built.
+    """
+
+    def __init__(self, model=None, optimizer=None, *, steps: int | None = None, device_memory: int | None = None,
+                 top_tensors: int = 20, max_samples: int = 2000, calibrate: bool = True, on_stop=None,
+                 assumptions: dict | None = None, estimated: bool = False, environment: dict | None = None):
+        self._models = _as_list(model, torch.nn.Module, "model")
+        self._optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise TrackingError(f"steps must be a positive integer, got {steps!r}")
+        if device_memory is not None and (not isinstance(device_memory, int) or device_memory <= 0):
+            raise TrackingError(f"device_memory must be a positive number of bytes, got {device_memory!r}")
+        self._steps_limit = steps
+        self._device_memory = device_memory
+        self._top_k = top_tensors
+        self._max_samples = max_samples
+        self._calibrate = calibrate
+        self._on_stop = on_stop
+        self._assumptions = dict(assumptions or {})
+        self._estimated = estimated
+        self._environment = dict(environment or {})
+        self._state = _IDLE
+        self._profile = None
+        self._error: BaseException | None = None
+        self._limit_exc: DeviceMemoryExceeded | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle --
+    @property
+    def profile(self):
+        """The :class:`memprof.Profile`, available once tracking has stopped."""
+        if self._profile is None:
+            if self._state == _STOPPED and self._error is not None:
+                raise TrackingError(f"building the profile failed: {self._error!r}") from self._error
+            raise TrackingError("the profile is ready only after tracking stops (leave the `with` block)")
+        return self._profile
+
+    @property
+    def active(self) -> bool:
+        return self._state == _RUNNING
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stop()
+        return False
+
+    def start(self) -> Tracker:
+        if self._state != _IDLE:
+            raise TrackingError("a Tracker can be started only once; make a new one")
+        cuda = cuda_available() and torch.cuda.is_initialized()
+        self._timer = _Timer(cuda)
+        self._cuda_folder = CudaPeakFolder() if cuda else None
+        if self._cuda_folder is not None:
+            for i in range(torch.cuda.device_count()):
+                self._cuda_folder.start(i)
+        calibrator = ScratchCalibrator(self._cuda_folder) if self._calibrate else None
+        self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, on_limit=self._over_limit,
+                             on_backward=self._enter_backward, timer=self._timer)
+        self._nodes: dict = {}  # module -> ModuleNode
+        self._roots: list = []  # (module, node)
+        self._owner: dict = {}  # parameter -> (node, name)
+        self._known_optimizers: list = []
+        self._handles: list = []  # per-run hook handles (grad-accumulate, multi-grad)
+        self._fstack: list = []
+        self._bstack: list = []
+        self._after_opt = False
+        self._opt_in_step: list = []
+        self._opt_order: list | None = None
+        self._stop_at_next = False
+        self._in_opt_post = False
+        self._step_index = 0
+        self._notes: set[str] = set()
+        self._t0 = self._timer()
+        self._step_t0 = self._t0
+        self.replay = Replay(self._t0, self._timer.bind(self._t0), self._top_k)
+        self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self._install()
+        try:
+            for m in self._models:
+                self._add_root(m)
+            for opt in self._optimizers:
+                self._add_optimizer(opt)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def pause(self) -> None:
+        """Stop observing ops and hooks (frees are still seen) until :meth:`resume`."""
+        if self._state == _RUNNING:
+            self._uninstall()
+            self._state = _PAUSED
+
+    def resume(self) -> None:
+        if self._state == _PAUSED:
+            self._install()
+
+    def stop(self) -> None:
+        """Stop tracking (idempotent): remove every hook and the mode, then build the profile."""
+        if self._state in (_IDLE, _STOPPED):
+            self._state = _STOPPED
+            return
+        try:
+            if self._state == _RUNNING:
+                self._uninstall()
+        finally:
+            self._state = _STOPPED
+            try:
+                self._finish()
+            except Exception as e:  # never leave weakrefs or handles behind because of a bug here
+                self._error = e
+            finally:
+                for h in self._handles:
+                    h.remove()
+                self._handles.clear()
+                self.ledger.detach_all()
+                self._nodes.clear()
+                self._owner.clear()
+                self._roots.clear()
+                self._known_optimizers.clear()
+        if self._limit_exc is not None:
+            self._limit_exc.profile = self._profile
+        if self._on_stop is not None and self._profile is not None:
+            self._on_stop(self)
+
+    # ------------------------------------------------------------------------------ install/uninstall --
+    def _install(self) -> None:
+        self._global = [
+            _nn_module.register_module_forward_pre_hook(self._fw_pre),
+            _nn_module.register_module_forward_hook(self._fw_post, with_kwargs=True, always_call=True),
+            register_optimizer_step_pre_hook(self._opt_pre),
+            register_optimizer_step_post_hook(self._opt_post),
+        ]
+        ledger = self.ledger
+        orig = torch.UntypedStorage.resize_
+
+        def resize_(storage, size):
+            out = orig(storage, size)
+            if ledger is _get_current_dispatch_mode():
+                ledger.storage_resized(storage)
+            return out
+
+        resize_.__wrapped__ = orig
+        torch.UntypedStorage.resize_ = resize_
+        ledger.__enter__()
+        self._state = _RUNNING
+
+    def _uninstall(self) -> None:
+        opt_post = self._global[-1]
+        for h in self._global:
+            _remove_hook(h, iterating=self._in_opt_post and h is opt_post)
+            # torch's handle forgets the with_kwargs flag of global forward hooks: remove it ourselves.
+            _nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
+        self._global = []
+        if "resize_" in torch.UntypedStorage.__dict__:
+            del torch.UntypedStorage.resize_
+        top = _get_current_dispatch_mode()
+        if top is self.ledger:
+            self.ledger.__exit__(None, None, None)
+        else:
+            # Another mode was pushed above ours inside the block and not popped: remove ours from below it.
+            stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+            if self.ledger in stack:
+                saved = []
+                while _get_current_dispatch_mode() is not self.ledger:
+                    saved.append(torch.utils._python_dispatch._pop_mode())
+                self.ledger.__exit__(None, None, None)
+                for m in reversed(saved):
+                    torch.utils._python_dispatch._push_mode(m)
+
+    # ----------------------------------------------------------------------------------------- modules --
+    def _add_root(self, mod) -> ModuleNode:
+        contained = {id(m) for m in mod.modules()}
+        others = [(m, n) for m, n in self._roots if id(m) not in contained]
+        taken = {n.name for _, n in others}
+        name = ""
+        if "" in taken:
+            base = type(mod).__name__
+            name, k = base, 2
+            while name in taken:
+                name, k = f"{base}#{k}", k + 1
+        structure = _structures(mod)
+        walk: dict[str, ModuleNode] = {}
+        for fqn, sub in mod.named_modules():
+            full = fqn if not name else (f"{name}.{fqn}" if fqn else name)
+            parent = walk.get(fqn.rpartition(".")[0]) if fqn else None
+            node = self._nodes.get(sub)
+            if node is None:
+                node = ModuleNode(full, type(sub).__name__, parent, structure[id(sub)], sub)
+                self._nodes[sub] = node
+            else:
+                node.name, node.parent = full, parent
+            walk[fqn] = node
+        root = walk[""]
+        self._roots = others + [(mod, root)]
+        if type(mod).__name__ == "OptimizedModule" or any(type(m).__name__ == "OptimizedModule" for m in mod.modules()):
+            self._notes.add("torch.compile: compiled modules ran eagerly under the tracker (memory of the eager "
+                            "program, which can differ from the compiled one)")
+        self._add_params(mod, name, walk)
+        return root
+
+    def _add_params(self, mod, prefix, walk) -> None:
+        led = self.ledger
+        seen_storage = set()
+        for pname, p in mod.named_parameters():
+            owner = walk.get(pname.rpartition(".")[0]) or walk[""]
+            full = f"{prefix}.{pname}" if prefix else pname
+            self._owner[p] = (owner, full)
+            for t in real_tensors(p):
+                s = t.untyped_storage()
+                if id(s) in seen_storage:
+                    continue
+                seen_storage.add(id(s))
+                rec = led.live.get(id(s))
+                if rec is None:
+                    led.found(s, t, PARAM, label=full, node=owner)
+                else:
+                    rec.cat, rec.label, rec.node = PARAM, full, owner
+            if p.grad is not None:
+                self._label_grad(p)
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_accumulated))
+        for bname, b in mod.named_buffers():
+            owner = walk.get(bname.rpartition(".")[0]) or walk[""]
+            full = f"{prefix}.{bname}" if prefix else bname
+            for t in real_tensors(b):
+                s = t.untyped_storage()
+                if id(s) in seen_storage:
+                    continue
+                seen_storage.add(id(s))
+                rec = led.live.get(id(s))
+                if rec is None:
+                    led.found(s, t, BUFFER, label=full, node=owner)
+                elif rec.cat != PARAM:
+                    rec.cat, rec.label, rec.node = BUFFER, full, owner
+
+    def _relabel(self, t, cat, label, node, only_from=None) -> None:
+        led = self.ledger
+        for rt in real_tensors(t):
+            s = rt.untyped_storage()
+            rec = led.live.get(id(s))
+            if rec is None:
+                led.found(s, rt, cat, label=label, node=node)
+            elif only_from is None or rec.cat in only_from:
+                rec.cat, rec.label = cat, label
+                if node is not None:
+                    rec.node = node
+
+    def _label_grad(self, p) -> None:
+        owner, name = self._owner.get(p, (None, ""))
+        self._relabel(p.grad, GRAD, f"{name}.grad", owner)
+
+    def _grad_accumulated(self, p) -> None:
+        if self._state == _RUNNING and p.grad is not None:
+            self._label_grad(p)
+
+    def _cur(self):
+        if self._fstack:
+            return self._fstack[-1]
+        if self._bstack:
+            return self._bstack[-1]
+        return None
+
+    def _check_params(self, mod, node) -> None:
+        """Label the module's own parameters as it runs: FSDP swaps in unsharded ones (grown by resize_)."""
+        live = self.ledger.live
+        for pname, p in mod._parameters.items():
+            if p is None:
+                continue
+            for t in real_tensors(p):
+                rec = live.get(id(t.untyped_storage()))
+                if rec is None or rec.cat != PARAM:
+                    self._relabel(t, PARAM, f"{node.name}.{pname}" if node.name else pname, node)
+
+    def _fw_pre(self, mod, args):
+        node = self._nodes.get(mod)
+        if node is None:
+            if self._models or self._state != _RUNNING:
+                return
+            node = self._add_root(mod)
+        if mod._parameters:
+            self._check_params(mod, node)
+        led = self.ledger
+        if _graph_task_id() != -1:  # recomputation inside backward (activation checkpointing)
+            self._fstack.append(node)
+            led.cur = node
+            led.mark("R+", node)
+            return
+        if led.phase != FORWARD:
+            self._begin_forward()
+            if self._state != _RUNNING:
+                return
+        self._fstack.append(node)
+        led.cur = node
+        led.mark("F+", node)
+
+    def _fw_post(self, mod, args, *rest):
+        # (kwargs, output) normally; torch calls always_call hooks with (output) only when forward raised.
+        kwargs, output = rest if len(rest) == 2 else ({}, None)
+        node = self._nodes.get(mod)
+        if node is None or self._state != _RUNNING:
+            return
+        stack = self._fstack
+        for j in range(len(stack) - 1, -1, -1):
+            if stack[j] is node:
+                del stack[j]
+                break
+        else:
+            return
+        led = self.ledger
+        led.cur = self._cur()
+        if _graph_task_id() != -1:
+            led.mark("R-", node)
+            return
+        led.mark("F-", node)
+        if node.parent is None:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    self._relabel(t, INPUT, "input", None, only_from=(OTHER,))
+        if not torch.is_grad_enabled() or output is None:
+            return
+        outs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if outs:
+            self._handles.append(register_multi_grad_hook(outs, partial(self._bw_pre, node), mode="any"))
+            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if ins:
+                self._handles.append(register_multi_grad_hook(ins, partial(self._bw_post, node)))
+
+    def _bw_pre(self, node, _grad):
+        if self._state != _RUNNING:
+            return
+        mod = node.module() if node.module is not None else None
+        if mod is not None and mod._parameters:
+            self._check_params(mod, node)
+        led = self.ledger
+        if led.phase != BACKWARD:
+            self._enter_backward()
+        self._bstack.append(node)
+        led.cur = self._cur()
+        led.mark("B+", node)
+
+    def _bw_post(self, node, _grads):
+        if self._state != _RUNNING:
+            return
+        stack = self._bstack
+        for j in range(len(stack) - 1, -1, -1):
+            if stack[j] is node:
+                del stack[j]
+                break
+        else:
+            return
+        led = self.ledger
+        led.cur = self._cur()
+        led.mark("B-", node)
+
+    # ------------------------------------------------------------------------------------------ phases --
+    def _set_phase(self, phase, payload=None) -> None:
+        led = self.ledger
+        led.phase_id += 1
+        led.phase = phase
+        led.mark("P", payload)
+
+    def _begin_forward(self) -> None:
+        if self._after_opt:
+            if self._step_limit_reached():
+                self.stop()
+                return
+            self._end_step()
+        self._set_phase(FORWARD)
+
+    def _enter_backward(self) -> None:
+        led = self.ledger
+        if self._after_opt:  # backward with no forward since the optimizer step (stops wait for a forward)
+            self._end_step()
+        if led.phase == OTHER_PHASE:
+            # Autograd graph built outside any tracked module: treat that stretch as the forward.
+            pid = led.phase_id
+            for rec in led.live.values():
+                if rec.phase_id == pid and rec.cat == OTHER:
+                    rec.cat, rec.phase = ACTIVATION, FORWARD
+            led.phase = FORWARD
+        fwd_id = led.phase_id if led.phase == FORWARD else None
+        self._set_phase(BACKWARD, fwd_id)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        if self._state != _RUNNING:
+            return
+        led = self.ledger
+        while self._bstack:
+            node = self._bstack.pop()
+            led.cur = self._cur()
+            led.mark("B-", node)
+        led.cur = self._cur()
+        self._set_phase(OTHER_PHASE)
+
+    def _add_optimizer(self, opt) -> None:
+        if any(o is opt for o in self._known_optimizers):
+            return
+        self._known_optimizers.append(opt)
+        self._label_state(opt)
+
+    def _label_state(self, opt) -> None:
+        for p, state in opt.state.items():
+            owner, name = self._owner.get(p, (None, ""))
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    self._relabel(v, OPTIMIZER, f"{name}:{k}" if name else k, owner)
+
+    def _tracked_optimizer(self, opt) -> bool:
+        return not self._optimizers or any(o is opt for o in self._optimizers)
+
+    def _opt_pre(self, opt, args, kwargs):
+        if self._state != _RUNNING or not self._tracked_optimizer(opt):
+            return
+        self._add_optimizer(opt)
+        self.ledger.cur = None
+        self._set_phase(OPT_PHASE)
+
+    def _opt_post(self, opt, args, kwargs):
+        if self._state != _RUNNING or not self._tracked_optimizer(opt):
+            return
+        self._label_state(opt)
+        self.ledger.cur = self._cur()
+        self._set_phase(OTHER_PHASE)
+        self._after_opt = True
+        self._opt_in_step.append(opt)
+        if self._steps_limit is not None and self._step_index + 1 >= self._steps_limit:
+            # The last tracked step: stop now if this is its last optimizer step, as far as we can know.
+            if self._opt_order is not None:
+                done = opt is self._opt_order[-1] and self._opt_in_step.count(opt) >= self._opt_order.count(opt)
+            else:
+                done = len(self._known_optimizers) == 1
+            if done:
+                self._in_opt_post = True
+                try:
+                    self.stop()
+                finally:
+                    self._in_opt_post = False
+            else:
+                self._stop_at_next = True
+
+    def _step_limit_reached(self) -> bool:
+        return self._stop_at_next or (self._steps_limit is not None and self._step_index + 1 >= self._steps_limit)
+
+    def _end_step(self) -> None:
+        led = self.ledger
+        t = self._timer()
+        self._timer.sync()
+        if self._opt_order is None and self._opt_in_step:
+            self._opt_order = list(self._opt_in_step)
+        self._opt_in_step = []
+        self.replay.replay_step(self._step_index, led.prelude, led.events, led.marks, self._step_t0, t)
+        led.prelude, led.events, led.marks = [], [], []
+        self._step_index += 1
+        self._step_t0 = t
+        self._after_opt = False
+
+    def _over_limit(self, func) -> None:
+        led = self.ledger
+        cur = led.cur.name if led.cur is not None else ""
+        where = f"module {cur!r}" if cur else "outside any module"
+        self._limit_exc = DeviceMemoryExceeded(
+            f"tracked memory would reach {format_bytes(led.total)}, over the device memory of "
+            f"{format_bytes(self._device_memory)}, at {func} in {where}, {PHASES[led.phase]} phase of step "
+            f"{self._step_index}"
+        )
+        raise self._limit_exc
+
+    # ------------------------------------------------------------------------------------------ result --
+    def _finish(self) -> None:
+        led = self.ledger
+        t = self._timer()
+        self._timer.sync()
+        has_work = led.events or led.prelude or led.marks or not self.replay.steps
+        if has_work:
+            self.replay.replay_step(self._step_index, led.prelude, led.events, led.marks, self._step_t0, t)
+            led.prelude, led.events, led.marks = [], [], []
+        self.replay.close_all(t)
+        self._profile = self._build_profile()
+
+    def _build_profile(self):
+        from ..profiles import (
+            DeviceStats,
+            Environment,
+            ModuleStats,
+            PeakInfo,
+            Profile,
+            Sample,
+            StepStats,
+            TensorInfo,
+        )
+
+        rp = self.replay
+        led = self.ledger
+        dev_name = {}
+        for name, idx in led.devices.items():
+            dev_name[idx] = name
+            dev_name[-(idx + 1)] = name
+
+        def node_name(node):
+            return node.name if node is not None else ""
+
+        peak = rp.peak
+        tensors = []
+        for rec, b, c in peak["tensors"]:
+            label = rec.label or (f"{_op(rec.op)} output" if rec.op is not None else "")
+            if rec.label == "workspace":
+                label = f"{_op(rec.op)} workspace"
+            tensors.append(TensorInfo(
+                bytes=b, category=CATEGORIES[c], module=node_name(rec.node), phase=PHASES[rec.phase],
+                shape=tuple(int(x) for x in rec.shape), dtype=str(rec.dtype).replace("torch.", "") if rec.dtype else "",
+                device=dev_name.get(rec.device, "?"), label=label,
+            ))
+        by_dev: dict[str, int] = {}
+        for d, b in peak["by_device"].items():
+            by_dev[dev_name.get(d, "?")] = by_dev.get(dev_name.get(d, "?"), 0) + b
+        peak_info = PeakInfo(
+            bytes=peak["bytes"], step=peak["step"], phase=PHASES[peak["phase"]], module=node_name(peak["node"]),
+            by_category=dict(zip(CATEGORIES, peak["by_category"])), by_device=by_dev,
+            tensors=tuple(tensors), time_ms=peak["time_ms"],
+        )
+        steps = tuple(
+            StepStats(index=s["index"], peak_bytes=s["peak_bytes"],
+                      phase_peak_bytes={PHASES[p]: v for p, v in s["phase_peak_bytes"].items()},
+                      start_bytes=s["start_bytes"], end_bytes=s["end_bytes"], duration_ms=s["duration_ms"],
+                      micro_batches=s["micro_batches"])
+            for s in rp.steps
+        )
+        modules = self._module_stats(ModuleStats)
+        peak_sample = None
+        samples = []
+        for i, (index, t_ms, step, phase, node, total, cats) in enumerate(rp.samples):
+            samples.append((index, t_ms, step, phase, node_name(node), total, cats))
+            if peak_sample is None and total == peak["bytes"]:
+                peak_sample = i
+        phase_changes = {i for i in range(1, len(samples)) if samples[i][3] != samples[i - 1][3]}
+        keep = {peak_sample} if peak_sample is not None else set()
+        if len(phase_changes) < self._max_samples // 2:
+            keep |= phase_changes
+        samples = downsample(samples, self._max_samples, keep)
+        timeline = tuple(Sample(i, t, s, PHASES[p], m, tot, tuple(c)) for i, t, s, p, m, tot, c in samples)
+
+        devices = []
+        env_device, env_name, env_cap = "cpu", cpu_name(), host_memory_bytes()
+        for name, idx in led.devices.items():
+            peak_b = max(rp.dev_peak.get(idx, 0), rp.dev_peak.get(-(idx + 1), 0))
+            kw = {}
+            if name.startswith("cuda") and cuda_available():
+                index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+                facts = cuda_device_facts(index)
+                kw.update(name=facts["name"], capacity_bytes=facts["capacity_bytes"],
+                          nvml_total_bytes=facts.get("nvml_total_bytes"), nvml_used_bytes=facts.get("nvml_used_bytes"))
+                if self._cuda_folder is not None and not self._estimated:
+                    alloc = self._cuda_folder.summary(index)
+                    kw["allocator"] = alloc
+                    if alloc.get("reserved_peak"):
+                        kw["fragmentation"] = 1.0 - alloc["allocated_peak"] / alloc["reserved_peak"]
+                env_device, env_name, env_cap = name, facts["name"], facts["capacity_bytes"]
+            elif name == "cpu":
+                kw.update(name=cpu_name(), capacity_bytes=host_memory_bytes())
+            devices.append(DeviceStats(device=name, peak_bytes=peak_b, **kw))
+        env = dict(
+            memprof_version=__version__, torch_version=torch.__version__,
+            python_version=platform.python_version(), platform=f"{sys.platform}-{platform.machine()}",
+            created=self._created, device=env_device, device_name=env_name, device_capacity_bytes=env_cap,
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            env.update(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank())
+        env.update(self._environment)
+        notes = sorted(self._notes)
+        if self._device_memory is not None:
+            notes.append(f"rehearsed device memory: {self._device_memory} bytes")
+        return Profile(
+            environment=Environment(**env), peak=peak_info, steps=steps, modules=modules, timeline=timeline,
+            devices=tuple(devices), estimated=self._estimated, assumptions=self._assumptions, notes=tuple(notes),
+        )
+
+    def _module_stats(self, ModuleStats) -> dict:
+        from .replay import _stats
+
+        nodes = list(self.replay.nodes)
+        known = {id(n) for n in nodes}
+        for n in list(nodes):  # ancestors that made nothing themselves still belong to the tree
+            p = n.parent
+            while p is not None and id(p) not in known:
+                _stats(p)
+                nodes.append(p)
+                known.add(id(p))
+                p = p.parent
+        children: dict = {}
+        for n in nodes:
+            if n.parent is not None:
+                children.setdefault(id(n.parent), []).append(n)
+        inclusive: dict = {}
+
+        def subtree(n):
+            """Owned bytes (maxima of each module's own, summed) and forward op times, over the subtree."""
+            if id(n) not in inclusive:
+                owned = list(n.stats.own_max)
+                ops: dict = {}
+                for k, v in _steady_mean_dict(n.stats.op_ms).items():
+                    ops[k] = ops.get(k, 0.0) + v
+                for c in children.get(id(n), ()):
+                    c_owned, c_ops = subtree(c)
+                    owned = [a + b for a, b in zip(owned, c_owned)]
+                    for k, v in c_ops.items():
+                        ops[k] = ops.get(k, 0.0) + v
+                inclusive[id(n)] = (owned, ops)
+            return inclusive[id(n)]
+
+        out = {}
+        for n in sorted(nodes, key=lambda n: _sort_key(n.name)):
+            st = n.stats
+            owned, ops = subtree(n)
+            out[n.name] = ModuleStats(
+                name=n.name, type=n.type, param_bytes=owned[PARAM], buffer_bytes=owned[BUFFER],
+                grad_bytes=owned[GRAD], optimizer_bytes=owned[OPTIMIZER], activation_bytes=st.act,
+                forward_peak_bytes=st.fwd_peak, backward_peak_bytes=st.bwd_peak,
+                forward_ms=_steady_mean(st.fwd_ms), backward_ms=_steady_mean(st.bwd_ms),
+                calls=max(st.calls) if st.calls else 0, structure=n.structure,
+                activation_by_op=dict(sorted(st.act_by_op.items(), key=lambda kv: -kv[1])),
+                forward_op_ms=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            )
+        return out
+
+
+def _steady(xs: list) -> list:
+    """Steps after the first when there are several (the first pays for warm-up and calibration)."""
+    return xs[1:] if len(xs) > 1 else xs
+
+
+def _steady_mean(xs: list) -> float:
+    xs = _steady(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _steady_mean_dict(ds: list) -> dict:
+    ds = _steady(ds)
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0.0) + v / len(ds)
+    return out
+
+
+def _remove_hook(handle, iterating: bool) -> None:
+    """Remove a hook, also from inside ``Optimizer.step``'s loop over its post-hooks (``iterating``).
+
+    That loop iterates the global post-hook ``OrderedDict``; deleting from it mid-iteration raises, except
+    for the entry the iterator has just returned when it is the last one (the iterator has then already
+    finished). Our post-hook is normally last; when a later one was added inside the tracked block, ours is
+    made inert and removes itself the next time it runs last.
+    """
+    hooks = handle.hooks_dict_ref()
+    if hooks is None or handle.id not in hooks:
+        return
+    if not iterating or next(reversed(hooks)) == handle.id:
+        handle.remove()
+        return
+
+    def inert(*_args, **_kwargs):
+        d = handle.hooks_dict_ref()
+        if d is not None and next(reversed(d)) == handle.id:
+            handle.remove()
+
+    hooks[handle.id] = inert
+
+
+def _sort_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")] if name else []
+
+
+def _op(op) -> str:
+    try:
+        return op.overloadpacket.__name__
+    except AttributeError:
+        return str(op)
+
+
+def _structures(mod) -> dict[int, str]:
+    """A short hash per module of its class names and parameter shapes/dtypes, subtree included."""
+    memo: dict[int, str] = {}
+
+    def visit(m):
+        if id(m) in memo:
+            return memo[id(m)]
+        h = hashlib.sha1(type(m).__qualname__.encode())
+        for name, p in m.named_parameters(recurse=False):
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}".encode())
+        for name, b in m.named_buffers(recurse=False):
+            h.update(f"{name}:{tuple(b.shape)}:{b.dtype}".encode())
+        for name, c in m.named_children():
+            h.update(f"{name}={visit(c)}".encode())
+        memo[id(m)] = h.hexdigest()[:12]
+        return memo[id(m)]
+
+    visit(mod)
+    return memo
+
+
+def track(model=None, optimizer=None, **kwargs) -> Tracker:
+    """Track the memory of the training steps run inside a ``with`` block::
+
+        with memprof.track() as tracker:
+            train_step()
+        prof = tracker.profile
+    """
+    return Tracker(model, optimizer, **kwargs)

@@ -1,0 +1,241 @@
+"""Tracker behaviour: shared storage, in-place ops, grads, resizes, steps, timeline, and leaving no trace."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memprof
+from memprof.errors import DeviceMemoryExceeded, TrackingError
+from memprof.tracking.groundtruth import allocator_peak, live_bytes
+from tests.common import CASES, hook_registries, make_optimizer, train_step
+
+
+def _peaks(case, step, opt_name="adamw"):
+    """(tracker peak, allocator peak) of ``step(model, opt)`` run on two identical copies."""
+    model, opt = case.model, make_optimizer(opt_name, case.model.parameters())
+    ref = copy.deepcopy(model)
+    ref_opt = make_optimizer(opt_name, ref.parameters())
+
+    def live(m, o):
+        tensors = list(m.parameters()) + list(m.buffers()) + case.batch
+        tensors += [v for st in o.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        return live_bytes(tensors + [p.grad for p in m.parameters()])
+
+    expected, _ = allocator_peak(lambda: step(ref, ref_opt), live(ref, ref_opt))
+    with memprof.track(model, opt) as tracker:
+        step(model, opt)
+    return tracker.profile, expected
+
+
+def test_gradient_accumulation_over_micro_batches_matches_allocator():
+    case = CASES["gpt"]()
+
+    def step(m, o):
+        for _ in range(3):
+            (case.loss(m) / 3).backward()
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+    prof, expected = _peaks(case, step)
+    assert prof.peak_bytes == pytest.approx(expected, rel=1e-3)
+    assert prof.steps[0].micro_batches == 3
+    grads = live_bytes(p.grad for p in case.model.parameters())  # None after zero_grad: hand count instead
+    assert grads == 0
+    assert prof.modules[""].grad_bytes == live_bytes(case.model.parameters())
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_modes_match_allocator(set_to_none):
+    case = CASES["tied-inplace"]()
+
+    def step(m, o):
+        for _ in range(2):
+            case.loss(m).backward()
+            o.step()
+            o.zero_grad(set_to_none=set_to_none)
+
+    prof, expected = _peaks(case, step, "sgd-momentum")
+    assert prof.peak_bytes == pytest.approx(expected, rel=1e-3)
+    assert len(prof.steps) == 2
+    end_grads = prof.steps[-1].end_bytes - prof.steps[-1].start_bytes
+    assert end_grads == 0  # steady state: a step leaves memory where it found it
+
+
+def test_views_and_in_place_ops_count_each_storage_once():
+    def block():
+        y = torch.empty(1024, 256)  # 1 MiB
+        v = y.view(256, 1024).t()  # views: no new memory
+        v.add_(1.0)  # in place: no new memory
+        w = v.contiguous()  # a copy: 1 MiB more (plus the copy kernel's own scratch)
+        del v, y, w
+
+    expected, _ = allocator_peak(block)
+    with memprof.track() as tracker:
+        block()
+    prof = tracker.profile
+    assert prof.peak_bytes == expected
+    storages = [t for t in prof.peak.tensors if t.label != "clone workspace"]
+    assert sorted(t.bytes for t in storages) == [1 << 20, 1 << 20]
+    assert prof.steps[-1].end_bytes == 0
+
+
+def test_storages_resized_in_place_are_followed():
+    t = torch.empty(1 << 20, dtype=torch.uint8)
+    storage = t.untyped_storage()
+    with memprof.track() as tracker:
+        t.add_(0)  # touches t: found live
+        storage.resize_(0)  # FSDP frees unsharded parameters like this
+        a = torch.empty(1 << 19, dtype=torch.uint8)
+        storage.resize_(1 << 21)  # ... and all-gathers back into them like this
+        storage.resize_(0)
+        del a
+    prof = tracker.profile
+    assert prof.peak_bytes == (1 << 21) + (1 << 19)
+    assert prof.steps[-1].end_bytes == 0
+
+
+def test_untouched_live_memory_is_not_counted_but_touched_memory_is():
+    outside = torch.randn(1000)
+    used = torch.randn(1000)
+    with memprof.track() as tracker:
+        used.add_(used)
+    assert tracker.profile.peak_bytes == used.nbytes
+    assert tracker.profile.peak.by_category["other"] == used.nbytes
+    del outside
+
+
+def test_timeline_is_bounded_and_keeps_the_peak():
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    with memprof.track(model, opt, max_samples=120) as tracker:
+        for _ in range(6):
+            train_step(case, model, opt)
+    prof = tracker.profile
+    assert len(prof.steps) == 6
+    assert len(prof.timeline) <= 120 + 6 * 5  # buckets, plus the 5 phase changes of each step
+    assert max(s.total_bytes for s in prof.timeline) == prof.peak_bytes
+    for s in prof.timeline:
+        assert sum(s.by_category) == s.total_bytes
+    indices = [s.index for s in prof.timeline]
+    assert indices == sorted(indices)
+    assert {s.phase for s in prof.timeline} == {"forward", "backward", "optimizer", "other"}
+
+
+def test_steps_and_phase_peaks():
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    with memprof.track(model, opt) as tracker:
+        for _ in range(2):
+            train_step(case, model, opt)
+    prof = tracker.profile
+    assert [s.index for s in prof.steps] == [0, 1]
+    for s in prof.steps:
+        assert s.peak_bytes == max(s.phase_peak_bytes.values())
+    assert prof.peak_bytes == max(s.peak_bytes for s in prof.steps)
+    # Step 0 creates AdamW's state (2 moments + a step counter per parameter) inside optimizer.step();
+    # after it: parameters, optimizer state and the batch, hand-counted.
+    state = [v for st in opt.state.values() for v in st.values()]
+    assert prof.steps[0].end_bytes == live_bytes(list(model.parameters()) + state + case.batch)
+    assert prof.steps[1].start_bytes == prof.steps[0].end_bytes == prof.steps[1].end_bytes
+    assert prof.peak.tensors and prof.peak.tensors[0].bytes == max(t.bytes for t in prof.peak.tensors)
+
+
+def test_peak_explained_names_phase_module_and_tensors():
+    model = nn.Sequential(nn.Linear(256, 4096), nn.ReLU(), nn.Linear(4096, 256))
+    x = torch.randn(512, 256)
+    with memprof.track(model) as tracker:
+        model(x).sum().backward()
+    prof = tracker.profile
+    assert prof.peak.phase in ("forward", "backward")
+    top = prof.peak.tensors[0]
+    assert top.bytes == 512 * 4096 * 4
+    assert top.shape == (512, 4096) and top.dtype == "float32"
+    assert top.module in ("0", "1", "2")
+    assert sum(prof.peak.by_category.values()) == prof.peak_bytes
+    assert prof.peak.by_device == {"cpu": prof.peak_bytes}
+
+
+def test_save_and_load_round_trip_exactly(tmp_path):
+    case = CASES["cnn-batchnorm"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    with memprof.track(model, opt) as tracker:
+        train_step(case, model, opt)
+    prof = tracker.profile
+    path = tmp_path / "p.json"
+    prof.save(path)
+    loaded = memprof.load(path)
+    assert loaded == prof
+    assert loaded.modules["features.0.0"].param_bytes == prof.modules["features.0.0"].param_bytes
+    assert loaded.environment.torch_version == torch.__version__
+    assert loaded.schema == "memprof.profile/1"
+
+
+def test_exception_inside_block_leaves_no_trace():
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    before = hook_registries(model, opt)
+    state = copy.deepcopy(model.state_dict())
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with memprof.track() as tracker:
+            loss = case.loss(model)
+            loss.backward()
+            raise Boom()
+    assert hook_registries(model, opt) == before
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert tracker.profile.peak_bytes > 0  # the partial profile is still there for forensics
+
+
+def test_out_of_memory_inside_block_leaves_no_trace():
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    before = hook_registries(model, opt)
+    with pytest.raises(RuntimeError, match="(?i)alloc|memory"):
+        with memprof.track(model, opt):
+            case.loss(model).backward()
+            torch.empty(1 << 62, dtype=torch.uint8)  # the real CPU allocator refuses this
+    assert hook_registries(model, opt) == before
+    train_step(case, model, opt)  # training goes on untouched
+    assert hook_registries(model, opt) == before
+
+
+def test_device_memory_rehearsal_stops_with_a_partial_profile():
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    with memprof.track(model, opt) as tracker:
+        train_step(case, model, opt)
+    real = tracker.profile.peak_bytes
+    before = hook_registries(model, opt)
+    with pytest.raises(DeviceMemoryExceeded) as info:
+        with memprof.track(model, opt, device_memory=real - 1):
+            train_step(case, model, opt)
+    assert info.value.profile is not None
+    assert info.value.profile.peak_bytes > real - 1
+    assert hook_registries(model, opt) == before
+
+
+def test_track_rejects_what_it_cannot_track():
+    with pytest.raises(TrackingError, match="model must be a Module"):
+        memprof.track(model="gpt2")
+    with pytest.raises(TrackingError, match="optimizer must be a Optimizer"):
+        memprof.track(optimizer=[torch.randn(2)])
+    with pytest.raises(TrackingError, match="only after tracking stops"):
+        _ = memprof.track().profile
+    assert issubclass(TrackingError, memprof.MemprofError)
+
+
+def test_functional_model_without_modules_gets_activation_category():
+    w = torch.randn(512, 512, requires_grad=True)
+    x = torch.randn(256, 512)
+    with memprof.track() as tracker:
+        h = torch.tanh(x @ w)  # no nn.Module anywhere
+        (h @ w).sum().backward()
+    by_phase = tracker.profile.steps[0].phase_peak_bytes
+    assert by_phase["backward"] > 0
+    act = next(s for s in tracker.profile.timeline if s.phase == "backward").category("activation")
+    assert act >= h.nbytes  # tanh's output is saved for backward
