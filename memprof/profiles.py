@@ -240,6 +240,13 @@ class Profile:
     def capacity_bytes(self) -> int | None:
         return self.environment.device_capacity_bytes
 
+    def table(self, **kwargs) -> str:
+        """The report as text: ``format`` table|markdown|csv|json, ``units``, ``depth``, ``top``, ``sort``
+        (see :func:`memprof.report.render`)."""
+        from .report import table
+
+        return table(self, **kwargs)
+
     def module_tree(self) -> dict[str, list[str]]:
         """Children of each module FQN, in the order modules were first seen."""
         children: dict[str, list[str]] = {name: [] for name in self.modules}

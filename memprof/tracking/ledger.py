@@ -101,8 +101,9 @@ class Ledger(TorchDispatchMode):
     """
 
     def __init__(self, *, calibrator=None, limit_bytes: int | None = None, on_limit=None, on_backward=None,
-                 timer=perf_counter):
+                 timer=perf_counter, device_as: dict[str, str] | None = None):
         super().__init__()
+        self.device_as = dict(device_as or {})  # count one device's storages as another's ("cpu" -> "cuda:0")
         self.live: dict[int, StorageRecord] = {}
         self.events: list = []
         self.prelude: list = []
@@ -112,6 +113,7 @@ class Ledger(TorchDispatchMode):
         self.phase_id = 0
         self.cur: ModuleNode | None = None
         self.calibrator = calibrator
+        self._cal_views = getattr(calibrator, "all_ops", False)  # the estimator wants views too
         self.limit_bytes = limit_bytes
         self.on_limit = on_limit
         self.on_backward = on_backward
@@ -142,7 +144,7 @@ class Ledger(TorchDispatchMode):
                         self._found_input(x, func)
         cal = self.calibrator
         t0 = perf_counter()
-        if cal is not None and kind != _VIEW:
+        if cal is not None and (kind != _VIEW or self._cal_views):
             out, excess, excess_device = cal.call(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
@@ -219,11 +221,12 @@ class Ledger(TorchDispatchMode):
         entry = self._dev_cache.get(d)
         if entry is None:
             name = str(d)
+            name = self.device_as.get(name, self.device_as.get(d.type, name))
             if name not in self.devices:
                 self.devices[name] = len(self.device_names)
                 self.device_names.append(name)
             idx = self.devices[name]
-            rounds = d.type == "cuda"
+            rounds = name.startswith("cuda")
             # Encode "rounds to 512" in the sign so the per-op path needs one attribute: -(idx+1) rounds.
             entry = -(idx + 1) if rounds else idx
             self._dev_cache[d] = entry

@@ -24,7 +24,6 @@ forward inside the block are found.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import platform
 import sys
 from functools import partial
@@ -39,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._version import __version__
 from ..errors import DeviceMemoryExceeded, TrackingError
+from ..structure import structure_hashes
 from ..units import format_bytes
 from .categories import (
     ACTIVATION,
@@ -79,17 +79,19 @@ def _as_list(obj, kind, what):
 
 
 class _Timer:
-    """Wall clock on CPU; CUDA events when CUDA runs, so module times measure the GPU's work."""
+    """Wall clock on CPU; CUDA events when CUDA runs, so module times measure the GPU's work; or a given
+    clock (the estimator's modelled time)."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self, cuda: bool, clock=None) -> None:
+        self.cuda = cuda and clock is None
+        self.clock = clock or perf_counter
 
     def __call__(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
-        return perf_counter()
+        return self.clock()
 
     def bind(self, origin):
         if not self.cuda:
@@ -112,13 +114,17 @@ class Tracker:
             partial profile) when tracked memory would go over it.
         top_tensors: how many of the largest live tensors to keep at the peak.
         max_samples: bound on the timeline's length (long runs are downsampled; the peak is always kept).
-        calibrate: measure op-internal scratch memory on the real allocator (see :mod:`.scratch`).
+        calibrate: measure op-internal scratch memory on the real allocator (see :mod:`.scratch`); or an
+            object with the calibrator's ``call(func, args, kwargs)`` (the estimator passes its own).
+        device_as: count storages of one device as another's (the estimator emulates CUDA on CPU kernels).
+        clock: a function returning seconds, used instead of the wall clock for all times.
         on_stop: called with the tracker once tracking has stopped and ``profile`` is built.
     """
 
     def __init__(self, model=None, optimizer=None, *, steps: int | None = None, device_memory: int | None = None,
                  top_tensors: int = 20, max_samples: int = 2000, calibrate: bool = True, on_stop=None,
-                 assumptions: dict | None = None, estimated: bool = False, environment: dict | None = None):
+                 assumptions: dict | None = None, estimated: bool = False, environment: dict | None = None,
+                 device_as: dict[str, str] | None = None, clock=None):
         self._models = _as_list(model, torch.nn.Module, "model")
         self._optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
@@ -134,6 +140,8 @@ class Tracker:
         self._assumptions = dict(assumptions or {})
         self._estimated = estimated
         self._environment = dict(environment or {})
+        self._device_as = device_as
+        self._clock = clock
         self._state = _IDLE
         self._profile = None
         self._error: BaseException | None = None
@@ -164,15 +172,18 @@ class Tracker:
     def start(self) -> Tracker:
         if self._state != _IDLE:
             raise TrackingError("a Tracker can be started only once; make a new one")
-        cuda = cuda_available() and torch.cuda.is_initialized()
-        self._timer = _Timer(cuda)
+        cuda = self._clock is None and cuda_available() and torch.cuda.is_initialized()
+        self._timer = _Timer(cuda, self._clock)
         self._cuda_folder = CudaPeakFolder() if cuda else None
         if self._cuda_folder is not None:
             for i in range(torch.cuda.device_count()):
                 self._cuda_folder.start(i)
-        calibrator = ScratchCalibrator(self._cuda_folder) if self._calibrate else None
+        if self._calibrate is True:
+            calibrator = ScratchCalibrator(self._cuda_folder)
+        else:
+            calibrator = self._calibrate or None
         self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, on_limit=self._over_limit,
-                             on_backward=self._enter_backward, timer=self._timer)
+                             on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as)
         self._nodes: dict = {}  # module -> ModuleNode
         self._roots: list = []  # (module, node)
         self._owner: dict = {}  # parameter -> (node, name)
@@ -296,7 +307,7 @@ class Tracker:
             name, k = base, 2
             while name in taken:
                 name, k = f"{base}#{k}", k + 1
-        structure = _structures(mod)
+        structure = structure_hashes(mod)
         walk: dict[str, ModuleNode] = {}
         for fqn, sub in mod.named_modules():
             full = fqn if not name else (f"{name}.{fqn}" if fqn else name)
@@ -793,27 +804,6 @@ def _op(op) -> str:
         return op.overloadpacket.__name__
     except AttributeError:
         return str(op)
-
-
-def _structures(mod) -> dict[int, str]:
-    """A short hash per module of its class names and parameter shapes/dtypes, subtree included."""
-    memo: dict[int, str] = {}
-
-    def visit(m):
-        if id(m) in memo:
-            return memo[id(m)]
-        h = hashlib.sha1(type(m).__qualname__.encode())
-        for name, p in m.named_parameters(recurse=False):
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}".encode())
-        for name, b in m.named_buffers(recurse=False):
-            h.update(f"{name}:{tuple(b.shape)}:{b.dtype}".encode())
-        for name, c in m.named_children():
-            h.update(f"{name}={visit(c)}".encode())
-        memo[id(m)] = h.hexdigest()[:12]
-        return memo[id(m)]
-
-    visit(mod)
-    return memo
 
 
 def track(model=None, optimizer=None, **kwargs) -> Tracker:

@@ -55,7 +55,10 @@ def run_ranks(fn, world_size: int = 2, args=(), timeout: float = 120.0) -> list:
                     raise AssertionError(f"ranks did not finish within {timeout} s") from None
                 continue
             if status != "ok":
-                raise AssertionError(f"rank {rank} failed:\n{value}")
+                for p in procs:
+                    p.join(timeout=5)
+                codes = {r: p.exitcode for r, p in enumerate(procs)}
+                raise AssertionError(f"rank {rank} failed (exit codes {codes}):\n{value}")
             results[rank] = value
     finally:
         for p in procs:
