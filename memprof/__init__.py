@@ -2,9 +2,14 @@
 
 from ._version import __version__
 from .errors import MemprofError
+from .estimation import estimate
 from .files import load
+from .policy.plan import Plan
 from .profiles import ModuleStats, Profile
 from .tracking import Tracker, track
 from .tracking.decorator import profile
 
-__all__ = ["__version__", "MemprofError", "Profile", "ModuleStats", "Tracker", "track", "profile", "load"]
+__all__ = [
+    "__version__", "MemprofError", "Profile", "ModuleStats", "Plan", "Tracker", "track", "profile", "estimate",
+    "load",
+]

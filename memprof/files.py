@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ProfileFormatError
 
-__all__ = ["atomic_write_text", "load", "load_profile", "read_json"]
+__all__ = ["atomic_write_text", "load", "load_profile", "read_json", "read_text"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -38,7 +38,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.exists():
         raise ProfileFormatError(path, "no such file")
     if path.is_dir():
@@ -53,7 +53,7 @@ def _read_text(path: Path) -> str:
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise ProfileFormatError(path, "empty file")
     try:

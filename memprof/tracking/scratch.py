@@ -12,7 +12,7 @@ from the allocator itself, once per op *signature* (op, input shapes/strides/dty
 The answer is cached for the process, so steady steps pay only for building the signature key. The first
 step in a process is slower; this is reported by the overhead experiment, not hidden.
 
-Known limits: only the calling thread's allocations count (gloo's collective worker threads allocate
+Collective ops (``c10d``) are never calibrated. Known limits: only the calling thread's allocations count (gloo's collective worker threads allocate
 buffers concurrently, at times that vary from run to run); skipped when another profiler is already
 running, for fake/meta tensors (the estimator applies its own corrections), and for devices other than CPU
 and CUDA. Resetting CUDA peak
@@ -30,6 +30,10 @@ __all__ = ["ScratchCalibrator", "signature", "clear_cache"]
 
 _Tensor = torch.Tensor
 _CACHE: dict = {}  # signature -> (excess bytes, device)
+
+# Never calibrated: collectives run on worker threads (a profiler session stopped under a running collective
+# crashed gloo ranks), and profiler/FSDP bookkeeping ops allocate nothing of their own.
+SKIP_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dtensor", "fsdp", "profiler"})
 
 
 def clear_cache() -> None:
@@ -85,6 +89,9 @@ class ScratchCalibrator:
         if hit is not None:
             out = func(*args, **kwargs)
             return out, hit[0], hit[1]
+        if func.namespace in SKIP_NAMESPACES:
+            _CACHE[key] = (0, None)
+            return func(*args, **kwargs), 0, None
         device = _first_device(args)
         if device is None:
             return func(*args, **kwargs), 0, None

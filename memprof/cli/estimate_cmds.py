@@ -1,0 +1,187 @@
+"""``memprof estimate``: will it fit? A fake-tensor estimate of a training step, for any size and world size."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import MemprofError
+from ..sharding import STRATEGIES
+from ..training import OPTIMIZERS, PRECISIONS
+from .common import FORMAT, UNITS, echo_json, fmt_bytes
+
+__all__ = ["COMMANDS", "estimate_cmd"]
+
+
+def _import_attr(spec: str, what: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise MemprofError(f"{what} must look like PKG.MODULE:NAME, got {spec!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like python -m: the current folder is importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise MemprofError(f"cannot import {module_name!r} for {what}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise MemprofError(f"{module_name!r} has no {attr!r} (for {what})") from None
+
+
+def _source(model_spec, hf, batch_spec, seq_len):
+    """(build_model, make_batch(batch_size), description, max sequence length or None)."""
+    if bool(model_spec) == bool(hf):
+        raise click.UsageError("give exactly one of --model PKG.MODULE:FACTORY or --hf NAME|CONFIG.json")
+    if hf:
+        from ..estimation import architecture_from_config_file, get_architecture
+
+        arch = architecture_from_config_file(hf) if hf.endswith(".json") or Path(hf).is_file() else get_architecture(hf)
+        max_len = arch.config.get("max_position_embeddings") or arch.config.get("n_positions")
+        if seq_len is not None and arch.task != "image-classification" and max_len and seq_len > max_len:
+            raise MemprofError(f"--seq-len {seq_len} exceeds {arch.name}'s maximum of {max_len} positions")
+        return arch.build_model, (lambda b: arch.make_batch(b, seq_len)), f"{arch.name} ({arch.source})"
+    factory = _import_attr(model_spec, "--model")
+    module_name = model_spec.partition(":")[0]
+    if batch_spec:
+        batch_fn = _import_attr(batch_spec, "--batch")
+    else:
+        module = importlib.import_module(module_name)
+        batch_fn = getattr(module, "make_batch", None)
+        if batch_fn is None:
+            raise MemprofError(f"{module_name!r} has no make_batch(batch_size, seq_len); pass --batch PKG.MODULE:FUNC")
+    return factory, (lambda b: batch_fn(b, seq_len)), model_spec
+
+
+def _parse_sweep(sweep: str | None):
+    if not sweep:
+        return None
+    key, _, values = sweep.partition("=")
+    if key.strip() != "batch-size" or not values:
+        raise click.BadParameter("write --sweep batch-size=1,2,4,8", param_hint="--sweep")
+    try:
+        sizes = sorted({int(v) for v in values.split(",") if v.strip()})
+    except ValueError:
+        raise click.BadParameter(f"not a list of integers: {values!r}", param_hint="--sweep") from None
+    if not sizes or sizes[0] < 1:
+        raise click.BadParameter("batch sizes must be positive integers", param_hint="--sweep")
+    return sizes
+
+
+@click.command("estimate")
+@click.option("--model", "model_spec", metavar="PKG.MODULE:FACTORY", help="A function returning your model.")
+@click.option("--batch", "batch_spec", metavar="PKG.MODULE:FUNC",
+              help="FUNC(batch_size, seq_len) returns a batch (default: make_batch beside --model's factory).")
+@click.option("--hf", metavar="NAME|CONFIG.json", help="A catalog model (see --list-models) or a HF config.json.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), help="Tokens per sequence (default: the model's usual length).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--sharding", type=click.Choice(STRATEGIES), default="none", show_default=True)
+@click.option("--shard-group-size", type=click.IntRange(min=1), help="Ranks per shard group (hybrid).")
+@click.option("--device", "device_name", metavar="NAME", help="A GPU (H100-80GB, A100-40GB, L4-24GB, ...) or cpu.")
+@click.option("--device-memory", metavar="SIZE", help="Capacity to check against, e.g. 24GiB.")
+@click.option("--sweep", metavar="batch-size=1,2,4,8", help="Estimate each batch size; report the largest that fits.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the estimated profile here.")
+@click.option("--format", "fmt", type=FORMAT, default="table", show_default=True)
+@click.option("--units", type=UNITS, default="auto", show_default=True)
+@click.option("--depth", type=click.IntRange(min=0), default=2, show_default=True, help="Module table depth.")
+@click.option("--list-models", is_flag=True, help="List the catalog of architectures and exit.")
+def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, optimizer, world_size, sharding,
+                 shard_group_size, device_name, device_memory, sweep, out, fmt, units, depth, list_models):
+    """Estimate a training step's memory on fake tensors: does it fit, with what headroom, and why.
+
+    \b
+    Examples:
+      memprof estimate --list-models
+      memprof estimate --hf llama-2-7b --seq-len 4096 --precision bf16-autocast --device H100-80GB
+      memprof estimate --hf llama-3-70b --world-size 8 --sharding full --device H100-80GB
+      memprof estimate --hf gpt2 --device L4-24GB --sweep batch-size=1,2,4,8,16
+      memprof estimate --model mypkg.models:build --batch mypkg.data:make_batch --device-memory 24GiB
+    """
+    from ..estimation import CATALOG, estimate
+    from ..estimation.devices import DEVICES
+
+    if list_models:
+        rows = [(a.name, a.model_class, a.task, a.seq_len, a.source) for a in CATALOG.values()]
+        if fmt == "json":
+            echo_json([dict(zip(("name", "class", "task", "seq_len", "source"), r)) for r in rows])
+        else:
+            from tabulate import tabulate
+
+            click.echo(tabulate(rows, ["name", "class", "task", "usual seq len", "config from"]))
+            click.echo("\ndevices: " + ", ".join(DEVICES))
+        return
+    if device_name and device_memory:
+        raise click.UsageError("give --device or --device-memory, not both")
+    device = "cpu" if (device_name or "").lower() == "cpu" else "cuda"
+    capacity = device_memory or (device_name if device == "cuda" else None)
+    build, batch_for, description = _source(model_spec, hf, batch_spec, seq_len)
+    sizes = _parse_sweep(sweep) or [batch_size]
+    results = []
+    for b in sizes:
+        prof = estimate(build, lambda b=b: batch_for(b), optimizer=optimizer, precision=precision, device=device,
+                        world_size=world_size, sharding=sharding, shard_group_size=shard_group_size,
+                        device_memory=capacity, description=f"{description}, batch {b}")
+        results.append((b, prof))
+    if sweep:
+        _echo_sweep(results, fmt, units)
+        prof = results[-1][1]
+    else:
+        prof = results[0][1]
+        _echo_estimate(prof, fmt, units, depth)
+    if out is not None:
+        prof.save(out)
+        click.echo(f"wrote {out}", err=True)
+
+
+def _fits(prof) -> str:
+    cap = prof.capacity_bytes
+    if cap is None:
+        return "no capacity given (--device or --device-memory)"
+    head = cap - prof.peak_bytes
+    verdict = "fits" if head >= 0 else "does NOT fit"
+    return f"{verdict}: peak {fmt_bytes(prof.peak_bytes)} of {fmt_bytes(cap)} ({'headroom' if head >= 0 else 'short by'} {fmt_bytes(abs(head))})"
+
+
+def _echo_estimate(prof, fmt, units, depth) -> None:
+    from ..report import render
+
+    if fmt == "json":
+        import json
+
+        data = json.loads(render(prof, format="json", units=units, depth=depth))
+        data["fits"] = None if prof.capacity_bytes is None else prof.peak_bytes <= prof.capacity_bytes
+        echo_json(data)
+        return
+    click.echo(f"Estimated (fake tensors) per rank: {_fits(prof)}\n")
+    click.echo(render(prof, format=fmt, units=units, depth=depth, sections=None if fmt != "csv" else ["modules"]),
+               nl=False)
+
+
+def _echo_sweep(results, fmt, units) -> None:
+    cap = results[0][1].capacity_bytes
+    rows = [(b, p.peak_bytes, None if cap is None else p.peak_bytes <= cap) for b, p in results]
+    fitting = [b for b, _, ok in rows if ok]
+    if fmt == "json":
+        echo_json({"capacity_bytes": cap, "largest_fitting_batch_size": max(fitting) if fitting else None,
+                   "batch_sizes": [{"batch_size": b, "peak_bytes": pk, "fits": ok} for b, pk, ok in rows]})
+        return
+    from tabulate import tabulate
+
+    table = [(b, fmt_bytes(pk, units), "-" if ok is None else ("yes" if ok else "no")) for b, pk, ok in rows]
+    click.echo(tabulate(table, ["batch size", "peak per rank", "fits"], tablefmt="github" if fmt == "markdown" else "simple"))
+    if cap is None:
+        click.echo("\nno capacity given: pass --device or --device-memory to know what fits")
+    elif fitting:
+        click.echo(f"\nlargest batch size that fits in {fmt_bytes(cap)}: {max(fitting)}")
+    else:
+        click.echo(f"\nnone of these batch sizes fits in {fmt_bytes(cap)}")
+
+
+estimate_cmd.name = "estimate"
+COMMANDS = [estimate_cmd]

@@ -1,0 +1,436 @@
+"""Estimation: the tracker run on fake tensors, so nothing real is allocated.
+
+``estimate(build_model, make_batch, ...)`` builds the model and the batch under ``FakeTensorMode``, applies
+the precision, optimizer and sharding asked for, and runs ``steps`` training steps under the same
+:class:`~memprof.tracking.Tracker` that measures real runs. The result is a :class:`~memprof.Profile` with
+``estimated=True`` and its assumptions spelled out. There is one measurement path, not a second set of
+formulas.
+
+What makes the estimate match a real run:
+
+* Op-internal scratch memory (invisible to dispatch) is measured on the real CPU kernels: each op
+  signature met under fake tensors is run once on real tensors of the same shapes (when its inputs total at
+  most ``scratch_limit_bytes``), sharing the tracker's per-signature cache.
+* Hugging Face ``transformers`` takes other code paths when it sees fake tensors (``is_tracing()``: an
+  explicit causal mask is built where a real run drops an all-ones padding mask, +1.7% on a small Llama);
+  the estimator makes it see a real run. The data-dependent reads a real run then makes
+  (``torch.all(mask == 1)``) are answered from *shadows*: small tensors (at most 64 Ki elements) get real
+  storage beside their fake one, computed by running each op whose inputs all have shadows for real.
+* World size and sharding use FSDP2 on a fake process group (``torch.testing._internal.distributed.fake_pg``)
+  in this one process: per-rank memory including all-gather and reduce-scatter buffers.
+* CUDA allocations are rounded as the caching allocator rounds them (512 B).
+
+Time is modelled, not measured: every op advances a clock by a roofline estimate (FLOPs from
+``torch.utils.flop_counter`` over the device's peak throughput, bytes moved over its bandwidth), so module
+and step times in an estimated profile are predictions.
+
+Known limits: on a PyTorch build without CUDA, CUDA is emulated on the CPU kernels (attention and autocast
+follow the CPU kernels' choices; allocator rounding is applied); CPU offload is not estimated; reserved
+memory and fragmentation of the caching allocator are not estimated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..errors import MemprofError
+from ..sharding import build_mesh, check_strategy, shard_model
+from ..structure import select_units
+from ..tracking.scratch import _CACHE, SKIP_NAMESPACES, _cpu_measure, signature
+from ..tracking.tracker import Tracker
+from ..training import (
+    autocast,
+    cast_floating,
+    check_optimizer,
+    check_precision,
+    default_step,
+    make_optimizer,
+    make_scaler,
+)
+from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
+
+__all__ = ["estimate", "EstimateError"]
+
+
+class EstimateError(MemprofError):
+    """The model, the batch or the step could not be built or run under fake tensors."""
+
+
+_MATMUL_EFFICIENCY = 0.6  # share of peak FLOP/s that large matmuls reach in practice
+_BANDWIDTH_EFFICIENCY = 0.7  # share of peak bandwidth that memory-bound kernels reach
+
+
+class _VirtualClock:
+    """Seconds of modelled device time; the tracker reads it for every mark."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fake_tensors(x):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(x, FakeTensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _fake_tensors(y)
+
+
+_aten = torch.ops.aten
+_DATA_DEPENDENT = {_aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default}
+_SHADOW_NUMEL = 1 << 16
+_ASSUME_FINITE = {_aten._amp_foreach_non_finite_check_and_unscale_.default}
+
+
+class _FakeOpModel:
+    """The estimator's per-op hook: runs the fake op, prices its time, finds its real scratch memory, and
+    keeps real shadows of small tensors so that data-dependent reads can be answered."""
+
+    all_ops = True  # the ledger calls this hook for views too (shadows must follow views)
+
+    def __init__(self, spec: DeviceSpec, clock: _VirtualClock, scratch: bool, scratch_limit_bytes: int):
+        from torch.utils.flop_counter import flop_registry
+
+        self._shadows: dict[int, tuple] = {}  # id(fake storage) -> (weakref to it, real UntypedStorage)
+        self.spec = spec
+        self.clock = clock
+        self.scratch = scratch
+        self.limit = scratch_limit_bytes
+        self.flops = flop_registry
+        self.measured = 0
+        self.skipped_large = 0
+        self._cpu = torch.device("cpu")
+
+    def call(self, func, args, kwargs):
+        real = self._real_args(args, kwargs)
+        if func in _DATA_DEPENDENT:
+            if real is None:  # the fake mode answers for constants; otherwise it raises (reported by estimate)
+                return func(*args, **kwargs), 0, None
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():
+                return func(*real[0], **real[1]), 0, None
+        out = func(*args, **kwargs)
+        if real is None or not self._shadow_outputs(func, real, out):
+            if func._schema.is_mutable:
+                self._drop_written(func, args, kwargs)
+        if func in _ASSUME_FINITE:
+            self._assume_finite(args)
+        self.clock.now += self._seconds(func, args, kwargs, out)
+        if not self.scratch or func.namespace in SKIP_NAMESPACES:
+            return out, 0, None
+        try:
+            key = signature(func, args, kwargs)
+            hit = _CACHE.get(key)
+        except TypeError:
+            return out, 0, None
+        if hit is not None:
+            return out, hit[0], hit[1]
+        excess = self._measure(func, args, kwargs)
+        if excess is None:
+            return out, 0, None
+        _CACHE[key] = (excess, self._cpu)
+        return out, excess, self._cpu
+
+    # -- shadows ---------------------------------------------------------------------------------------
+    def _real_of(self, t):
+        s = t.untyped_storage()
+        entry = self._shadows.get(id(s))
+        if entry is None or entry[0]() is not s:
+            return None
+        return torch.empty(0, dtype=t.dtype).set_(entry[1], t.storage_offset(), t.shape, t.stride())
+
+    def _real_args(self, args, kwargs):
+        """Real counterparts of all tensor arguments, or None when one has no shadow."""
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+        missing = False
+
+        def conv(x):
+            nonlocal missing
+            if isinstance(x, FakeTensor):
+                r = self._real_of(x)
+                if r is None:
+                    missing = True
+                return r
+            if isinstance(x, torch.Tensor):
+                return x  # a real constant being lifted into the fake mode (torch.tensor(...))
+            if isinstance(x, (list, tuple)):
+                return type(x)(conv(y) for y in x)
+            return x
+
+        with unset_fake_temporarily():
+            r_args = tuple(conv(a) for a in args)
+            r_kwargs = {k: conv(v) for k, v in kwargs.items()}
+        return None if missing else (r_args, r_kwargs)
+
+    def _shadow_outputs(self, func, real, out) -> bool:
+        """Run ``func`` on the shadows too (its inputs all have one); False when it cannot."""
+        import weakref
+
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        fakes = list(_fake_tensors(out if isinstance(out, (list, tuple)) else (out,)))
+        if any(t.numel() > _SHADOW_NUMEL for t in fakes) or func.namespace in SKIP_NAMESPACES:
+            return False
+        with unset_fake_temporarily():
+            try:
+                r_out = func(*real[0], **real[1])  # in-place ops update the shadows they write
+            except Exception:
+                return False
+        r_list = list(r_out) if isinstance(r_out, (list, tuple)) else [r_out]
+        f_list = list(out) if isinstance(out, (list, tuple)) else [out]
+        for f, r in zip(f_list, r_list):
+            if isinstance(f, torch.Tensor) and isinstance(r, torch.Tensor) and f.shape == r.shape:
+                s = f.untyped_storage()
+                if id(s) not in self._shadows or self._shadows[id(s)][0]() is not s:
+                    self._shadows[id(s)] = (weakref.ref(s), r.untyped_storage())
+        return True
+
+    def _assume_finite(self, args) -> None:
+        """GradScaler's inf check on (unshadowed) gradients: answer "all finite", as a healthy run would."""
+        import weakref
+
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        found_inf = args[1]
+        s = found_inf.untyped_storage()
+        with unset_fake_temporarily():
+            zero = torch.zeros(s.nbytes() // found_inf.element_size(), dtype=found_inf.dtype)
+        self._shadows[id(s)] = (weakref.ref(s), zero.untyped_storage())
+
+    def _drop_written(self, func, args, kwargs) -> None:
+        """An in-place op ran without shadows: the written tensors' shadows are stale now."""
+        for arg, value in zip(func._schema.arguments, list(args) + [kwargs.get(a.name) for a in
+                                                                   func._schema.arguments[len(args):]]):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                for t in _fake_tensors(value if isinstance(value, (list, tuple)) else (value,)):
+                    self._shadows.pop(id(t.untyped_storage()), None)
+
+    # -- time and scratch --------------------------------------------------------------------------------
+    def _seconds(self, func, args, kwargs, out) -> float:
+        moved = 0
+        for t in _fake_tensors((args, tuple(kwargs.values()), out)):
+            moved += t.numel() * t.element_size()
+        fn = self.flops.get(func.overloadpacket)
+        flops = 0
+        if fn is not None:
+            try:
+                flops = fn(*args, **kwargs, out_val=out)
+            except Exception:
+                flops = 0
+        low = any(t.dtype in (torch.bfloat16, torch.float16) for t in _fake_tensors(args))
+        peak = (self.spec.bf16_tflops if low else self.spec.fp32_tflops) * 1e12 * _MATMUL_EFFICIENCY
+        return max(flops / peak, moved / (self.spec.bandwidth_gbs * 1e9 * _BANDWIDTH_EFFICIENCY))
+
+    def _measure(self, func, args, kwargs) -> int | None:
+        """Run ``func`` once on real CPU tensors shaped like the fake ones; None when it cannot."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        fakes = list(_fake_tensors((args, tuple(kwargs.values()))))
+        if not fakes or any(t.device.type != "cpu" for t in fakes):
+            return None
+        if sum(t.untyped_storage().nbytes() for t in fakes) > self.limit:
+            self.skipped_large += 1
+            return None
+        with unset_fake_temporarily():
+            try:
+                reals: dict[int, torch.Tensor] = {}
+                r_args = _materialize(args, reals)
+                r_kwargs = {k: _materialize(v, reals) for k, v in kwargs.items()}
+                _, excess = _cpu_measure(func, r_args, r_kwargs)
+            except Exception:  # data-dependent kernels (indices out of range, ...) simply go unmeasured
+                return None
+        self.measured += 1
+        return excess
+
+
+def _materialize(x, reals: dict):
+    """A real CPU tensor with the fake one's dtype, shape, strides and offset (same storage -> same tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(x, FakeTensor):
+        key = id(x.untyped_storage())
+        base = reals.get(key)
+        if base is None:
+            n = max(1, x.untyped_storage().nbytes() // x.element_size())
+            if x.dtype.is_floating_point or x.dtype.is_complex:
+                base = torch.randn(n, dtype=torch.float32).to(x.dtype)
+            else:
+                base = torch.zeros(n, dtype=x.dtype)  # zeros: valid indices for embeddings and gathers
+            reals[key] = base
+        out = base.as_strided(x.shape, x.stride(), x.storage_offset())
+        return out.requires_grad_(x.requires_grad) if x.requires_grad and x.is_leaf else out
+    if isinstance(x, (list, tuple)):
+        return type(x)(_materialize(y, reals) for y in x)
+    return x
+
+
+@contextlib.contextmanager
+def _fake_process_group(world_size: int):
+    import torch.distributed as dist
+
+    if world_size == 1:
+        yield
+        return
+    if dist.is_initialized():
+        raise EstimateError("cannot estimate another world size inside a running torch.distributed job; "
+                            "run the estimate in a plain process")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _real_code_paths():
+    """Make ``transformers`` take the code paths of a real run (it branches on ``is_fake_tensor``)."""
+    import sys
+
+    iu = sys.modules.get("transformers.utils.import_utils")
+    if iu is None or not hasattr(iu, "is_fake_tensor"):
+        yield False
+        return
+    original = iu.is_fake_tensor
+    iu.is_fake_tensor = lambda x: False
+    try:
+        yield True
+    finally:
+        iu.is_fake_tensor = original
+
+
+def _call(what: str, fn: Callable, *args):
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    try:
+        return fn(*args)
+    except MemprofError:
+        raise
+    except (DataDependentOutputException, DynamicOutputShapeException) as e:
+        raise EstimateError(f"{what} reads the value of a large tensor ({e}), which fake tensors do not have; "
+                            "estimate a step that does not branch on such data (pass step=)") from e
+    except Exception as e:
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+        raise EstimateError(f"{what} {name} failed under fake tensors: {type(e).__name__}: {e}") from e
+
+
+def _cuda_built() -> bool:
+    return torch.backends.cuda.is_built() and torch.cuda.is_available()
+
+
+def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[], object], *, step=None,
+             optimizer: str = "adamw", precision: str = "fp32", device: str = "cuda", world_size: int = 1,
+             sharding: str | None = None, steps: int = 2, device_memory=None, units: list[str] | None = None,
+             shard_group_size: int | None = None, scratch_limit_bytes: int = 64 * 1024**2,
+             hf_real_paths: bool = True, description: str = ""):
+    """Predict a training step's memory without allocating it; returns an estimated :class:`Profile`.
+
+    Args:
+        build_model: returns the model (called under fake tensors: build from a config, do not load weights).
+        make_batch: returns the batch: a tensor, a tuple (positional arguments) or a dict (keyword arguments).
+        step: ``step(model, batch, optimizer)``, one training step, run under the precision's autocast (with
+            fp16-autocast, loss scaling is then the step's business); default: forward under autocast, the
+            model's loss or ``output.sum()``, backward (through a GradScaler for fp16), optimizer step,
+            ``zero_grad``.
+        optimizer: one of :data:`memprof.training.OPTIMIZERS`.
+        precision: one of :data:`memprof.training.PRECISIONS`.
+        device: ``"cuda"`` (the caching allocator's view) or ``"cpu"``.
+        world_size, sharding: per-rank memory of FSDP2 ``"full"``, ``"shard-grad-op"``, ``"hybrid"`` (with
+            ``shard_group_size``) or ``"none"`` at this world size, without starting that many processes.
+        device_memory: a device name from :data:`memprof.estimation.devices.DEVICES` or a size, to say
+            whether it fits (it also picks the throughput used for modelled times).
+        units: FSDP units (class names or FQN globs); default: the model's repeated blocks.
+    """
+    check_precision(precision)
+    check_optimizer(optimizer)
+    strategy = check_strategy(sharding)
+    if device not in ("cuda", "cpu"):
+        raise EstimateError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise EstimateError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise EstimateError(f"steps must be a positive integer, got {steps!r}")
+    if strategy != "none" and world_size == 1:
+        raise EstimateError(f"sharding {strategy!r} needs world_size > 1")
+    device_name, capacity = resolve_capacity(device_memory)
+
+    emulate = device == "cuda" and not _cuda_built()
+    fake_device = "cuda" if device == "cuda" and not emulate else "cpu"
+    spec = host_spec() if device == "cpu" else device_spec(device_name)
+    clock = _VirtualClock()
+    op_model = _FakeOpModel(spec, clock, scratch=device == "cpu", scratch_limit_bytes=scratch_limit_bytes)
+    assumptions = {
+        "device": ("cuda, emulated on CPU kernels (this PyTorch build has no CUDA): attention and autocast "
+                   "follow the CPU kernels' choices" if emulate else device),
+        "precision": precision,
+        "optimizer": optimizer,
+        "world_size": str(world_size),
+        "sharding": strategy if strategy != "hybrid" else f"hybrid (shard groups of {shard_group_size})",
+        "steps": f"{steps} (the first creates optimizer state; later ones are steady)",
+        "time": (f"modelled: roofline at {spec.bf16_tflops:g} (bf16) / {spec.fp32_tflops:g} (fp32) TFLOP/s x "
+                 f"{_MATMUL_EFFICIENCY} and {spec.bandwidth_gbs:g} GB/s x {_BANDWIDTH_EFFICIENCY} ({spec.name})"),
+    }
+    if description:
+        assumptions["model"] = description
+    if device == "cuda":
+        assumptions["allocator"] = ("sizes rounded up to 512 B as the CUDA caching allocator does; the peak is "
+                                    "its allocated/active bytes; reserved memory and fragmentation not estimated")
+        assumptions["scratch"] = "op-internal workspaces (cuBLAS, cuDNN) not estimated"
+    env = {"device": "cuda:0" if device == "cuda" else "cpu", "device_name": device_name or
+           ("cuda (emulated)" if emulate else device), "device_capacity_bytes": capacity,
+           "world_size": world_size, "rank": 0}
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_fake_process_group(world_size if strategy != "none" else 1))
+        mesh = build_mesh(fake_device, world_size, strategy, shard_group_size) if strategy != "none" else None
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+        stack.enter_context(torch.device(fake_device))
+        real_paths = stack.enter_context(_real_code_paths()) if hf_real_paths else False
+        model = _call("build_model", build_model)
+        if not isinstance(model, torch.nn.Module):
+            raise EstimateError(f"build_model must return an nn.Module, got {type(model).__name__}")
+        model.train()
+        if precision == "bf16":
+            cast_floating(model, torch.bfloat16)
+        if strategy != "none":
+            unit_names = select_units(model, units)
+            assumptions["fsdp_units"] = f"{len(unit_names)} units ({', '.join(unit_names[:3])}{', ...' if len(unit_names) > 3 else ''}) and the root"
+            shard_model(model, strategy, unit_names, precision=precision, mesh=mesh)
+        opt = make_optimizer(optimizer, model.parameters())
+        scaler = make_scaler(precision, fake_device)
+        tracker = Tracker(model, opt, calibrate=op_model, estimated=True, assumptions=assumptions,
+                          environment=env, device_as={"cpu": "cuda:0"} if emulate else None, clock=clock)
+        with tracker:
+            # The batch is made under the tracker so that its small tensors (masks, ids) get shadows.
+            batch = _call("make_batch", make_batch)
+            for _ in range(steps):
+                if step is None:
+                    _call("the training step", default_step, model, batch, opt, precision, scaler, fake_device)
+                else:
+                    with autocast(precision, fake_device):
+                        _call("step", step, model, batch, opt)
+    prof = tracker.profile
+    extra = {"estimate_seconds": f"{time.perf_counter() - t_start:.2f}"}
+    if device == "cpu":
+        extra["scratch"] = (f"op-internal scratch measured on the real CPU kernels for {op_model.measured} op "
+                            f"signatures; {op_model.skipped_large} with inputs over {scratch_limit_bytes} bytes "
+                            "assumed to need none")
+    if real_paths:
+        extra["transformers"] = "fake-tensor code paths disabled: attention and masks as in a real run"
+    import dataclasses
+
+    return dataclasses.replace(prof, assumptions={**prof.assumptions, **extra})
