@@ -47,6 +47,8 @@ __all__ = [
     "modules_data",
     "modules",
     "html_report",
+    "frontier_data",
+    "frontier",
 ]
 
 # One colour per category, the same in every figure and in the HTML report (colour-blind-friendly hues).
@@ -548,4 +550,37 @@ profile. Module rows are inclusive of their submodules.</footer>
             f"<title>memprof report — peak {html.escape(peak)}</title><style>{_CSS}</style></head>\n"
             f"<body>{body}</body></html>\n")
     atomic_write_text(out, page)
+    return out
+
+
+def frontier_data(plan) -> dict:
+    """The plan's Pareto frontier as series: peaks (bytes) and step times (ms), the chosen point, the budget."""
+    return {
+        "peak_bytes": [f.peak_bytes for f in plan.frontier],
+        "step_ms": [f.step_ms for f in plan.frontier],
+        "labels": [f.description for f in plan.frontier],
+        "chosen": (plan.predicted_peak_bytes, plan.predicted_step_ms),
+        "budget_bytes": plan.budget_bytes,
+    }
+
+
+def frontier(plan, path="frontier.png") -> Path:
+    """Peak memory vs step time of the plan's frontier, the budget as a line and the chosen plan marked."""
+    data = frontier_data(plan)
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot(111)
+    gib = 1024**3
+    scale, unit = (gib, "GiB") if max(data["peak_bytes"] + [data["budget_bytes"]]) >= gib else (1024**2, "MiB")
+    ax.step([p / scale for p in data["peak_bytes"]], data["step_ms"], where="post", marker="o", ms=3,
+            color="#4c72b0", label="frontier (fastest plan at each peak)")
+    ax.axvline(data["budget_bytes"] / scale, color="#c44e52", ls="--", lw=1, label="budget")
+    ax.plot([data["chosen"][0] / scale], [data["chosen"][1]], marker="*", ms=14, color="#dd8452", ls="",
+            label="chosen plan")
+    ax.set_xlabel(f"predicted peak ({unit})")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.set_title("Memory vs time: the plan's frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = _out_path(path, "frontier.png")
+    _save(fig, out)
     return out

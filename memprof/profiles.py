@@ -149,10 +149,17 @@ class ModuleStats(_Record):
     structure: str = ""  # hash of class names and parameter shapes of the subtree: equal => same structure
     activation_by_op: Mapping[str, int] = field(default_factory=dict)  # op that made each activation byte
     forward_op_ms: Mapping[str, float] = field(default_factory=dict)  # forward time by op, per step
+    forward_op_bytes: Mapping[str, int] = field(default_factory=dict)  # bytes each op made in one forward call
+    output_bytes: int = 0  # bytes of the outputs its forward made (what a checkpoint of it keeps)
+    # Absolute tracked bytes in the last step with a backward (what the planner's chain model is fitted to):
+    forward_entry_bytes: int = 0  # when its forward started
+    backward_entry_bytes: int = 0  # when its backward started
+    gap_peak_bytes: int = 0  # highest between the end of its forward and the start of its backward
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "activation_by_op", _ro(self.activation_by_op))
         object.__setattr__(self, "forward_op_ms", _ro(self.forward_op_ms))
+        object.__setattr__(self, "forward_op_bytes", _ro(self.forward_op_bytes))
 
     @property
     def depth(self) -> int:

@@ -33,7 +33,9 @@ def _import_attr(spec: str, what: str):
 
 
 def _source(model_spec, hf, batch_spec, seq_len):
-    """(build_model, make_batch(batch_size), description, max sequence length or None)."""
+    """(build_model, make_batch(batch_size), description, source(batch_size) for the profile)."""
+    from ..policy.sources import describe_factory, describe_hf
+
     if bool(model_spec) == bool(hf):
         raise click.UsageError("give exactly one of --model PKG.MODULE:FACTORY or --hf NAME|CONFIG.json")
     if hf:
@@ -43,7 +45,8 @@ def _source(model_spec, hf, batch_spec, seq_len):
         max_len = arch.config.get("max_position_embeddings") or arch.config.get("n_positions")
         if seq_len is not None and arch.task != "image-classification" and max_len and seq_len > max_len:
             raise MemprofError(f"--seq-len {seq_len} exceeds {arch.name}'s maximum of {max_len} positions")
-        return arch.build_model, (lambda b: arch.make_batch(b, seq_len)), f"{arch.name} ({arch.source})"
+        return (arch.build_model, (lambda b: arch.make_batch(b, seq_len)), f"{arch.name} ({arch.source})",
+                (lambda b: describe_hf(hf, b, seq_len)) if not hf.endswith(".json") else (lambda b: ""))
     factory = _import_attr(model_spec, "--model")
     module_name = model_spec.partition(":")[0]
     if batch_spec:
@@ -53,7 +56,9 @@ def _source(model_spec, hf, batch_spec, seq_len):
         batch_fn = getattr(module, "make_batch", None)
         if batch_fn is None:
             raise MemprofError(f"{module_name!r} has no make_batch(batch_size, seq_len); pass --batch PKG.MODULE:FUNC")
-    return factory, (lambda b: batch_fn(b, seq_len)), model_spec
+        batch_spec = f"{module_name}:make_batch"
+    return (factory, (lambda b: batch_fn(b, seq_len)), model_spec,
+            lambda b: describe_factory(model_spec, batch_spec, b, seq_len))
 
 
 def _parse_sweep(sweep: str | None):
@@ -120,13 +125,13 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
         raise click.UsageError("give --device or --device-memory, not both")
     device = "cpu" if (device_name or "").lower() == "cpu" else "cuda"
     capacity = device_memory or (device_name if device == "cuda" else None)
-    build, batch_for, description = _source(model_spec, hf, batch_spec, seq_len)
+    build, batch_for, description, source_for = _source(model_spec, hf, batch_spec, seq_len)
     sizes = _parse_sweep(sweep) or [batch_size]
     results = []
     for b in sizes:
         prof = estimate(build, lambda b=b: batch_for(b), optimizer=optimizer, precision=precision, device=device,
                         world_size=world_size, sharding=sharding, shard_group_size=shard_group_size,
-                        device_memory=capacity, description=f"{description}, batch {b}")
+                        device_memory=capacity, description=f"{description}, batch {b}", source=source_for(b))
         results.append((b, prof))
     if sweep:
         _echo_sweep(results, fmt, units)

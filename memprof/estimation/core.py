@@ -333,7 +333,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
              optimizer: str = "adamw", precision: str = "fp32", device: str = "cuda", world_size: int = 1,
              sharding: str | None = None, steps: int = 2, device_memory=None, units: list[str] | None = None,
              shard_group_size: int | None = None, scratch_limit_bytes: int = 64 * 1024**2,
-             hf_real_paths: bool = True, description: str = ""):
+             hf_real_paths: bool = True, description: str = "", source: str = ""):
     """Predict a training step's memory without allocating it; returns an estimated :class:`Profile`.
 
     Args:
@@ -383,6 +383,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
     }
     if description:
         assumptions["model"] = description
+    if source:
+        assumptions["source"] = source  # lets the planner re-estimate other configurations of this model
     if device == "cuda":
         assumptions["allocator"] = ("sizes rounded up to 512 B as the CUDA caching allocator does; the peak is "
                                     "its allocated/active bytes; reserved memory and fragmentation not estimated")

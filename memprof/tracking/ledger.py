@@ -81,7 +81,7 @@ class StorageRecord:
 class ModuleNode:
     """A tracked module: its name in the tree and the statistics the replay accumulates for it."""
 
-    __slots__ = ("name", "type", "parent", "structure", "op_ms", "stats", "module")
+    __slots__ = ("name", "type", "parent", "structure", "op_ms", "op_bytes", "stats", "module", "output_bytes")
 
     def __init__(self, name: str, type_name: str, parent: ModuleNode | None, structure: str = "", module=None):
         self.module = weakref.ref(module) if module is not None else None
@@ -90,7 +90,9 @@ class ModuleNode:
         self.parent = parent
         self.structure = structure
         self.op_ms: dict[str, float] = {}  # forward op time in the current step (exclusive of children)
+        self.op_bytes: dict[str, int] = {}  # bytes forward ops made in the current step (exclusive), freed or not
         self.stats = None  # filled by replay.NodeStats
+        self.output_bytes = 0  # bytes of the outputs its forward made (max over calls)
 
 
 class Ledger(TorchDispatchMode):
@@ -250,6 +252,10 @@ class Ledger(TorchDispatchMode):
         cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
         rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op)
         self.events.append((rec, rec.nbytes))
+        node = self.cur
+        if phase == FORWARD and node is not None:
+            name = self._opname.get(op) or self._name_op(op)
+            node.op_bytes[name] = node.op_bytes.get(name, 0) + rec.nbytes
         return rec
 
     def found(self, s, t, cat, op=None, label="", node=None, now=False) -> StorageRecord:

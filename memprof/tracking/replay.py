@@ -33,7 +33,7 @@ _OWNED = OPTIMIZER  # categories 0.._OWNED (param, buffer, grad, optimizer) are 
 
 class NodeStats:
     __slots__ = ("fwd_peak", "bwd_peak", "act", "act_by_op", "own", "own_max", "fwd_ms", "bwd_ms", "calls",
-                 "op_ms", "step_fwd_ms", "step_bwd_ms", "step_calls", "seen_in_step")
+                 "op_ms", "op_bytes", "step_fwd_ms", "step_bwd_ms", "step_calls", "seen_in_step", "levels", "step_levels")
 
     def __init__(self) -> None:
         self.fwd_peak = 0
@@ -46,10 +46,15 @@ class NodeStats:
         self.bwd_ms: list[float] = []
         self.calls: list[int] = []
         self.op_ms: list[dict[str, float]] = []
+        self.op_bytes: list[dict[str, int]] = []  # per step: bytes each forward op made (exclusive)
         self.step_fwd_ms = 0.0
         self.step_bwd_ms = 0.0
         self.step_calls = 0
         self.seen_in_step = False
+        # Absolute levels in the last step with a backward: at forward entry, at backward entry, and the
+        # highest level between the end of its forward and the start of its backward.
+        self.levels = (0, 0, 0)
+        self.step_levels = [0, 0, 0]
 
 
 def _stats(node) -> NodeStats:
@@ -178,16 +183,22 @@ class Replay:
             self.cur = cur_after
         self.total = total
         self.event_base += n_events
+        self.open = [e for e in self.open if e[1] != "G"]  # forwards whose backward never came (no grad)
 
         # Per-step module statistics.
         for node in self.nodes:
             st = node.stats
+            if st.step_levels[1]:
+                st.levels = tuple(st.step_levels)
+            st.step_levels = [0, 0, 0]
             if st.seen_in_step or node.op_ms:
                 st.fwd_ms.append(st.step_fwd_ms)
                 st.bwd_ms.append(st.step_bwd_ms)
                 st.calls.append(st.step_calls)
                 st.op_ms.append(dict(node.op_ms))
+                st.op_bytes.append(dict(node.op_bytes))
             node.op_ms.clear()
+            node.op_bytes.clear()
             st.step_fwd_ms = st.step_bwd_ms = 0.0
             st.step_calls = 0
             st.seen_in_step = False
@@ -255,9 +266,15 @@ class Replay:
             st = self._node_stats(payload)
             if kind == "F+":
                 st.step_calls += 1
+                st.step_levels[0] = max(st.step_levels[0], self.total)
+            else:
+                self._close(payload, "G", t)
+                st.step_levels[1] = max(st.step_levels[1], self.total)
             self.open.append([payload, kind[0], self.total, self.total, t])
         elif kind == "F-" or kind == "B-":
             self._close(payload, kind[0], t)
+            if kind == "F-":  # the gap until this module's backward starts
+                self.open.append([payload, "G", self.total, self.total, t])
         elif kind == "P" and payload is not None:
             self._activations(payload)
 
@@ -274,6 +291,9 @@ class Replay:
         if j > 0 and true_max > open_[j - 1][3]:
             open_[j - 1][3] = true_max
         st = self._node_stats(node)
+        if kind == "G":
+            st.step_levels[2] = max(st.step_levels[2], true_max)
+            return
         rise = true_max - entry[2]
         dt = (self.time_of(t) - self.time_of(entry[4])) * 1e3
         if kind == "F":
@@ -284,6 +304,7 @@ class Replay:
             st.step_bwd_ms += dt
 
     def close_all(self, t) -> None:
+        self.open = [e for e in self.open if e[1] != "G"]
         while self.open:
             node, kind = self.open[-1][0], self.open[-1][1]
             self._close(node, kind, t)

@@ -445,14 +445,36 @@ class Tracker:
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
                     self._relabel(t, INPUT, "input", None, only_from=(OTHER,))
-        if not torch.is_grad_enabled() or output is None:
+        if output is None:
             return
-        outs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+        self._note_output_bytes(node, leaves)
+        if not torch.is_grad_enabled():
+            return
+        outs = [t for t in leaves if t.requires_grad]
         if outs:
             self._handles.append(register_multi_grad_hook(outs, partial(self._bw_pre, node), mode="any"))
             ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
             if ins:
                 self._handles.append(register_multi_grad_hook(ins, partial(self._bw_post, node)))
+
+    def _note_output_bytes(self, node, tensors) -> None:
+        """Bytes of the outputs this forward made (what a checkpoint of the module keeps)."""
+        live, pid = self.ledger.live, self.ledger.phase_id
+        seen, total = set(), 0
+        for t in tensors:
+            for rt in real_tensors(t):
+                rec = live.get(id(rt.untyped_storage()))
+                if rec is None or id(rec) in seen or rec.phase_id != pid:
+                    continue
+                made_by = rec.node
+                while made_by is not None and made_by is not node:
+                    made_by = made_by.parent
+                if made_by is node:
+                    seen.add(id(rec))
+                    total += rec.nbytes
+        if total > node.output_bytes:
+            node.output_bytes = total
 
     def _bw_pre(self, node, _grad):
         if self._state != _RUNNING:
@@ -723,32 +745,37 @@ class Tracker:
         inclusive: dict = {}
 
         def subtree(n):
-            """Owned bytes (maxima of each module's own, summed) and forward op times, over the subtree."""
+            """Owned bytes (maxima of each module's own, summed), forward op times and op-made bytes per step,
+            over the subtree."""
             if id(n) not in inclusive:
                 owned = list(n.stats.own_max)
-                ops: dict = {}
-                for k, v in _steady_mean_dict(n.stats.op_ms).items():
-                    ops[k] = ops.get(k, 0.0) + v
+                ops = dict(_steady_mean_dict(n.stats.op_ms))
+                made = dict(_steady_mean_dict(n.stats.op_bytes))
                 for c in children.get(id(n), ()):
-                    c_owned, c_ops = subtree(c)
+                    c_owned, c_ops, c_made = subtree(c)
                     owned = [a + b for a, b in zip(owned, c_owned)]
                     for k, v in c_ops.items():
                         ops[k] = ops.get(k, 0.0) + v
-                inclusive[id(n)] = (owned, ops)
+                    for k, v in c_made.items():
+                        made[k] = made.get(k, 0.0) + v
+                inclusive[id(n)] = (owned, ops, made)
             return inclusive[id(n)]
 
         out = {}
         for n in sorted(nodes, key=lambda n: _sort_key(n.name)):
             st = n.stats
-            owned, ops = subtree(n)
+            owned, ops, made = subtree(n)
+            per_call = max(1, max(st.calls) if st.calls else 1)
             out[n.name] = ModuleStats(
                 name=n.name, type=n.type, param_bytes=owned[PARAM], buffer_bytes=owned[BUFFER],
                 grad_bytes=owned[GRAD], optimizer_bytes=owned[OPTIMIZER], activation_bytes=st.act,
                 forward_peak_bytes=st.fwd_peak, backward_peak_bytes=st.bwd_peak,
                 forward_ms=_steady_mean(st.fwd_ms), backward_ms=_steady_mean(st.bwd_ms),
-                calls=max(st.calls) if st.calls else 0, structure=n.structure,
+                calls=max(st.calls) if st.calls else 0, structure=n.structure, output_bytes=n.output_bytes,
+                forward_entry_bytes=st.levels[0], backward_entry_bytes=st.levels[1], gap_peak_bytes=st.levels[2],
                 activation_by_op=dict(sorted(st.act_by_op.items(), key=lambda kv: -kv[1])),
                 forward_op_ms=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+                forward_op_bytes={k: int(round(v / per_call)) for k, v in sorted(made.items(), key=lambda kv: -kv[1])},
             )
         return out
 

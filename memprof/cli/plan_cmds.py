@@ -1,0 +1,112 @@
+"""``memprof plan``: choose checkpointing, precision and sharding under a budget; write a reviewable plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import ProfileFormatError
+from .common import echo_json, fmt_bytes
+
+__all__ = ["COMMANDS", "plan_cmd"]
+
+
+def _levers(text: str) -> tuple[str, ...]:
+    from ..policy.engine import LEVERS
+
+    levers = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in levers if x not in LEVERS]
+    if bad or not levers:
+        raise click.BadParameter(f"choose from {', '.join(LEVERS)} (comma-separated)", param_hint="--levers")
+    return levers
+
+
+@click.command("plan")
+@click.argument("profile", metavar="PROFILE")
+@click.option("--budget", required=True, metavar="SIZE|DEVICE", help="Per-device budget: 24GiB, 80GB or H100-80GB.")
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--levers", default="checkpoint", show_default=True, metavar="LIST",
+              help="Comma-separated: checkpoint, precision, sharding.")
+@click.option("--units", "unit_patterns", multiple=True, metavar="PATTERN",
+              help="Units to checkpoint: class name or FQN glob (default: the repeated blocks).")
+@click.option("--precision", "current_precision", default=None, help="The precision the profile was taken in.")
+@click.option("--hf", metavar="NAME|CONFIG.json", help="The model, to estimate other precisions/sharding.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="With --hf.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="With --hf.")
+@click.option("--shard-group-size", type=click.IntRange(min=1), help="Consider hybrid sharding with groups of N.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan (TOML), e.g. policies/x.toml.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Frontier figure (PNG).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precision, hf, batch_size, seq_len,
+             shard_group_size, out, plot_path, fmt):
+    """Plan checkpointing (and precision, sharding) so that a step fits a memory budget, for the least time.
+
+    \b
+    Examples:
+      memprof plan memprof.json --budget 24GiB --out policies/gpt-24g.toml
+      memprof plan est.json --budget H100-80GB --levers checkpoint,precision
+      memprof plan est.json --budget H100-80GB --world-size 8 --levers checkpoint,precision,sharding
+      memprof plan prof.json --budget 16GiB --levers checkpoint,precision --hf llama-3.2-1b --seq-len 2048
+    """
+    from .. import load
+    from ..policy.engine import plan
+    from ..policy.sources import EstimateSource, source_from_profile
+    from ..profiles import Profile
+
+    prof = load(profile)
+    if not isinstance(prof, Profile):
+        raise ProfileFormatError(profile, f"is a {type(prof).__name__}, not a profile")
+    lever_list = _levers(levers)
+    source = None
+    if hf:
+        from ..estimation import get_architecture
+
+        arch = get_architecture(hf)
+        source = EstimateSource(arch.build_model, lambda: arch.make_batch(batch_size, seq_len),
+                                prof.assumptions.get("optimizer", "adamw"),
+                                "cpu" if prof.environment.device == "cpu" else "cuda", budget, description=hf)
+    elif "precision" in lever_list or "sharding" in lever_list:
+        source = source_from_profile(prof, device_memory=budget)
+    result = plan(prof, budget, world_size=world_size, levers=lever_list, units=list(unit_patterns) or None,
+                  source=source, precision=current_precision, shard_group_size=shard_group_size)
+    if out is not None:
+        result.save(out)
+    if plot_path is not None:
+        from ..plots import frontier as frontier_plot
+
+        frontier_plot(result, plot_path)
+    if fmt == "json":
+        echo_json(result.to_dict())
+    else:
+        _echo_plan(result)
+    for path in (out, plot_path):
+        if path is not None:
+            click.echo(f"wrote {path}", err=True)
+
+
+def _echo_plan(p) -> None:
+    from tabulate import tabulate
+
+    click.echo(f"Plan for {fmt_bytes(p.budget_bytes)} per device, world size {p.world_size}: predicted peak "
+               f"{fmt_bytes(p.predicted_peak_bytes)}, step {p.predicted_step_ms:.1f} ms "
+               f"({p.predicted_overhead:+.1%} vs {p.baseline_step_ms:.1f} ms)")
+    click.echo(f"  precision {p.precision}; sharding {p.sharding.strategy}")
+    modes = p.checkpoint_modes()
+    counted = {m: sum(1 for v in modes.values() if v == m) for m in ("keep", "full", "selective")}
+    click.echo("  checkpoint: " + ", ".join(f"{n} {m}" for m, n in counted.items() if n))
+    rows = [(c.unit, c.mode) for c in p.checkpoint if c.mode != "keep"]
+    if rows:
+        click.echo(tabulate(rows, ["unit", "mode"]))
+    click.echo("\nWhy:")
+    for line in p.explanation:
+        click.echo(f"  {line}")
+    if p.frontier:
+        click.echo("\nFrontier (peak vs step time; every point is the fastest plan at that peak):")
+        frows = [(fmt_bytes(f.peak_bytes), f"{f.step_ms:.1f}",
+                  "fits" if f.peak_bytes <= p.budget_bytes else "", f.description) for f in p.frontier]
+        click.echo(tabulate(frows, ["peak", "step ms", "", "configuration"]))
+
+
+plan_cmd.name = "plan"
+COMMANDS = [plan_cmd]

@@ -1,0 +1,242 @@
+"""Applying a plan to a model, and taking it off again.
+
+``apply(model, plan)`` changes how the model runs, not what it is:
+
+* checkpointing: each planned unit's ``forward`` is replaced (an instance attribute over the class's method)
+  by one that runs the original under non-reentrant ``torch.utils.checkpoint`` — RNG state preserved, so
+  dropout recomputes the same masks — with the selective policy of :mod:`memprof.policy.selective` for
+  "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
+* precision: autocast around the root's forward (bf16/fp16-autocast); for fp16 a ``GradScaler`` that needs
+  no change to the training loop (the root outputs' gradients are scaled by a hook; ``optimizer.step`` is
+  replaced by one that unscales, skips on inf/nan and updates the scale; pass ``optimizer=``); for bf16
+  parameters, the floating-point parameters and buffers are cast in place.
+* sharding: FSDP2 ``fully_shard`` of every unit and the root, with the plan's ``reshard_after_forward`` and
+  mixed precision (:func:`memprof.sharding.shard_model`), when a process group of the plan's world size is
+  initialised. Create the optimizer after applying a sharded plan (FSDP replaces the parameters).
+
+``handle.remove()`` (or leaving ``with memprof.apply(...)``) restores the model: forwards, hooks, the
+optimizer's ``step``. Known limits: FSDP sharding cannot be undone (``remove()`` leaves it and says so in
+``handle.irreversible``); bf16 parameters are cast back to their dtype on ``remove()`` but keep bf16's
+rounding.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+
+import torch
+import torch.nn as nn
+
+from ..errors import MemprofError
+from ..sharding import shard_model
+from ..training import autocast, cast_floating
+from .selective import context_fn as selective_context
+
+__all__ = ["apply", "ApplyHandle", "ApplyError", "resolve_units"]
+
+
+class ApplyError(MemprofError):
+    """The plan does not fit the model or the environment it is applied in."""
+
+
+def resolve_units(model: nn.Module, plan) -> dict[str, str]:
+    """Module FQN -> checkpoint mode for every plan entry (FQN or glob/class pattern); missing ones raise."""
+    names = {fqn: m for fqn, m in model.named_modules()}
+    out: dict[str, str] = {}
+    missing = []
+    for choice in plan.checkpoint:
+        if choice.unit in names:
+            out[choice.unit] = choice.mode
+            continue
+        matched = [n for n, m in names.items() if n and (fnmatch.fnmatchcase(n, choice.unit)
+                                                         or type(m).__name__ == choice.unit)]
+        if not matched:
+            missing.append(choice.unit)
+        for n in matched:
+            out[n] = choice.mode
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ApplyError(f"the plan names modules this model does not have: {shown}")
+    return out
+
+
+class ApplyHandle:
+    """What ``apply`` did, and how to undo it (``remove()``; also a context manager)."""
+
+    def __init__(self, model: nn.Module, plan):
+        self.model = model
+        self.plan = plan
+        self.units: dict[str, str] = {}
+        self.irreversible: list[str] = []
+        self._undo: list = []
+        self._removed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as e:  # keep undoing the rest
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __repr__(self) -> str:
+        modes = {m: sum(1 for v in self.units.values() if v == m) for m in ("full", "selective")}
+        return (f"ApplyHandle(precision={self.plan.precision!r}, sharding={self.plan.sharding.strategy!r}, "
+                f"checkpoint={modes}, removed={self._removed})")
+
+
+def _swap_forward(handle: ApplyHandle, module: nn.Module, make_forward) -> None:
+    """Replace ``module.forward`` by ``make_forward(original)``; the undo restores exactly what was there."""
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    original = module.forward
+    module.forward = make_forward(original)
+
+    def undo():
+        if had_own:
+            module.forward = previous
+        else:
+            module.__dict__.pop("forward", None)
+
+    handle._undo.append(undo)
+
+
+def _checkpointed(original, mode: str):
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs = {"use_reentrant": False, "preserve_rng_state": True}
+    if mode == "selective":
+        kwargs["context_fn"] = selective_context
+
+    @functools.wraps(original)
+    def forward(*args, **kw):
+        if not torch.is_grad_enabled():
+            return original(*args, **kw)
+        return checkpoint(original, *args, **kwargs, **kw)
+
+    forward.__memprof__ = mode
+    return forward
+
+
+def _device_type(model: nn.Module) -> str:
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
+
+
+def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
+    """Apply ``plan`` to ``model`` (and, for fp16, ``optimizer``); returns a handle that can remove it."""
+    from .plan import Plan
+
+    if not isinstance(model, nn.Module):
+        raise ApplyError(f"apply() needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        raise ApplyError(f"apply() needs a memprof Plan (memprof.load('plan.toml')), got {type(plan).__name__}")
+    units = resolve_units(model, plan)
+    strategy = plan.sharding.strategy
+    if strategy != "none":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ApplyError(f"the plan shards with FSDP ({strategy}) over {plan.world_size} ranks, but no "
+                             "torch.distributed process group is initialised (launch with torchrun)")
+        if dist.get_world_size() != plan.world_size:
+            raise ApplyError(f"the plan is for world size {plan.world_size}, this job has {dist.get_world_size()}")
+    if plan.precision == "fp16-autocast" and optimizer is None:
+        raise ApplyError("an fp16-autocast plan needs the optimizer for loss scaling: apply(model, plan, optimizer=opt)")
+
+    handle = ApplyHandle(model, plan)
+    device_type = _device_type(model)
+    try:
+        # Order as in torchtitan: activation checkpointing, then precision, then FSDP.
+        for fqn, mode in units.items():
+            if mode in ("full", "selective"):
+                _swap_forward(handle, model.get_submodule(fqn), lambda f, m=mode: _checkpointed(f, m))
+                handle.units[fqn] = mode
+        _apply_precision(handle, model, plan.precision, device_type, optimizer)
+        if strategy != "none":
+            shard_model(model, strategy, [u for u in units], precision=plan.precision, device_type=device_type,
+                        shard_group_size=plan.sharding.shard_group_size if strategy == "hybrid" else None)
+            handle.irreversible.append(f"FSDP2 {strategy} sharding")
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, device_type: str, optimizer) -> None:
+    if precision == "bf16":
+        dtypes = {id(t): t.dtype for t in list(model.parameters()) + list(model.buffers())}
+        cast_floating(model, torch.bfloat16)
+
+        def undo():
+            for mod in model.modules():
+                for p in mod._parameters.values():
+                    if p is not None and id(p) in dtypes and p.dtype != dtypes[id(p)]:
+                        p.data = p.data.to(dtypes[id(p)])
+        handle._undo.append(undo)
+        return
+    if precision not in ("bf16-autocast", "fp16-autocast"):
+        return
+    scaler = None
+    if precision == "fp16-autocast":
+        scaler = torch.amp.GradScaler(device_type)
+        _scale_optimizer_step(handle, optimizer, scaler)
+
+    def make(original):
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            with autocast(precision, device_type):
+                out = original(*args, **kwargs)
+            if scaler is not None and torch.is_grad_enabled():
+                _scale_gradients(out, scaler)
+            return out
+        return forward
+
+    _swap_forward(handle, model, make)
+
+
+def _scale_gradients(out, scaler) -> None:
+    from torch.utils._pytree import tree_leaves
+
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
+            t.register_hook(scaler.scale)  # scale() also creates the scale tensor on first use
+
+
+def _scale_optimizer_step(handle: ApplyHandle, optimizer, scaler) -> None:
+    had_own = "step" in optimizer.__dict__
+    previous = optimizer.__dict__.get("step")
+    original = optimizer.step
+
+    def step(*args, **kwargs):
+        optimizer.step = original  # GradScaler.step calls optimizer.step itself
+        try:
+            result = scaler.step(optimizer, *args, **kwargs)
+            scaler.update()
+        finally:
+            optimizer.step = step
+        return result
+
+    optimizer.step = step
+
+    def undo():
+        if had_own:
+            optimizer.step = previous
+        else:
+            optimizer.__dict__.pop("step", None)
+
+    handle._undo.append(undo)

@@ -1,0 +1,176 @@
+"""From a profile to the checkpointing problem on a chain of units: what each option keeps, costs and needs.
+
+For each unit (a repeated block, see :func:`find_units`) the profile gives its activation bytes ``a`` (made
+in forward, alive when backward starts), its output bytes ``o``, its forward/backward peaks above entry, its
+forward time, and three absolute levels measured with every unit kept: at its forward entry ``fe``, at its
+backward entry ``be``, and the highest level between the end of its forward and the start of its backward.
+With ``S_i`` the activations of the units before unit i:
+
+    base during unit i's backward      b_i  = be_i - S_i - a_i      (params, grads so far, state, ...)
+    base during unit i's forward       bf_i = fe_i - S_i
+    base at the end of forward         F    = gap peak of the last unit - sum of all a
+
+and each option of unit i (see :mod:`memprof.policy.solver` for how they combine into the peak):
+
+    keep       retains a_i; during its backward a_i + backward peak
+    full       retains o_i (its output, kept for the next unit anyway); recomputes its forward inside its
+               backward, so during it max(a_i + backward peak, o_i + forward peak); costs its forward time
+    selective  retains what matmul/attention ops made (and at least o_i); recomputes the rest (during its
+               backward max(a_i + backward peak, forward peak)), costing the time of the ops it recomputes
+
+(A checkpointed unit needs as much during its own backward as a kept one: what it saves is the memory the
+*other* units' backward positions would otherwise carry.)
+
+Every unit's forward also bounds the peak: bf_i + (retained of units before) + forward peak. Memory outside
+the chain's reach (the optimizer step, data loading) is a constant floor. Fitted to one profile, the model
+reproduces that profile's peak exactly when every unit is kept (tested); other choices are predictions,
+which ``memprof.apply`` verifies by measuring again.
+
+Known limits: units must run forward in order and backward in reverse (a chain); a profile measured with
+checkpointing already applied cannot be planned from (its activations are not the model's).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import MemprofError
+from .selective import SAVE_OP_NAMES
+from .solver import ChainProblem, Option, Unit
+
+__all__ = ["UnitStats", "ChainModel", "find_units", "unit_stats", "chain_model", "MODES"]
+
+MODES = ("keep", "full", "selective")
+
+
+@dataclass(frozen=True)
+class UnitStats:
+    """What the chain model reads about one unit from a profile."""
+
+    name: str
+    structure: str
+    activation_bytes: int
+    output_bytes: int
+    saved_by_matmuls_bytes: int  # outputs of the ops selective checkpointing keeps, plus the unit's output
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    forward_entry_bytes: int
+    backward_entry_bytes: int
+    gap_peak_bytes: int
+    forward_ms: float
+    recompute_selective_ms: float  # forward time of the ops selective checkpointing recomputes
+
+
+@dataclass(frozen=True)
+class ChainModel:
+    """The solver's problem plus what it cannot see: the floor set by memory outside the chain."""
+
+    problem: ChainProblem
+    units: tuple[UnitStats, ...]
+    floor_bytes: int  # peak of the optimizer step and other phases, whatever the choices
+    floor_phase: str
+
+    def peak(self, choices) -> int:
+        from .solver import peak_of
+
+        return max(self.floor_bytes, peak_of(self.problem, choices))
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def find_units(prof, patterns: list[str] | None = None) -> list[str]:
+    """Repeated blocks: siblings with the same structure (at least two), in forward order; or named ones."""
+    import fnmatch
+
+    mods = prof.modules
+    if patterns:
+        chosen = [n for n, m in mods.items() if n and any(m.type == p or fnmatch.fnmatchcase(n, p) for p in patterns)]
+        chosen = [u for u in chosen if not any(u.startswith(v + ".") for v in chosen if v != u)]
+        if not chosen:
+            raise MemprofError(f"no module of the profile matches the unit patterns {patterns}")
+    else:
+        groups: dict[tuple, list[str]] = {}
+        for name, m in mods.items():
+            if name and m.structure and m.activation_bytes > 0:
+                groups.setdefault((m.parent, m.structure), []).append(name)
+        chosen = [n for names in groups.values() if len(names) >= 2 for n in names]
+        chosen = [u for u in chosen if not any(u.startswith(v + ".") for v in chosen if v != u)]
+    return sorted(chosen, key=lambda n: (mods[n].forward_entry_bytes, _natural(n)))
+
+
+def unit_stats(prof, units: list[str]) -> list[UnitStats]:
+    """Per-unit numbers; forward times are averaged over structurally identical units (less noise)."""
+    times: dict[str, list[tuple[float, float]]] = {}
+    out = []
+    for name in units:
+        m = prof.modules.get(name)
+        if m is None:
+            raise MemprofError(f"the profile has no module {name!r}")
+        if not m.backward_entry_bytes:
+            raise MemprofError(f"unit {name!r} has no backward in the profile: plan from a training step")
+        # Selective checkpointing stores every output of the ops it must save (not only what backward needs).
+        saved = sum(b for op, b in m.forward_op_bytes.items() if op in SAVE_OP_NAMES)
+        recompute_ms = sum(ms for op, ms in m.forward_op_ms.items() if op not in SAVE_OP_NAMES)
+        out.append(UnitStats(
+            name=name, structure=m.structure, activation_bytes=m.activation_bytes, output_bytes=m.output_bytes,
+            saved_by_matmuls_bytes=saved + m.output_bytes, forward_peak_bytes=m.forward_peak_bytes,
+            backward_peak_bytes=m.backward_peak_bytes, forward_entry_bytes=m.forward_entry_bytes,
+            backward_entry_bytes=m.backward_entry_bytes, gap_peak_bytes=m.gap_peak_bytes,
+            forward_ms=m.forward_ms, recompute_selective_ms=min(recompute_ms, m.forward_ms),
+        ))
+        times.setdefault(m.structure, []).append((m.forward_ms, out[-1].recompute_selective_ms))
+    from dataclasses import replace
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    return [replace(u, forward_ms=mean([t[0] for t in times[u.structure]]),
+                    recompute_selective_ms=mean([t[1] for t in times[u.structure]])) for u in out]
+
+
+def _floor(prof) -> tuple[int, str]:
+    best, phase = 0, "optimizer"
+    for s in prof.steps:
+        for p in ("optimizer", "other"):
+            v = s.phase_peak_bytes.get(p, 0)
+            if v > best:
+                best, phase = v, p
+    return best, phase
+
+
+def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=MODES) -> ChainModel:
+    """The chain problem of a profile's units under ``budget_bytes``."""
+    for mode in modes:
+        if mode not in MODES:
+            raise MemprofError(f"unknown checkpoint mode {mode!r}; choose from {', '.join(MODES)}")
+    names = units if units is not None else find_units(prof)
+    if not names:
+        raise MemprofError("no repeated units found in the profile to checkpoint; name them (units=[...])")
+    stats = unit_stats(prof, names)
+    prefix = 0
+    chain = []
+    for u in stats:
+        a, o = u.activation_bytes, u.output_bytes
+        b = u.backward_entry_bytes - prefix - a
+        forward_term = (u.forward_entry_bytes - prefix + u.forward_peak_bytes) - b  # same shape as a local term
+        own = a + u.backward_peak_bytes  # its activations (kept or recomputed) plus its backward's working set
+        options = []
+        if "keep" in modes:
+            options.append(Option("keep", a, max(own, forward_term), 0.0))
+        if "full" in modes:  # recomputation runs its whole forward again on top of the kept output
+            options.append(Option("full", o, max(own, o + u.forward_peak_bytes, forward_term), u.forward_ms))
+        if "selective" in modes and u.saved_by_matmuls_bytes < a:
+            s = u.saved_by_matmuls_bytes
+            options.append(Option("selective", s, max(own, u.forward_peak_bytes, forward_term),
+                                  u.recompute_selective_ms))
+        options = tuple(options)
+        # The solver shares work between units with equal structure strings, which must have equal options.
+        chain.append(Unit(u.name, options, max(0, b), structure=f"{u.structure}/{hash(options)}"))
+        prefix += a
+    forward_base = max(0, stats[-1].gap_peak_bytes - prefix)
+    floor, phase = _floor(prof)
+    problem = ChainProblem(tuple(chain), forward_base, budget_bytes)
+    return ChainModel(problem, tuple(stats), floor, phase)
