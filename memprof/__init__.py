@@ -4,6 +4,9 @@ from ._version import __version__
 from .errors import MemprofError
 from .estimation import estimate
 from .files import load
+from .policy.apply import apply
+from .policy.auto import auto
+from .policy.engine import plan
 from .policy.plan import Plan
 from .profiles import ModuleStats, Profile
 from .tracking import Tracker, track
@@ -11,5 +14,5 @@ from .tracking.decorator import profile
 
 __all__ = [
     "__version__", "MemprofError", "Profile", "ModuleStats", "Plan", "Tracker", "track", "profile", "estimate",
-    "load",
+    "plan", "apply", "auto", "load",
 ]

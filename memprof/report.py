@@ -365,7 +365,8 @@ def _summary_pairs(s: Summary, units: str) -> list[tuple[str, str]]:
     def b(n):
         return format_bytes(n, units)
 
-    where = f"step {s.peak_step}, {s.peak_phase}, in {_module_label(s.peak_module)}"
+    place = "optimizer.step" if s.peak_phase == "optimizer" and not s.peak_module else _module_label(s.peak_module)
+    where = f"step {s.peak_step}, {s.peak_phase}, in {place}"
     pairs = [("Peak", f"{b(s.peak_bytes)} ({where})")]
     device = s.device + (f" ({s.device_name})" if s.device_name else "")
     if s.world_size > 1:

@@ -73,5 +73,5 @@ def _register() -> None:
 _register()
 
 
-if __name__ == "__main__":  # python -m memprof.cli
+if __name__ == "__main__":  # python -m memprof (memprof/__main__.py) is the module entry point
     sys.exit(main())

@@ -141,6 +141,28 @@ class _FakeOpModel:
         return out, excess, self._cpu
 
     # -- shadows ---------------------------------------------------------------------------------------
+    def fake_batch(self, batch):
+        """Real tensors in ``batch`` become fake tensors; small ones keep their data as shadows."""
+        import weakref
+
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.utils._pytree import tree_map
+
+        from .live import _current_fake_mode
+
+        mode = _current_fake_mode()
+
+        def conv(x):
+            if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+                fake = mode.from_tensor(x)
+                if x.numel() <= _SHADOW_NUMEL and x.device.type == "cpu":
+                    s = fake.untyped_storage()
+                    self._shadows[id(s)] = (weakref.ref(s), x.untyped_storage())
+                return fake
+            return x
+
+        return tree_map(conv, batch)
+
     def _real_of(self, t):
         s = t.untyped_storage()
         entry = self._shadows.get(id(s))
@@ -417,8 +439,9 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         tracker = Tracker(model, opt, calibrate=op_model, estimated=True, assumptions=assumptions,
                           environment=env, device_as={"cpu": "cuda:0"} if emulate else None, clock=clock)
         with tracker:
-            # The batch is made under the tracker so that its small tensors (masks, ids) get shadows.
-            batch = _call("make_batch", make_batch)
+            # The batch is made under the tracker so that its small tensors (masks, ids) get shadows; real
+            # tensors it returns (a live batch) become fake ones with their data as shadows.
+            batch = op_model.fake_batch(_call("make_batch", make_batch))
             for _ in range(steps):
                 if step is None:
                     _call("the training step", default_step, model, batch, opt, precision, scaler, fake_device)

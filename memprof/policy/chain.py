@@ -15,8 +15,9 @@ and each option of unit i (see :mod:`memprof.policy.solver` for how they combine
     keep       retains a_i; during its backward a_i + backward peak
     full       retains o_i (its output, kept for the next unit anyway); recomputes its forward inside its
                backward, so during it max(a_i + backward peak, o_i + forward peak); costs its forward time
-    selective  retains what matmul/attention ops made (and at least o_i); recomputes the rest (during its
-               backward max(a_i + backward peak, forward peak)), costing the time of the ops it recomputes
+    selective  retains every output of matmul/attention ops (SAC keeps them all, needed or not) and o_i;
+               recomputes the rest (during its backward a_i + backward peak + the matmul outputs backward
+               would not have kept), costing the time of the ops it recomputes
 
 (A checkpointed unit needs as much during its own backward as a kept one: what it saves is the memory the
 *other* units' backward positions would otherwise carry.)
@@ -53,6 +54,7 @@ class UnitStats:
     activation_bytes: int
     output_bytes: int
     saved_by_matmuls_bytes: int  # outputs of the ops selective checkpointing keeps, plus the unit's output
+    kept_by_matmuls_bytes: int  # of those outputs, what backward keeps anyway (no checkpointing)
     forward_peak_bytes: int
     backward_peak_bytes: int
     forward_entry_bytes: int
@@ -113,10 +115,12 @@ def unit_stats(prof, units: list[str]) -> list[UnitStats]:
             raise MemprofError(f"unit {name!r} has no backward in the profile: plan from a training step")
         # Selective checkpointing stores every output of the ops it must save (not only what backward needs).
         saved = sum(b for op, b in m.forward_op_bytes.items() if op in SAVE_OP_NAMES)
+        kept = sum(b for op, b in m.activation_by_op.items() if op in SAVE_OP_NAMES)
         recompute_ms = sum(ms for op, ms in m.forward_op_ms.items() if op not in SAVE_OP_NAMES)
         out.append(UnitStats(
             name=name, structure=m.structure, activation_bytes=m.activation_bytes, output_bytes=m.output_bytes,
-            saved_by_matmuls_bytes=saved + m.output_bytes, forward_peak_bytes=m.forward_peak_bytes,
+            saved_by_matmuls_bytes=saved + m.output_bytes, kept_by_matmuls_bytes=kept,
+            forward_peak_bytes=m.forward_peak_bytes,
             backward_peak_bytes=m.backward_peak_bytes, forward_entry_bytes=m.forward_entry_bytes,
             backward_entry_bytes=m.backward_entry_bytes, gap_peak_bytes=m.gap_peak_bytes,
             forward_ms=m.forward_ms, recompute_selective_ms=min(recompute_ms, m.forward_ms),
@@ -164,7 +168,10 @@ def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=M
             options.append(Option("full", o, max(own, o + u.forward_peak_bytes, forward_term), u.forward_ms))
         if "selective" in modes and u.saved_by_matmuls_bytes < a:
             s = u.saved_by_matmuls_bytes
-            options.append(Option("selective", s, max(own, u.forward_peak_bytes, forward_term),
+            # It keeps matmul outputs backward does not need (kept ones: keep_saved); during its own backward
+            # they can still be live beside the recomputed activations: counted, so the bound is safe.
+            unneeded = max(0, s - o - u.kept_by_matmuls_bytes)
+            options.append(Option("selective", s, max(own + unneeded, u.forward_peak_bytes, forward_term),
                                   u.recompute_selective_ms))
         options = tuple(options)
         # The solver shares work between units with equal structure strings, which must have equal options.

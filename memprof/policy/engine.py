@@ -88,7 +88,8 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
 
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
          source=None, precision: str | None = None, modes=MODES, comm: CommModel | None = None,
-         shard_group_size: int | None = None, profiles: dict | None = None) -> Plan:
+         shard_group_size: int | None = None, profiles: dict | None = None,
+         precisions: tuple[str, ...] | None = None) -> Plan:
     """The configuration with the least predicted step time whose predicted peak fits ``budget``.
 
     Args:
@@ -101,6 +102,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         precision: the precision ``prof`` was taken in (default: its assumptions, else fp32).
         profiles: measured profiles of other configurations, keyed by (precision, sharding); they win
             over estimates for both memory and time.
+        precisions: the precisions the precision lever may choose from (default: all).
     """
     levers = tuple(levers)
     for lever in levers:
@@ -117,7 +119,10 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     profiles = dict(profiles or {})
     profiles.setdefault((base_precision, base_sharding if world_size > 1 else "none"), prof)
 
-    precisions = list(_PRECISION_ORDER) if "precision" in levers else [base_precision]
+    allowed = [check_precision(p) for p in (precisions or _PRECISION_ORDER)]
+    precisions = [p for p in _PRECISION_ORDER if p in allowed] if "precision" in levers else [base_precision]
+    if base_precision not in precisions:
+        precisions.insert(0, base_precision)
     strategies = ["none"]
     if "sharding" in levers and world_size > 1:
         strategies += ["full", "shard-grad-op"] + (["hybrid"] if shard_group_size else [])

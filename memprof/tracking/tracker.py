@@ -608,6 +608,7 @@ class Tracker:
 
     def _over_limit(self, func) -> None:
         led = self.ledger
+        led.limit_bytes = None  # raise once: unwinding the step runs more ops while memory is still over
         cur = led.cur.name if led.cur is not None else ""
         where = f"module {cur!r}" if cur else "outside any module"
         self._limit_exc = DeviceMemoryExceeded(

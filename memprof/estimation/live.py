@@ -1,0 +1,76 @@
+"""Estimating a model that already exists in memory, from its first forward's real arguments.
+
+``@memprof.auto`` and ``memprof run --budget`` must decide before the first step whether it would fit. They
+see the real model and the real batch at the root's first forward; :func:`estimate_live` copies the model
+into fake tensors (a deep copy whose memo maps every parameter and buffer to a fake twin: nothing is
+allocated) and estimates one training step of it with the real batch, converted to fake tensors with real
+shadows, so data-dependent reads (padding masks) answer as they will in the real step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+__all__ = ["fake_copy", "estimate_live", "live_source"]
+
+
+def _current_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in reversed(_get_current_dispatch_mode_stack()):
+        if isinstance(mode, FakeTensorMode):
+            return mode
+    raise RuntimeError("fake_copy must run under a FakeTensorMode")
+
+
+def fake_copy(model: nn.Module) -> nn.Module:
+    """A structural deep copy of ``model`` whose tensors are fake (call under a FakeTensorMode)."""
+    mode = _current_fake_mode()
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = mode.from_tensor(b)
+    for m in model.modules():  # tensors kept as plain attributes (rotary caches, masks)
+        for v in m.__dict__.values():
+            if isinstance(v, torch.Tensor) and id(v) not in memo:
+                memo[id(v)] = mode.from_tensor(v)
+    return copy.deepcopy(model, memo)
+
+
+def _batch_and_step(args, kwargs):
+    kwargs = dict(kwargs or {})
+    if not kwargs:
+        return tuple(args), None
+    if not args:
+        return kwargs, None
+
+    def step(m, b, opt):  # positional and keyword arguments together
+        from ..training import loss_of
+
+        loss_of(m(*b[0], **b[1])).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (tuple(args), kwargs), step
+
+
+def live_source(model: nn.Module, args=(), kwargs=None, *, optimizer: str = "adamw", device_memory=None):
+    """An :class:`~memprof.policy.sources.EstimateSource` for this live model and batch (any precision)."""
+    from ..policy.sources import EstimateSource
+
+    batch, step = _batch_and_step(args, kwargs)
+    device = "cuda" if any(p.device.type == "cuda" for p in model.parameters()) else "cpu"
+    return EstimateSource(lambda: fake_copy(model), lambda: batch, optimizer=optimizer, device=device,
+                          device_memory=device_memory, step=step, description=f"live {type(model).__name__}")
+
+
+def estimate_live(model: nn.Module, args=(), kwargs=None, *, optimizer: str = "adamw", precision: str = "fp32",
+                  device_memory=None):
+    """Estimate a training step of ``model`` on this batch (the real tensors of its first forward)."""
+    return live_source(model, args, kwargs, optimizer=optimizer, device_memory=device_memory).profile(precision)
