@@ -151,6 +151,9 @@ class ModuleStats(_Record):
     forward_op_ms: Mapping[str, float] = field(default_factory=dict)  # forward time by op, per step
     forward_op_bytes: Mapping[str, int] = field(default_factory=dict)  # bytes each op made in one forward call
     output_bytes: int = 0  # bytes of the outputs its forward made (what a checkpoint of it keeps)
+    # Share of its forward op time until the last tensor its backward keeps is made: what checkpointing it
+    # recomputes (non-reentrant checkpointing stops once backward has every tensor it needs).
+    recompute_fraction: float = 1.0
     # Absolute tracked bytes in the last step with a backward (what the planner's chain model is fitted to):
     forward_entry_bytes: int = 0  # when its forward started
     backward_entry_bytes: int = 0  # when its backward started

@@ -59,7 +59,7 @@ def main(ctx, debug):
 def _register() -> None:
     import importlib
 
-    for name in ("report_cmds", "run_cmds", "estimate_cmds", "plan_cmds"):
+    for name in ("demo_cmds", "run_cmds", "report_cmds", "estimate_cmds", "plan_cmds"):
         try:
             module = importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as e:

@@ -188,6 +188,10 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
         the_plan = load(policy_path)
         if not isinstance(the_plan, Plan):
             raise MemprofError(f"{policy_path}: is a {type(the_plan).__name__}, not a plan")
+        if the_plan.sharding.strategy != "none":
+            raise MemprofError(f"{policy_path}: shards with FSDP, which replaces the parameters the script's "
+                               "optimizer already holds by its first forward; apply it in code, before building "
+                               "the optimizer: memprof.apply(model, memprof.load(PLAN))")
         applied["plan"] = the_plan
 
         def on_root_forward(model, args, kwargs):

@@ -2,7 +2,8 @@
 
 ``apply(model, plan)`` changes how the model runs, not what it is:
 
-* checkpointing: each planned unit's ``forward`` is replaced (an instance attribute over the class's method)
+* checkpointing: (Hugging Face models: ``config.use_cache`` off, as their own gradient checkpointing does)
+  each planned unit's ``forward`` is replaced (an instance attribute over the class's method)
   by one that runs the original under non-reentrant ``torch.utils.checkpoint`` — RNG state preserved, so
   dropout recomputes the same masks — with the selective policy of :mod:`memprof.policy.selective` for
   "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
@@ -162,6 +163,8 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
     device_type = _device_type(model)
     try:
         # Order as in torchtitan: activation checkpointing, then precision, then FSDP.
+        if any(m != "keep" for m in units.values()):
+            _no_kv_cache(handle, model)
         for fqn, mode in units.items():
             if mode in ("full", "selective"):
                 _swap_forward(handle, model.get_submodule(fqn), lambda f, m=mode: _checkpointed(f, m))
@@ -175,6 +178,18 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         handle.remove()
         raise
     return handle
+
+
+def _no_kv_cache(handle: ApplyHandle, model: nn.Module) -> None:
+    """Hugging Face models cache keys/values in forward (``config.use_cache``): a recomputed layer would
+    append to that cache again and take another code path. Off while checkpointing, as HF does itself."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is True:
+        config.use_cache = False
+
+        def undo():
+            config.use_cache = True
+        handle._undo.append(undo)
 
 
 def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, device_type: str, optimizer) -> None:

@@ -15,6 +15,7 @@ and each option of unit i (see :mod:`memprof.policy.solver` for how they combine
     keep       retains a_i; during its backward a_i + backward peak
     full       retains o_i (its output, kept for the next unit anyway); recomputes its forward inside its
                backward, so during it max(a_i + backward peak, o_i + forward peak); costs its forward time
+               up to the last tensor backward keeps (``recompute_fraction``: checkpointing stops there)
     selective  retains every output of matmul/attention ops (SAC keeps them all, needed or not) and o_i;
                recomputes the rest (during its backward a_i + backward peak + the matmul outputs backward
                would not have kept), costing the time of the ops it recomputes
@@ -60,7 +61,7 @@ class UnitStats:
     forward_entry_bytes: int
     backward_entry_bytes: int
     gap_peak_bytes: int
-    forward_ms: float
+    forward_ms: float  # what a full checkpoint recomputes: its forward up to the last tensor backward keeps
     recompute_selective_ms: float  # forward time of the ops selective checkpointing recomputes
 
 
@@ -123,9 +124,10 @@ def unit_stats(prof, units: list[str]) -> list[UnitStats]:
             forward_peak_bytes=m.forward_peak_bytes,
             backward_peak_bytes=m.backward_peak_bytes, forward_entry_bytes=m.forward_entry_bytes,
             backward_entry_bytes=m.backward_entry_bytes, gap_peak_bytes=m.gap_peak_bytes,
-            forward_ms=m.forward_ms, recompute_selective_ms=min(recompute_ms, m.forward_ms),
+            forward_ms=m.forward_ms * m.recompute_fraction,
+            recompute_selective_ms=min(recompute_ms, m.forward_ms) * m.recompute_fraction,
         ))
-        times.setdefault(m.structure, []).append((m.forward_ms, out[-1].recompute_selective_ms))
+        times.setdefault(m.structure, []).append((out[-1].forward_ms, out[-1].recompute_selective_ms))
     from dataclasses import replace
 
     def mean(xs):
@@ -145,8 +147,10 @@ def _floor(prof) -> tuple[int, str]:
     return best, phase
 
 
-def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=MODES) -> ChainModel:
-    """The chain problem of a profile's units under ``budget_bytes``."""
+def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=MODES,
+                extra_ms: dict | None = None) -> ChainModel:
+    """The chain problem of a profile's units under ``budget_bytes``; ``extra_ms`` (mode -> unit -> ms, from
+    :func:`memprof.policy.timing.measure_costs`) replaces the modelled cost of options it names."""
     for mode in modes:
         if mode not in MODES:
             raise MemprofError(f"unknown checkpoint mode {mode!r}; choose from {', '.join(MODES)}")
@@ -173,6 +177,9 @@ def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=M
             unneeded = max(0, s - o - u.kept_by_matmuls_bytes)
             options.append(Option("selective", s, max(own + unneeded, u.forward_peak_bytes, forward_term),
                                   u.recompute_selective_ms))
+        if extra_ms:
+            options = [Option(o.name, o.retained_bytes, o.local_bytes, extra_ms.get(o.name, {}).get(u.name, o.extra_ms))
+                       for o in options]
         options = tuple(options)
         # The solver shares work between units with equal structure strings, which must have equal options.
         chain.append(Unit(u.name, options, max(0, b), structure=f"{u.structure}/{hash(options)}"))

@@ -89,7 +89,7 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
          source=None, precision: str | None = None, modes=MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
-         precisions: tuple[str, ...] | None = None) -> Plan:
+         precisions: tuple[str, ...] | None = None, costs=None) -> Plan:
     """The configuration with the least predicted step time whose predicted peak fits ``budget``.
 
     Args:
@@ -103,6 +103,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         profiles: measured profiles of other configurations, keyed by (precision, sharding); they win
             over estimates for both memory and time.
         precisions: the precisions the precision lever may choose from (default: all).
+        costs: measured option costs for the given configuration (:func:`memprof.policy.timing.measure_costs`);
+            they replace the modelled recompute times and the profile's (tracked) step time.
     """
     levers = tuple(levers)
     for lever in levers:
@@ -153,9 +155,13 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                     continue
                 ps = source.profile(p, s, world_size if s != "none" else 1, shard_group_size)
             names = find_units(ps, unit_names) if unit_names else find_units(ps)
-            model = chain_model(ps, budget_bytes, names, modes if "checkpoint" in levers else ("keep",))
+            measured = costs if (costs is not None and ps is prof) else None
+            model = chain_model(ps, budget_bytes, names, modes if "checkpoint" in levers else ("keep",),
+                                extra_ms=measured.extra_ms if measured else None)
             # Step time without recomputation: measured for given profiles, else scaled from the model.
-            if key in profiles and _steady_step_ms(ps):
+            if measured is not None:
+                base_ms, scale = measured.base_step_ms, 1.0
+            elif key in profiles and _steady_step_ms(ps):
                 base_ms = _steady_step_ms(ps)
                 scale = 1.0
             else:
@@ -190,7 +196,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     best, best_model = min(feasible, key=lambda cm: (cm[0].step_ms, cm[0].peak_bytes))
     baseline = _baseline(candidates, base_precision)
     return _make_plan(prof, best, best_model, baseline, budget_bytes, device, world_size, levers,
-                      frontier_points, candidates, comm, notes, shard_group_size)
+                      frontier_points, candidates, comm, notes, shard_group_size, costs)
 
 
 def _describe(precision: str, sharding: str, choices) -> str:
@@ -250,7 +256,7 @@ def _dominant(c: Candidate, model) -> str:
 
 
 def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, device, world_size, levers,
-               frontier_points, candidates, comm, notes, shard_group_size) -> Plan:
+               frontier_points, candidates, comm, notes, shard_group_size, costs=None) -> Plan:
     choices = tuple(CheckpointChoice(u, m) for u, m in zip(best.units, best.solution.choices))
     base_ms = baseline.base_ms + baseline.comm_ms
     overhead = best.step_ms / base_ms - 1 if base_ms > 0 else 0.0
@@ -263,6 +269,9 @@ def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, 
     }
     if world_size > 1:
         assumptions["communication"] = comm.describe()
+    if costs is not None:
+        assumptions["time"] = (f"measured: untracked steps with every unit kept / checkpointed by each mode, "
+                               f"interleaved ({costs.reps} runs each); other configurations modelled")
     for i, n in enumerate(notes):
         assumptions[f"note{i + 1}"] = n
     strategy = best.sharding
@@ -293,7 +302,7 @@ def _explain(prof, best: Candidate, baseline: Candidate, candidates, budget_byte
     modes = list(best.solution.choices)
     n_full, n_sel = modes.count("full"), modes.count("selective")
     if n_full or n_sel:
-        lines.append(f"Checkpointing {n_full} units fully and {n_sel} selectively recomputes "
+        lines.append(f"Checkpointing {n_full} unit{'s' if n_full != 1 else ''} fully and {n_sel} selectively recomputes "
                      f"{best.solution.extra_ms:.1f} ms of forward work per step.")
     else:
         lines.append("No checkpointing needed.")

@@ -15,8 +15,9 @@ import torch
 __all__ = ["allocator_peak", "live_bytes"]
 
 
-def live_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and tied weights count once)."""
+def live_bytes(tensors: Iterable[torch.Tensor], round_to: int = 1) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and tied weights count once), each rounded
+    up to a multiple of ``round_to`` (512 for the CUDA caching allocator)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None:
@@ -24,7 +25,7 @@ def live_bytes(tensors: Iterable[torch.Tensor]) -> int:
         s = t.untyped_storage()
         if id(s) not in seen:
             seen.add(id(s))
-            total += s.nbytes()
+            total += -(-s.nbytes() // round_to) * round_to
     return total
 
 

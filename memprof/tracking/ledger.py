@@ -61,7 +61,7 @@ class StorageRecord:
     """One storage's life: its size, category, owner module and where it was made."""
 
     __slots__ = ("nbytes", "cat", "node", "phase", "phase_id", "op", "shape", "dtype", "device", "label",
-                 "ref", "param")
+                 "ref", "param", "t")
 
     def __init__(self, nbytes, cat, node, phase, phase_id, op, shape, dtype, device, label=""):
         self.nbytes = nbytes
@@ -76,12 +76,14 @@ class StorageRecord:
         self.label = label
         self.ref = None
         self.param = None  # for grads / optimizer state: the parameter record it belongs to
+        self.t = 0.0  # forward op time elapsed when it was made (Ledger.op_clock)
 
 
 class ModuleNode:
     """A tracked module: its name in the tree and the statistics the replay accumulates for it."""
 
-    __slots__ = ("name", "type", "parent", "structure", "op_ms", "op_bytes", "stats", "module", "output_bytes")
+    __slots__ = ("name", "type", "parent", "structure", "op_ms", "op_bytes", "stats", "module", "output_bytes",
+                 "clock_in", "clock_out", "recompute_fraction", "output_ids")
 
     def __init__(self, name: str, type_name: str, parent: ModuleNode | None, structure: str = "", module=None):
         self.module = weakref.ref(module) if module is not None else None
@@ -93,6 +95,9 @@ class ModuleNode:
         self.op_bytes: dict[str, int] = {}  # bytes forward ops made in the current step (exclusive), freed or not
         self.stats = None  # filled by replay.NodeStats
         self.output_bytes = 0  # bytes of the outputs its forward made (max over calls)
+        self.clock_in = self.clock_out = 0.0  # Ledger.op_clock at its last forward's entry and exit
+        self.recompute_fraction = 1.0  # share of its forward op time up to its last tensor backward keeps
+        self.output_ids: frozenset = frozenset()  # records its last forward returned
 
 
 class Ledger(TorchDispatchMode):
@@ -111,6 +116,8 @@ class Ledger(TorchDispatchMode):
         self.prelude: list = []
         self.marks: list = []
         self.total = 0
+        self.op_clock = 0.0  # seconds of op time spent in forward phases so far
+        self.overhead = 0.0  # seconds spent in memprof's own code (subtracted from recorded times)
         self.phase = OTHER_PHASE
         self.phase_id = 0
         self.cur: ModuleNode | None = None
@@ -128,6 +135,7 @@ class Ledger(TorchDispatchMode):
 
     # ------------------------------------------------------------------------------------------ per op --
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t_in = perf_counter()
         if kwargs is None:
             kwargs = {}
         if self.phase != BACKWARD and _graph_task_id() != -1:
@@ -152,6 +160,9 @@ class Ledger(TorchDispatchMode):
             out = func(*args, **kwargs)
             excess = 0
         dt = perf_counter() - t0
+        forward = self.phase == FORWARD
+        if forward:
+            self.op_clock += dt
         if type(out) is _Tensor:
             self._see(out, func, kind)
         elif isinstance(out, (tuple, list)):
@@ -167,11 +178,12 @@ class Ledger(TorchDispatchMode):
         if excess:
             self._spike(excess, func, excess_device)
         node = self.cur
-        if self.phase == FORWARD and node is not None:
+        if forward and node is not None:
             name = self._opname.get(func) or self._name_op(func)
             node.op_ms[name] = node.op_ms.get(name, 0.0) + dt * 1e3
         if self.limit_bytes is not None and self.total > self.limit_bytes:
             self.on_limit(func)
+        self.overhead += perf_counter() - t_in - dt
         return out
 
     def _found_input(self, t, func) -> None:
@@ -252,6 +264,7 @@ class Ledger(TorchDispatchMode):
         cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
         rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op)
         self.events.append((rec, rec.nbytes))
+        rec.t = self.op_clock
         node = self.cur
         if phase == FORWARD and node is not None:
             name = self._opname.get(op) or self._name_op(op)
@@ -302,6 +315,7 @@ class Ledger(TorchDispatchMode):
             self._resized(rec, nb)
 
     def _free(self, key, _ref) -> None:
+        t_in = perf_counter()
         rec = self.live.pop(key, None)
         if rec is None:
             return
@@ -312,6 +326,7 @@ class Ledger(TorchDispatchMode):
             self.events.append((rec, -n))
         if rec.phase_id == self.phase_id and (rec.cat == ACTIVATION or rec.cat == OTHER):
             rec.cat = TEMPORARY
+        self.overhead += perf_counter() - t_in
 
     def _spike(self, excess, func, device) -> None:
         """Memory an op used inside itself: up and down again at this op."""
@@ -328,6 +343,16 @@ class Ledger(TorchDispatchMode):
 
     def mark(self, kind: str, node: ModuleNode | None = None) -> None:
         self.marks.append((len(self.events), kind, node, self.timer(), self.phase, self.cur))
+
+    def own_time(self, method):
+        """Wrap a hook so the time it takes counts as memprof's overhead (left out of recorded times)."""
+        def timed(*args, **kwargs):
+            t_in = perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.overhead += perf_counter() - t_in
+        return timed
 
     def detach_all(self) -> None:
         """Drop every weakref callback (the tracker is finished: no callbacks may outlive it)."""

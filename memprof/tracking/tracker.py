@@ -85,12 +85,19 @@ class _Timer:
     def __init__(self, cuda: bool, clock=None) -> None:
         self.cuda = cuda and clock is None
         self.clock = clock or perf_counter
+        self.ledger = None  # wall-clock times leave out the time memprof itself spends (ledger.overhead)
+        self.corrected = clock is None
+        self._last = float("-inf")
 
     def __call__(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
+        if self.corrected and self.ledger is not None:
+            # A hook's own time is subtracted when it ends, after marks it made: never step backwards.
+            self._last = max(self._last, self.clock() - self.ledger.overhead)
+            return self._last
         return self.clock()
 
     def bind(self, origin):
@@ -184,6 +191,12 @@ class Tracker:
             calibrator = self._calibrate or None
         self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, on_limit=self._over_limit,
                              on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as)
+        self._timer.ledger = self.ledger
+        own = self.ledger.own_time
+        self._hook_fw_pre, self._hook_fw_post = own(self._fw_pre), own(self._fw_post)
+        self._hook_opt_pre, self._hook_opt_post = own(self._opt_pre), own(self._opt_post)
+        self._hook_grad = own(self._grad_accumulated)
+        self._hook_bw_pre, self._hook_bw_post = own(self._bw_pre), own(self._bw_post)
         self._nodes: dict = {}  # module -> ModuleNode
         self._roots: list = []  # (module, node)
         self._owner: dict = {}  # parameter -> (node, name)
@@ -254,10 +267,10 @@ class Tracker:
     # ------------------------------------------------------------------------------ install/uninstall --
     def _install(self) -> None:
         self._global = [
-            _nn_module.register_module_forward_pre_hook(self._fw_pre),
-            _nn_module.register_module_forward_hook(self._fw_post, with_kwargs=True, always_call=True),
-            register_optimizer_step_pre_hook(self._opt_pre),
-            register_optimizer_step_post_hook(self._opt_post),
+            _nn_module.register_module_forward_pre_hook(self._hook_fw_pre),
+            _nn_module.register_module_forward_hook(self._hook_fw_post, with_kwargs=True, always_call=True),
+            register_optimizer_step_pre_hook(self._hook_opt_pre),
+            register_optimizer_step_post_hook(self._hook_opt_post),
         ]
         ledger = self.ledger
         orig = torch.UntypedStorage.resize_
@@ -347,7 +360,7 @@ class Tracker:
             if p.grad is not None:
                 self._label_grad(p)
             if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_accumulated))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook_grad))
         for bname, b in mod.named_buffers():
             owner = walk.get(bname.rpartition(".")[0]) or walk[""]
             full = f"{prefix}.{bname}" if prefix else bname
@@ -420,6 +433,7 @@ class Tracker:
                 return
         self._fstack.append(node)
         led.cur = node
+        node.clock_in = led.op_clock
         led.mark("F+", node)
 
     def _fw_post(self, mod, args, *rest):
@@ -441,6 +455,7 @@ class Tracker:
             led.mark("R-", node)
             return
         led.mark("F-", node)
+        node.clock_out = led.op_clock
         if node.parent is None:
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor):
@@ -453,10 +468,10 @@ class Tracker:
             return
         outs = [t for t in leaves if t.requires_grad]
         if outs:
-            self._handles.append(register_multi_grad_hook(outs, partial(self._bw_pre, node), mode="any"))
+            self._handles.append(register_multi_grad_hook(outs, partial(self._hook_bw_pre, node), mode="any"))
             ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
             if ins:
-                self._handles.append(register_multi_grad_hook(ins, partial(self._bw_post, node)))
+                self._handles.append(register_multi_grad_hook(ins, partial(self._hook_bw_post, node)))
 
     def _note_output_bytes(self, node, tensors) -> None:
         """Bytes of the outputs this forward made (what a checkpoint of the module keeps)."""
@@ -473,6 +488,7 @@ class Tracker:
                 if made_by is node:
                     seen.add(id(rec))
                     total += rec.nbytes
+        node.output_ids = frozenset(seen)
         if total > node.output_bytes:
             node.output_bytes = total
 
@@ -530,8 +546,30 @@ class Tracker:
                     rec.cat, rec.phase = ACTIVATION, FORWARD
             led.phase = FORWARD
         fwd_id = led.phase_id if led.phase == FORWARD else None
+        if fwd_id is not None:
+            self._note_recompute_fractions(fwd_id)
         self._set_phase(BACKWARD, fwd_id)
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _note_recompute_fractions(self, forward_id) -> None:
+        """Per module: the share of its forward op time before the last tensor backward keeps was made.
+
+        Non-reentrant checkpointing recomputes a region only until every tensor its backward needs is back
+        (early stop), so this share of the forward is what checkpointing the module costs.
+        """
+        last: dict = {}
+        for rec in self.ledger.live.values():
+            if rec.phase_id == forward_id and rec.cat == ACTIVATION:
+                node = rec.node
+                while node is not None:
+                    # A module's own outputs are kept by whoever uses them, outside its checkpointed region.
+                    if rec.t > last.get(node, -1.0) and id(rec) not in node.output_ids:
+                        last[node] = rec.t
+                    node = node.parent
+        for node, t in last.items():
+            span = node.clock_out - node.clock_in
+            if span > 0:
+                node.recompute_fraction = min(1.0, max(0.0, (t - node.clock_in) / span))
 
     def _end_backward(self) -> None:
         if self._state != _RUNNING:
@@ -773,6 +811,7 @@ class Tracker:
                 forward_peak_bytes=st.fwd_peak, backward_peak_bytes=st.bwd_peak,
                 forward_ms=_steady_mean(st.fwd_ms), backward_ms=_steady_mean(st.bwd_ms),
                 calls=max(st.calls) if st.calls else 0, structure=n.structure, output_bytes=n.output_bytes,
+                recompute_fraction=n.recompute_fraction,
                 forward_entry_bytes=st.levels[0], backward_entry_bytes=st.levels[1], gap_peak_bytes=st.levels[2],
                 activation_by_op=dict(sorted(st.act_by_op.items(), key=lambda kv: -kv[1])),
                 forward_op_ms=dict(sorted(ops.items(), key=lambda kv: -kv[1])),

@@ -1,0 +1,135 @@
+"""``memprof demo``: measure, explain, decide, apply and verify on a built-in GPT, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import fmt_bytes
+
+__all__ = ["COMMANDS", "demo"]
+
+
+def _steps(model, opt, batch, n: int, track: bool):
+    import memprof
+    from memprof.training import default_step
+
+    tracker = memprof.track(model, opt) if track else None
+    if tracker:
+        tracker.start()
+    try:
+        for _ in range(n):
+            default_step(model, batch, opt)
+    finally:
+        if tracker:
+            tracker.stop()
+    return tracker.profile if tracker else None
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", default="memprof-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Folder for profiles, plan, plots.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--budget-fraction", type=click.FloatRange(0.3, 0.99), default=0.8, show_default=True,
+              help="Plan for this fraction of the measured peak.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+def demo(out_dir, device, budget_fraction, batch_size):
+    """Profile two training steps of a small GPT, explain the peak, plan for a smaller budget, apply the plan
+    and measure again. Writes profiles, the plan, plots and an HTML report to --out.
+
+    \b
+    Examples:
+      memprof demo
+      memprof demo --out /tmp/demo --budget-fraction 0.7
+    """
+    import torch
+
+    import memprof
+    from memprof import plots
+    from memprof.report import render
+    from memprof.tracking.devices import cuda_available
+    from memprof.zoo import DEMO_GPT, GPT, gpt_batch
+
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise memprof.MemprofError("--device cuda: CUDA is not available here")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(DEMO_GPT)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    batch = gpt_batch(DEMO_GPT, batch_size, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    click.echo(f"memprof demo: GPT ({DEMO_GPT.n_layer} layers, d={DEMO_GPT.n_embd}, {n_params / 1e6:.1f}M "
+               f"parameters), batch {batch_size} x {DEMO_GPT.block_size} tokens, AdamW, on {device}\n")
+
+    results: dict = {}
+
+    def measure_before():
+        results["before"] = _steps(model, opt, batch, 2, track=True)
+        results["before"].save(out_dir / "before.json")
+
+    def plot_before():
+        plots.timeline(results["before"], out_dir / "timeline.png")
+        plots.modules(results["before"], out_dir / "modules.png")
+        plots.html_report(results["before"], out_dir / "report.html")
+
+    def make_plan():
+        budget = int(results["before"].peak_bytes * budget_fraction)
+        results["plan"] = memprof.plan(results["before"], budget)
+        results["plan"].save(out_dir / "plan.toml")
+        plots.frontier(results["plan"], out_dir / "frontier.png")
+
+    def measure_after():
+        with memprof.apply(model, results["plan"]):
+            results["after"] = _steps(model, opt, batch, 2, track=True)
+        results["after"].save(out_dir / "after.json")
+        plots.timeline(results["after"], out_dir / "timeline-after.png")
+
+    stages = [("measure 2 steps", measure_before), ("plots and report", plot_before), ("plan", make_plan),
+              ("apply the plan, measure again", measure_after)]
+    with click.progressbar(stages, label="memprof demo", item_show_func=lambda s: s[0] if s else "",
+                           file=click.get_text_stream("stderr")) as bar:
+        for _, run_stage in bar:
+            run_stage()
+
+    before, after, the_plan = results["before"], results["after"], results["plan"]
+    click.echo("\n" + render(before, sections=["summary"]).rstrip())
+    click.echo("\n" + render(before, sections=["modules"], depth=1).rstrip())
+    click.echo("\nWhy the plan:")
+    for line in the_plan.explanation:
+        click.echo(f"  {line}")
+    click.echo(_side_by_side(before, after, the_plan))
+    click.echo(f"\nFiles in {out_dir}/: before.json, after.json, plan.toml, timeline.png, timeline-after.png, "
+               "modules.png, frontier.png, report.html")
+    click.echo(f"Next: memprof report {out_dir}/before.json | memprof plot {out_dir}/after.json --html")
+
+
+def _steady_ms(prof) -> float:
+    steps = [s.duration_ms for s in prof.steps]
+    steps = steps[1:] if len(steps) > 1 else steps
+    return sum(steps) / len(steps)
+
+
+def _side_by_side(before, after, the_plan) -> str:
+    from tabulate import tabulate
+
+    modes = [c.mode for c in the_plan.checkpoint]
+    rows = [
+        ("peak", fmt_bytes(before.peak_bytes), fmt_bytes(the_plan.predicted_peak_bytes), fmt_bytes(after.peak_bytes)),
+        ("within budget", "no" if before.peak_bytes > the_plan.budget_bytes else "yes", "yes",
+         "yes" if after.peak_bytes <= the_plan.budget_bytes else "NO"),
+        ("step time (tracked)", f"{_steady_ms(before):.0f} ms", f"{the_plan.predicted_step_ms:.0f} ms",
+         f"{_steady_ms(after):.0f} ms"),
+        ("checkpointed blocks", "0", f"{modes.count('full')} full, {modes.count('selective')} selective",
+         f"{modes.count('full')} full, {modes.count('selective')} selective"),
+    ]
+    table = tabulate(rows, ["", "before", "plan predicts", "after (measured)"])
+    err = 100 * (after.peak_bytes / the_plan.predicted_peak_bytes - 1)
+    return (f"\nBudget {fmt_bytes(the_plan.budget_bytes)} ({the_plan.budget_bytes / before.peak_bytes:.0%} of the "
+            f"measured peak):\n{table}\nmeasured peak vs prediction: {err:+.2f}%")
+
+
+COMMANDS = [demo]

@@ -1,0 +1,81 @@
+"""CUDA checks (skipped without a GPU): tracker vs the caching allocator, estimate vs measurement, apply.
+
+The ground truth mirrors the CPU tests: the bytes live before the step (hand-counted) plus the allocator's
+own rise during the step (``reset_peak_memory_stats``, then ``memory_stats()`` peaks minus the level
+before), so memory the step never touches (cuBLAS workspaces made earlier) is left out of both sides.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import memprof
+from memprof.tracking.groundtruth import live_bytes
+from memprof.training import default_step
+from memprof.zoo import GPT, GPTConfig, gpt_batch
+
+pytestmark = pytest.mark.gpu
+
+CFG = GPTConfig(n_layer=6, n_embd=512, n_head=8, block_size=512, vocab_size=8192)
+
+
+def _allocator_step_peak(model, opt, batch, key="active_bytes.all"):
+    live = list(model.parameters()) + [v for st in opt.state.values() for v in st.values()] + list(batch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_stats()[f"{key}.current"]
+    default_step(model, batch, opt)
+    torch.cuda.synchronize()
+    peak = torch.cuda.memory_stats()[f"{key}.peak"]
+    return live_bytes(live, round_to=512) + peak - before
+
+
+def test_tracker_peak_matches_active_bytes_peak_within_half_a_percent():
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = gpt_batch(CFG, 8, device="cuda")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    for _ in range(2):  # first and steady step
+        expected = _allocator_step_peak(ref, ref_opt, batch)
+        with memprof.track(model, opt) as tracker:
+            default_step(model, batch, opt)
+        got = tracker.profile.peak_bytes
+        assert abs(got - expected) <= 0.005 * expected, (got, expected)
+    dev = tracker.profile.devices[0]
+    assert dev.device.startswith("cuda") and dev.allocator["active_peak"] > 0 and dev.capacity_bytes
+
+
+def test_estimate_matches_cuda_measurement_within_one_percent():
+    est = memprof.estimate(lambda: GPT(CFG), lambda: gpt_batch(CFG, 8), device="cuda")
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = gpt_batch(CFG, 8, device="cuda")
+    with memprof.track(model, opt) as tracker:
+        for _ in range(2):
+            default_step(model, batch, opt)
+    real = tracker.profile.peak_bytes
+    assert abs(est.peak_bytes - real) <= 0.01 * real, (est.peak_bytes, real)
+
+
+def test_plan_applied_on_cuda_meets_budget_and_prediction():
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = gpt_batch(CFG, 8, device="cuda")
+    with memprof.track(model, opt) as tracker:
+        for _ in range(3):
+            default_step(model, batch, opt)
+    prof = tracker.profile
+    plan = memprof.plan(prof, int(prof.peak_bytes * 0.8))
+    with memprof.apply(model, plan):
+        with memprof.track(model, opt) as t2:
+            for _ in range(2):
+                default_step(model, batch, opt)
+    measured = t2.profile.peak_bytes
+    assert measured <= plan.budget_bytes
+    assert abs(measured - plan.predicted_peak_bytes) <= 0.02 * plan.predicted_peak_bytes
+    assert live_bytes(model.parameters()) > 0
