@@ -3,16 +3,20 @@
     python experiments/overhead.py [--reps 7]
 
 Model: 12 layers, d=768, 12 heads, vocab 50257, sequence 256, batch 2, AdamW (124M parameters).
-Conditions, interleaved round-robin so that drift on a noisy machine hits all of them alike:
+Conditions, interleaved (the order alternates each round, ABBA) so that drift hits all of them alike; each
+condition's ratio is taken to the plain step of the same round, and the median of those paired ratios is
+reported:
 
     plain       the step alone
+    empty mode  an empty TorchDispatchMode around the step: the floor any dispatch-mode tracker pays
     memprof     ``with memprof.track(model, opt)`` around the step (op calibration cached, as in any step
                 after a process's first tracked one)
     MemTracker  ``torch.distributed._tools.mem_tracker.MemTracker`` (private PyTorch API)
     profiler    ``torch.profiler.profile(activities=[CPU], profile_memory=True)``
 
-Writes results/overhead.json: per-condition step times, the median ratio to plain, and the cost of the
-first tracked step in the process (which measures every op signature's scratch memory once).
+Writes results/overhead.json: per-condition step times, the median paired ratio to plain, the time memprof
+itself measured spending in its own code during a tracked step, and the cost of the first tracked step in
+the process (which measures every op signature's scratch memory once).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ GPT2_SMALL = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=25)
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -45,8 +49,21 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    own = []
+
     def with_memprof():
-        with memprof.track(model, opt):
+        with memprof.track(model, opt) as tracker:
+            step()
+        own.append(tracker.ledger.overhead)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Empty(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def with_empty_mode():
+        with Empty():
             step()
 
     def with_memtracker():
@@ -68,17 +85,20 @@ def main() -> None:
     t0 = time.perf_counter()
     with_memprof()
     first_tracked_s = time.perf_counter() - t0
-    conditions = {"plain": step, "memprof": with_memprof, "MemTracker": with_memtracker, "profiler": with_profiler}
+    conditions = {"plain": step, "empty mode": with_empty_mode, "memprof": with_memprof, "MemTracker": with_memtracker,
+                  "profiler": with_profiler}
     for fn in conditions.values():  # warm each path once
         fn()
     times: dict[str, list[float]] = {k: [] for k in conditions}
-    for _ in range(args.reps):
-        for name, fn in conditions.items():
+    names = list(conditions)
+    for r in range(args.reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            fn()
+            conditions[name]()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {k: med[k] / med["plain"] for k in conditions}
+    ratios = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"])) for k in conditions}
+    own_s = statistics.median(own[-args.reps:])
     result = {
         "model": "GPT-2 small shape: 12 layers, d=768, 12 heads, vocab 50257, seq 256, batch 2, AdamW",
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -86,6 +106,8 @@ def main() -> None:
         "step_seconds": times,
         "median_step_seconds": med,
         "ratio_to_plain": ratios,
+        "memprof_own_seconds_per_step": own_s,
+        "memprof_own_share_of_plain_step": own_s / med["plain"],
         "memprof_first_tracked_step_seconds": first_tracked_s,
         "target": "memprof <= 1.05x and below both others",
         "target_met": ratios["memprof"] <= 1.05 and ratios["memprof"] < min(ratios["MemTracker"], ratios["profiler"]),

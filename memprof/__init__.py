@@ -8,11 +8,12 @@ from .policy.apply import apply
 from .policy.auto import auto
 from .policy.engine import plan
 from .policy.plan import Plan
+from .policy.verify import verify
 from .profiles import ModuleStats, Profile
 from .tracking import Tracker, track
 from .tracking.decorator import profile
 
 __all__ = [
     "__version__", "MemprofError", "Profile", "ModuleStats", "Plan", "Tracker", "track", "profile", "estimate",
-    "plan", "apply", "auto", "load",
+    "plan", "apply", "auto", "verify", "load",
 ]

@@ -75,6 +75,16 @@ def test_plans_meet_the_budget_and_measure_as_predicted(gpt, fraction):
     assert the_plan.predicted_overhead > 0 and any(c.mode != "keep" for c in the_plan.checkpoint)
 
 
+def test_verify_puts_prediction_and_measurement_side_by_side(gpt):
+    model, opt, step, prof = gpt
+    the_plan = plan(prof, int(prof.peak_bytes * 0.85))
+    v = memprof.verify(model, step, the_plan, optimizer=opt, time_reps=3)
+    assert v.within_budget and abs(v.peak_error) <= 0.02
+    assert v.measured_peak_bytes == v.profile.peak_bytes and v.measured_overhead is not None
+    assert [r[0] for r in v.rows()] == ["peak", "step-time overhead"]
+    assert all("forward" not in m.__dict__ for m in model.modules())  # left as it was
+
+
 def test_no_checkpointing_when_the_budget_is_roomy(gpt):
     *_, prof = gpt
     the_plan = plan(prof, "1GiB")

@@ -128,11 +128,14 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
     build, batch_for, description, source_for = _source(model_spec, hf, batch_spec, seq_len)
     sizes = _parse_sweep(sweep) or [batch_size]
     results = []
-    for b in sizes:
-        prof = estimate(build, lambda b=b: batch_for(b), optimizer=optimizer, precision=precision, device=device,
-                        world_size=world_size, sharding=sharding, shard_group_size=shard_group_size,
-                        device_memory=capacity, description=f"{description}, batch {b}", source=source_for(b))
-        results.append((b, prof))
+    with click.progressbar(sizes, label="estimating", file=click.get_text_stream("stderr"),
+                           item_show_func=lambda b: f"batch size {b}" if b else "") as bar:
+        for b in bar:
+            prof = estimate(build, lambda b=b: batch_for(b), optimizer=optimizer, precision=precision,
+                            device=device, world_size=world_size, sharding=sharding,
+                            shard_group_size=shard_group_size, device_memory=capacity,
+                            description=f"{description}, batch {b}", source=source_for(b))
+            results.append((b, prof))
     if sweep:
         _echo_sweep(results, fmt, units)
         prof = results[-1][1]

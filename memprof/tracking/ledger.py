@@ -217,12 +217,32 @@ class Ledger(TorchDispatchMode):
                 self._see(rt, func, kind)
             return
         s = t.untyped_storage()
-        rec = self.live.get(id(s))
+        key = id(s)
+        live = self.live
+        rec = live.get(key)
         if rec is None:
-            if kind == _FRESH:
-                self.born(s, t, func)
-            else:
-                self.found(s, t, OTHER, op=func)
+            if kind != _FRESH:
+                self.found(s, t, OTHER, op=func, now=True)
+                return
+            # born(), inlined: this is the per-op path.
+            phase = self.phase
+            dev = self._dev_cache.get(t.device)
+            if dev is None:
+                dev = self._device(t.device)
+            nb = s.nbytes()
+            if dev < 0 and nb:
+                nb = (nb + 511) // 512 * 512
+            node = self.cur
+            rec = StorageRecord(nb, ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY),
+                                node, phase, self.phase_id, func, t.shape, t.dtype, dev, "")
+            rec.t = self.op_clock
+            rec.ref = weakref.ref(s, partial(self._free, key))
+            live[key] = rec
+            self.total += nb
+            self.events.append((rec, nb))
+            if phase == FORWARD and node is not None:
+                name = self._opname.get(func) or self._name_op(func)
+                node.op_bytes[name] = node.op_bytes.get(name, 0) + nb
         elif kind == _INPLACE:
             nb = s.nbytes()
             if rec.device < 0 and nb:  # device index stored negative when rounding applies

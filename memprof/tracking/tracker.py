@@ -440,14 +440,7 @@ class Tracker:
         # (kwargs, output) normally; torch calls always_call hooks with (output) only when forward raised.
         kwargs, output = rest if len(rest) == 2 else ({}, None)
         node = self._nodes.get(mod)
-        if node is None or self._state != _RUNNING:
-            return
-        stack = self._fstack
-        for j in range(len(stack) - 1, -1, -1):
-            if stack[j] is node:
-                del stack[j]
-                break
-        else:
+        if node is None or self._state != _RUNNING or not _pop(self._fstack, node):
             return
         led = self.ledger
         led.cur = self._cur()
@@ -456,22 +449,23 @@ class Tracker:
             return
         led.mark("F-", node)
         node.clock_out = led.op_clock
+        inputs = None
         if node.parent is None:
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    self._relabel(t, INPUT, "input", None, only_from=(OTHER,))
+            inputs = _tensors((args, kwargs))
+            for t in inputs:
+                self._relabel(t, INPUT, "input", None, only_from=(OTHER,))
         if output is None:
             return
-        leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+        leaves = [output] if isinstance(output, torch.Tensor) else _tensors(output)
         self._note_output_bytes(node, leaves)
         if not torch.is_grad_enabled():
             return
         outs = [t for t in leaves if t.requires_grad]
         if outs:
-            self._handles.append(register_multi_grad_hook(outs, partial(self._hook_bw_pre, node), mode="any"))
-            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+            self._handles.append(_on_grads(outs, partial(self._hook_bw_pre, node), "any"))
+            ins = [t for t in (inputs if inputs is not None else _tensors((args, kwargs))) if t.requires_grad]
             if ins:
-                self._handles.append(register_multi_grad_hook(ins, partial(self._hook_bw_post, node)))
+                self._handles.append(_on_grads(ins, partial(self._hook_bw_post, node), "all"))
 
     def _note_output_bytes(self, node, tensors) -> None:
         """Bytes of the outputs this forward made (what a checkpoint of the module keeps)."""
@@ -506,14 +500,7 @@ class Tracker:
         led.mark("B+", node)
 
     def _bw_post(self, node, _grads):
-        if self._state != _RUNNING:
-            return
-        stack = self._bstack
-        for j in range(len(stack) - 1, -1, -1):
-            if stack[j] is node:
-                del stack[j]
-                break
-        else:
+        if self._state != _RUNNING or not _pop(self._bstack, node):
             return
         led = self.ledger
         led.cur = self._cur()
@@ -837,6 +824,32 @@ def _steady_mean_dict(ds: list) -> dict:
         for k, v in d.items():
             out[k] = out.get(k, 0.0) + v / len(ds)
     return out
+
+
+def _pop(stack: list, node) -> bool:
+    """Remove the most recent ``node`` from a module stack (not always the top in backward)."""
+    for j in range(len(stack) - 1, -1, -1):
+        if stack[j] is node:
+            del stack[j]
+            return True
+    return False
+
+
+def _tensors(tree) -> list:
+    """The tensors in a module's arguments or outputs (fast for the usual tuple of tensors)."""
+    if type(tree) is tuple and len(tree) == 2 and type(tree[0]) is tuple and not tree[1]:
+        if all(isinstance(a, torch.Tensor) for a in tree[0]):
+            return list(tree[0])
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _on_grads(tensors, fn, mode: str):
+    """Call ``fn`` when the gradient of one tensor (mode "any") or of all of them ("all") is computed.
+
+    One tensor: a plain tensor hook, much cheaper than ``register_multi_grad_hook`` (same signal)."""
+    if len(tensors) == 1:
+        return tensors[0].register_hook(fn)
+    return register_multi_grad_hook(tensors, fn, mode=mode)
 
 
 def _remove_hook(handle, iterating: bool) -> None:
