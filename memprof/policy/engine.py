@@ -72,9 +72,10 @@ def _profile_hash(prof) -> str:
 
 
 def _steady_step_ms(prof) -> float:
+    """The fastest step after the first: a tracked step only gets slower (the first ones measure op scratch)."""
     steps = [s.duration_ms for s in prof.steps if s.micro_batches]
     steps = steps[1:] if len(steps) > 1 else steps
-    return sum(steps) / len(steps) if steps else 0.0
+    return min(steps) if steps else 0.0
 
 
 def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
