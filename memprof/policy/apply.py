@@ -128,7 +128,6 @@ def _checkpointed(original, mode: str):
             return original(*args, **kw)
         return checkpoint(original, *args, **kwargs, **kw)
 
-    forward.__memprof__ = mode
     return forward
 
 

@@ -57,7 +57,7 @@ class Candidate:
     profile: object
 
     def describe(self) -> str:
-        modes = [c for c in self.solution.choices]
+        modes = list(self.solution.choices)
         parts = [self.precision, "no sharding" if self.sharding == "none" else f"FSDP {self.sharding}"]
         counted = {m: modes.count(m) for m in MODES if modes.count(m)}
         if counted.get("full") or counted.get("selective"):
@@ -226,7 +226,7 @@ def _pareto(points: list[tuple[int, float, str]], limit: int = 40) -> list[tuple
 
 
 def _infeasible(candidates, budget_bytes, levers, world_size) -> InfeasibleBudgetError:
-    smallest_ok, smallest, model = min(candidates, key=lambda c: c[1].peak_bytes)
+    _, smallest, model = min(candidates, key=lambda c: c[1].peak_bytes)
     why = _dominant(smallest, model)
     hints = []
     if "sharding" not in levers or world_size == 1:

@@ -61,7 +61,7 @@ class StorageRecord:
     """One storage's life: its size, category, owner module and where it was made."""
 
     __slots__ = ("nbytes", "cat", "node", "phase", "phase_id", "op", "shape", "dtype", "device", "label",
-                 "ref", "param", "t")
+                 "ref", "t")
 
     def __init__(self, nbytes, cat, node, phase, phase_id, op, shape, dtype, device, label=""):
         self.nbytes = nbytes
@@ -75,7 +75,6 @@ class StorageRecord:
         self.device = device
         self.label = label
         self.ref = None
-        self.param = None  # for grads / optimizer state: the parameter record it belongs to
         self.t = 0.0  # forward op time elapsed when it was made (Ledger.op_clock)
 
 
@@ -224,7 +223,7 @@ class Ledger(TorchDispatchMode):
             if kind != _FRESH:
                 self.found(s, t, OTHER, op=func, now=True)
                 return
-            # born(), inlined: this is the per-op path.
+            # A storage made now, by this op (the per-op path: kept inline).
             phase = self.phase
             dev = self._dev_cache.get(t.device)
             if dev is None:
@@ -278,19 +277,6 @@ class Ledger(TorchDispatchMode):
         self.total += nb
         return rec
 
-    def born(self, s, t, op) -> StorageRecord:
-        """A storage made now, by an op."""
-        phase = self.phase
-        cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
-        rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op)
-        self.events.append((rec, rec.nbytes))
-        rec.t = self.op_clock
-        node = self.cur
-        if phase == FORWARD and node is not None:
-            name = self._opname.get(op) or self._name_op(op)
-            node.op_bytes[name] = node.op_bytes.get(name, 0) + rec.nbytes
-        return rec
-
     def found(self, s, t, cat, op=None, label="", node=None, now=False) -> StorageRecord:
         """A storage seen for the first time that no op made: counted from the step's start, or from now.
 
@@ -308,9 +294,6 @@ class Ledger(TorchDispatchMode):
         else:
             self.prelude.append((rec, rec.nbytes))
         return rec
-
-    def lookup(self, t) -> StorageRecord | None:
-        return self.live.get(id(t.untyped_storage()))
 
     def _resized(self, rec, nb) -> None:
         delta = nb - rec.nbytes
