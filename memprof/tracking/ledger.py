@@ -254,16 +254,16 @@ class Ledger(TorchDispatchMode):
         entry = self._dev_cache.get(d)
         if entry is None:
             name = str(d)
-            name = self.device_as.get(name, self.device_as.get(d.type, name))
-            if name not in self.devices:
-                self.devices[name] = len(self.device_names)
-                self.device_names.append(name)
-            idx = self.devices[name]
-            rounds = name.startswith("cuda")
-            # Encode "rounds to 512" in the sign so the per-op path needs one attribute: -(idx+1) rounds.
-            entry = -(idx + 1) if rounds else idx
-            self._dev_cache[d] = entry
+            entry = self._dev_cache[d] = self._device_named(self.device_as.get(name, self.device_as.get(d.type, name)))
         return entry
+
+    def _device_named(self, name: str) -> int:
+        if name not in self.devices:
+            self.devices[name] = len(self.device_names)
+            self.device_names.append(name)
+        idx = self.devices[name]
+        # Encode "rounds to 512" in the sign so the per-op path needs one attribute: -(idx+1) rounds.
+        return -(idx + 1) if name.startswith("cuda") else idx
 
     def _new_record(self, s, device, shape, dtype, cat, op, label=""):
         dev = self._device(device)
@@ -343,6 +343,13 @@ class Ledger(TorchDispatchMode):
                 self.on_limit(func)
             finally:
                 self.total -= excess
+
+    def replay_pattern(self, pattern) -> None:
+        """Append a recorded optimizer step's births and frees (see :mod:`.optpattern`) as if its ops ran."""
+        phase, pid = self.phase, self.phase_id
+        recs = [StorageRecord(nb, TEMPORARY, None, phase, pid, op, shape, dtype, self._device_named(dev), label)
+                for nb, op, shape, dtype, dev, label in pattern.templates]
+        self.events.extend([(recs[i], delta) for i, delta in pattern.events])
 
     def mark(self, kind: str, node: ModuleNode | None = None) -> None:
         self.marks.append((len(self.events), kind, node, self.timer(), self.phase, self.cur))

@@ -40,6 +40,7 @@ from .._version import __version__
 from ..errors import DeviceMemoryExceeded, TrackingError
 from ..structure import structure_hashes
 from ..units import format_bytes
+from . import optpattern
 from .categories import (
     ACTIVATION,
     BACKWARD,
@@ -126,12 +127,15 @@ class Tracker:
         device_as: count storages of one device as another's (the estimator emulates CUDA on CPU kernels).
         clock: a function returning seconds, used instead of the wall clock for all times.
         on_stop: called with the tracker once tracking has stopped and ``profile`` is built.
+        optimizer_replay: replay a steady optimizer step's allocations from the last tracked step of the same
+            optimizer and signature instead of dispatching its ops (see :mod:`.optpattern`); the same bytes,
+            a fraction of the cost.
     """
 
     def __init__(self, model=None, optimizer=None, *, steps: int | None = None, device_memory: int | None = None,
                  top_tensors: int = 20, max_samples: int = 2000, calibrate: bool = True, on_stop=None,
                  assumptions: dict | None = None, estimated: bool = False, environment: dict | None = None,
-                 device_as: dict[str, str] | None = None, clock=None):
+                 device_as: dict[str, str] | None = None, clock=None, optimizer_replay: bool = True):
         self._models = _as_list(model, torch.nn.Module, "model")
         self._optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
@@ -149,6 +153,10 @@ class Tracker:
         self._environment = dict(environment or {})
         self._device_as = device_as
         self._clock = clock
+        # Patterns are shared between trackers of the same kind only (scratch spikes, device mapping).
+        self._replay_context = (calibrate is True, tuple(sorted((device_as or {}).items())))
+        self._optimizer_replay = (optimizer_replay and isinstance(calibrate, bool) and device_memory is None
+                                  and not estimated)
         self._state = _IDLE
         self._profile = None
         self._error: BaseException | None = None
@@ -209,6 +217,11 @@ class Tracker:
         self._opt_order: list | None = None
         self._stop_at_next = False
         self._in_opt_post = False
+        self._skipping = None  # the optimizer whose step runs without the ledger (replayed pattern)
+        self._replayed = 0
+        self._opt_active = None  # (optimizer, has a closure) while its step runs
+        self._opt_nested = 0  # optimizer steps running inside it
+        self._recording = None  # (optimizer, signature, events index, phase id, prelude/marks lengths)
         self._step_index = 0
         self._notes: set[str] = set()
         self._t0 = self._timer()
@@ -414,6 +427,8 @@ class Tracker:
                     self._relabel(t, PARAM, f"{node.name}.{pname}" if node.name else pname, node)
 
     def _fw_pre(self, mod, args):
+        if self._opt_active is not None and not self._opt_active[1]:
+            self._abandon_opt_step()
         node = self._nodes.get(mod)
         if node is None:
             if self._models or self._state != _RUNNING:
@@ -586,15 +601,44 @@ class Tracker:
         return not self._optimizers or any(o is opt for o in self._optimizers)
 
     def _opt_pre(self, opt, args, kwargs):
+        if self._opt_active is not None:
+            # A step inside a step: a subclass's step() calling super().step() (both are hooked once torch
+            # has patched the base class), or an optimizer wrapping another. The outer one is the phase.
+            self._opt_nested += 1
+            return
         if self._state != _RUNNING or not self._tracked_optimizer(opt):
             return
+        # args[0] is the optimizer itself; anything else is a closure (which runs forward and backward).
+        closure = any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values())
+        self._opt_active = (opt, closure)
         self._add_optimizer(opt)
-        self.ledger.cur = None
+        led = self.ledger
+        led.cur = None
         self._set_phase(OPT_PHASE)
+        if not self._optimizer_replay or closure:
+            return
+        sig = optpattern.signature(opt)
+        pattern = optpattern.lookup(opt, self._replay_context, sig)
+        if pattern is not None and _get_current_dispatch_mode() is led:
+            led.replay_pattern(pattern)
+            led.__exit__(None, None, None)
+            self._replayed += 1
+            self._skipping = opt
+            self._recording = (opt, sig)
+        else:
+            self._recording = (opt, sig, len(led.events), led.phase_id, len(led.prelude), len(led.marks))
 
     def _opt_post(self, opt, args, kwargs):
+        if self._opt_nested:
+            self._opt_nested -= 1
+            return
         if self._state != _RUNNING or not self._tracked_optimizer(opt):
             return
+        self._opt_active = None
+        if self._skipping is opt:
+            self._resume_after_skip(opt, failed=False)
+        elif self._recording is not None and self._recording[0] is opt:
+            self._record_pattern(opt)
         self._label_state(opt)
         self.ledger.cur = self._cur()
         self._set_phase(OTHER_PHASE)
@@ -614,6 +658,38 @@ class Tracker:
                     self._in_opt_post = False
             else:
                 self._stop_at_next = True
+
+    def _abandon_opt_step(self) -> None:
+        """An optimizer step raised (its post hook never ran) and the block went on: forget that step."""
+        if self._skipping is not None:
+            self._resume_after_skip(self._skipping, failed=True)
+        self._opt_active = None
+        self._opt_nested = 0
+        self._recording = None
+
+    def _resume_after_skip(self, opt, failed: bool) -> None:
+        """Put the ledger back after a replayed optimizer step; drop the pattern if it no longer holds."""
+        self._skipping = None
+        led = self.ledger
+        led.__enter__()
+        _, sig = self._recording
+        self._recording = None
+        if failed or optpattern.signature(opt) != sig:
+            optpattern.forget(opt)
+            self._notes.add("an optimizer step replayed from its recorded pattern did not end as recorded "
+                            "(it raised or changed the optimizer's state): that step's temporaries may be off")
+
+    def _record_pattern(self, opt) -> None:
+        _, sig, start, pid, n_prelude, n_marks = self._recording
+        self._recording = None
+        led = self.ledger
+        if len(led.prelude) != n_prelude or len(led.marks) != n_marks or led.phase_id != pid:
+            return
+        if optpattern.signature(opt) != sig:
+            return  # the step made state (the first step): not steady yet
+        pattern = optpattern.extract(led.events[start:], pid, led.device_names)
+        if pattern is not None:
+            optpattern.store(opt, self._replay_context, sig, pattern)
 
     def _step_limit_reached(self) -> bool:
         return self._stop_at_next or (self._steps_limit is not None and self._step_index + 1 >= self._steps_limit)
@@ -745,6 +821,9 @@ class Tracker:
             env.update(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank())
         env.update(self._environment)
         notes = sorted(self._notes)
+        if self._replayed:
+            notes.append(f"{self._replayed} steady optimizer step(s) replayed from the allocation pattern recorded "
+                         "in an earlier step with the same optimizer signature (optimizer_replay=True)")
         if self._device_memory is not None:
             notes.append(f"rehearsed device memory: {self._device_memory} bytes")
         return Profile(
