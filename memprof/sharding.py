@@ -9,6 +9,14 @@ Strategies (per rank, world size N):
                    backward (less communication, more memory)
     hybrid         HSDP: shard within groups of ``shard_group_size`` ranks, replicate across groups
 
+CPU offload (``offload=True``, any strategy but "none") is FSDP2's ``CPUOffloadPolicy``: each rank's shards
+of the parameters live on the host, are copied to the device for every all-gather, gradients are
+reduce-scattered on the device and copied to the host, and the optimizer step (and so its state) runs on
+the CPU. It also works at world size 1 (FSDP on a one-rank mesh: nothing is split, but parameters,
+gradients and optimizer state stay on the host and only the units being computed are on the device); the
+model's parameters must be on the CPU when it is sharded. Offload needs FSDP: with strategy "none" it is
+an error.
+
 Every repeated unit (see :mod:`memprof.structure`) is its own FSDP group, then the root. Mixed precision
 goes to ``fully_shard`` as ``MixedPrecisionPolicy`` (bf16/fp16 parameters for compute, fp32 reductions).
 """
@@ -20,7 +28,7 @@ import torch.nn as nn
 
 from .errors import MemprofError
 
-__all__ = ["STRATEGIES", "check_strategy", "build_mesh", "shard_model"]
+__all__ = ["STRATEGIES", "check_strategy", "check_offload", "build_mesh", "shard_model"]
 
 STRATEGIES = ("none", "full", "shard-grad-op", "hybrid")
 
@@ -30,6 +38,15 @@ def check_strategy(strategy: str | None) -> str:
     if strategy not in STRATEGIES:
         raise MemprofError(f"unknown sharding {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     return strategy
+
+
+def check_offload(strategy: str, offload: bool) -> bool:
+    if not isinstance(offload, bool):
+        raise MemprofError(f"offload must be True or False, got {offload!r}")
+    if offload and strategy == "none":
+        raise MemprofError("CPU offload is an FSDP feature: use sharding 'full', 'shard-grad-op' or 'hybrid' with "
+                           "it (at world size 1, 'full' shards over a one-rank mesh)")
+    return offload
 
 
 def build_mesh(device_type: str, world_size: int, strategy: str, shard_group_size: int | None = None):
@@ -54,13 +71,29 @@ def _mp_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
+def _pin_memory(model: nn.Module, device_type: str) -> bool:
+    """Pin the host shards when real CUDA tensors are in use (faster, overlappable copies); never for fake
+    tensors or CPU training."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return not any(isinstance(p, FakeTensor) for p in model.parameters())
+
+
 def shard_model(model: nn.Module, strategy: str, units: list[str], *, precision: str = "fp32", mesh=None,
-                device_type: str = "cpu", shard_group_size: int | None = None) -> nn.Module:
-    """Apply FSDP2 to ``model`` in place (each unit, then the root). Needs an initialised process group."""
+                device_type: str = "cpu", shard_group_size: int | None = None, offload: bool = False,
+                pin_memory: bool | None = None) -> nn.Module:
+    """Apply FSDP2 to ``model`` in place (each unit, then the root). Needs an initialised process group.
+
+    ``offload``: FSDP2 ``CPUOffloadPolicy`` (see the module doc); ``pin_memory`` (default: when real CUDA
+    tensors are in use) pins the host shards.
+    """
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     strategy = check_strategy(strategy)
+    check_offload(strategy, offload)
     if strategy == "none":
         return model
     if not (dist.is_available() and dist.is_initialized()):
@@ -70,7 +103,13 @@ def shard_model(model: nn.Module, strategy: str, units: list[str], *, precision:
         mesh = build_mesh(device_type, dist.get_world_size(), strategy, shard_group_size)
     reshard = strategy != "shard-grad-op"
     mp = _mp_policy(precision)
+    if offload:
+        pin = _pin_memory(model, device_type) if pin_memory is None else pin_memory
+        policy = CPUOffloadPolicy(pin_memory=pin)
+    else:
+        policy = OffloadPolicy()
     for fqn in units:
-        fully_shard(model.get_submodule(fqn), mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(model.get_submodule(fqn), mesh=mesh, reshard_after_forward=reshard, mp_policy=mp,
+                    offload_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=policy)
     return model

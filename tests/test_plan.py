@@ -127,7 +127,7 @@ def plans(draw):
         predicted_step_ms=predicted,
         predicted_overhead=overhead,
         precision=draw(st.sampled_from(PRECISIONS)),
-        sharding=Sharding(strategy, draw(st.booleans()), draw(st.booleans()), group),
+        sharding=Sharding(strategy, draw(st.booleans()), strategy != "none" and draw(st.booleans()), group),
         checkpoint=tuple(CheckpointChoice(u, draw(st.sampled_from(CHECKPOINT_MODES))) for u in units),
         source=Source(draw(_text), draw(_text), draw(st.booleans())),
         assumptions=draw(st.dictionaries(st.text(min_size=1, max_size=15), _text, max_size=4)),
@@ -265,6 +265,8 @@ BAD = [
      "3 does not divide the world size 8"),
     ("group-size-non-hybrid", lambda t: t.replace('strategy = "hybrid"', 'strategy = "full"'),
      "sharding.shard_group_size", r"must equal the world size \(8\)"),
+    ("offload-without-fsdp", lambda t: t.replace('strategy = "hybrid"', 'strategy = "none"'),
+     "sharding.offload_optimizer", "CPU offload needs FSDP"),
 ]
 
 

@@ -88,6 +88,9 @@ def _parse_sweep(sweep: str | None):
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--sharding", type=click.Choice(STRATEGIES), default="none", show_default=True)
 @click.option("--shard-group-size", type=click.IntRange(min=1), help="Ranks per shard group (hybrid).")
+@click.option("--offload", is_flag=True,
+              help="FSDP2 CPU offload of parameter shards, gradients and optimizer state (with --sharding; at "
+                   "--world-size 1 use --sharding full).")
 @click.option("--device", "device_name", metavar="NAME", help="A GPU (H100-80GB, A100-40GB, L4-24GB, ...) or cpu.")
 @click.option("--device-memory", metavar="SIZE", help="Capacity to check against, e.g. 24GiB.")
 @click.option("--sweep", metavar="batch-size=1,2,4,8", help="Estimate each batch size; report the largest that fits.")
@@ -97,7 +100,7 @@ def _parse_sweep(sweep: str | None):
 @click.option("--depth", type=click.IntRange(min=0), default=2, show_default=True, help="Module table depth.")
 @click.option("--list-models", is_flag=True, help="List the catalog of architectures and exit.")
 def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, optimizer, world_size, sharding,
-                 shard_group_size, device_name, device_memory, sweep, out, fmt, units, depth, list_models):
+                 shard_group_size, offload, device_name, device_memory, sweep, out, fmt, units, depth, list_models):
     """Estimate a training step's memory on fake tensors: does it fit, with what headroom, and why.
 
     \b
@@ -105,6 +108,7 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
       memprof estimate --list-models
       memprof estimate --hf llama-2-7b --seq-len 4096 --precision bf16-autocast --device H100-80GB
       memprof estimate --hf llama-3-70b --world-size 8 --sharding full --device H100-80GB
+      memprof estimate --hf llama-2-7b --sharding full --offload --device H100-80GB
       memprof estimate --hf gpt2 --device L4-24GB --sweep batch-size=1,2,4,8,16
       memprof estimate --model mypkg.models:build --batch mypkg.data:make_batch --device-memory 24GiB
     """
@@ -133,7 +137,7 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
         for b in bar:
             prof = estimate(build, lambda b=b: batch_for(b), optimizer=optimizer, precision=precision,
                             device=device, world_size=world_size, sharding=sharding,
-                            shard_group_size=shard_group_size, device_memory=capacity,
+                            shard_group_size=shard_group_size, device_memory=capacity, offload=offload,
                             description=f"{description}, batch {b}", source=source_for(b))
             results.append((b, prof))
     if sweep:
@@ -166,7 +170,12 @@ def _echo_estimate(prof, fmt, units, depth) -> None:
         data["fits"] = None if prof.capacity_bytes is None else prof.peak_bytes <= prof.capacity_bytes
         echo_json(data)
         return
-    click.echo(f"Estimated (fake tensors) per rank: {_fits(prof)}\n")
+    click.echo(f"Estimated (fake tensors) per rank: {_fits(prof)}")
+    if "host_bytes" in prof.assumptions:
+        click.echo(f"CPU offload: {fmt_bytes(int(prof.assumptions['host_peak_bytes']))} of host memory per rank "
+                   f"({fmt_bytes(int(prof.assumptions['host_bytes']))} of parameter shards, gradients and "
+                   "optimizer state, and the optimizer step's temporaries)")
+    click.echo("")
     click.echo(render(prof, format=fmt, units=units, depth=depth, sections=None if fmt != "csv" else ["modules"]),
                nl=False)
 

@@ -27,7 +27,7 @@ def _levers(text: str) -> tuple[str, ...]:
 @click.option("--budget", required=True, metavar="SIZE|DEVICE", help="Per-device budget: 24GiB, 80GB or H100-80GB.")
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--levers", default="checkpoint", show_default=True, metavar="LIST",
-              help="Comma-separated: checkpoint, precision, sharding.")
+              help="Comma-separated: checkpoint, precision, sharding (FSDP strategies and CPU offload).")
 @click.option("--units", "unit_patterns", multiple=True, metavar="PATTERN",
               help="Units to checkpoint: class name or FQN glob (default: the repeated blocks).")
 @click.option("--precision", "current_precision", default=None, help="The precision the profile was taken in.")
@@ -47,6 +47,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
       memprof plan memprof.json --budget 24GiB --out policies/gpt-24g.toml
       memprof plan est.json --budget H100-80GB --levers checkpoint,precision
       memprof plan est.json --budget H100-80GB --world-size 8 --levers checkpoint,precision,sharding
+      memprof plan est.json --budget H100-80GB --levers precision,sharding   (1 GPU: sharding = CPU offload)
       memprof plan prof.json --budget 16GiB --levers checkpoint,precision --hf llama-3.2-1b --seq-len 2048
     """
     from .. import load
@@ -91,7 +92,9 @@ def _echo_plan(p) -> None:
     click.echo(f"Plan for {fmt_bytes(p.budget_bytes)} per device, world size {p.world_size}: predicted peak "
                f"{fmt_bytes(p.predicted_peak_bytes)}, step {p.predicted_step_ms:.1f} ms "
                f"({p.predicted_overhead:+.1%} vs {p.baseline_step_ms:.1f} ms)")
-    click.echo(f"  precision {p.precision}; sharding {p.sharding.strategy}")
+    offload = " + CPU offload (parameter shards, gradients, optimizer state on the host)" \
+        if p.sharding.offload_optimizer else ""
+    click.echo(f"  precision {p.precision}; sharding {p.sharding.strategy}{offload}")
     modes = p.checkpoint_modes()
     counted = {m: sum(1 for v in modes.values() if v == m) for m in ("keep", "full", "selective")}
     click.echo("  checkpoint: " + ", ".join(f"{n} {m}" for m, n in counted.items() if n))

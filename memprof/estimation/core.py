@@ -18,6 +18,10 @@ What makes the estimate match a real run:
   storage beside their fake one, computed by running each op whose inputs all have shadows for real.
 * World size and sharding use FSDP2 on a fake process group (``torch.testing._internal.distributed.fake_pg``)
   in this one process: per-rank memory including all-gather and reduce-scatter buffers.
+* CPU offload (``offload=True``) is FSDP2's ``CPUOffloadPolicy`` on those fake tensors; the host's storages
+  (sharded parameters, gradients, optimizer state, the optimizer step) are counted on device ``"cpu"``, apart
+  from the accelerator's (see :mod:`memprof.estimation.offload`, which also says what the emulation of
+  host-device copies on a build without CUDA covers).
 * CUDA allocations are rounded as the caching allocator rounds them (512 B).
 
 Time is modelled, not measured: every op advances a clock by a roofline estimate (FLOPs from
@@ -25,20 +29,22 @@ Time is modelled, not measured: every op advances a clock by a roofline estimate
 and step times in an estimated profile are predictions.
 
 Known limits: on a PyTorch build without CUDA, CUDA is emulated on the CPU kernels (attention and autocast
-follow the CPU kernels' choices; allocator rounding is applied); CPU offload is not estimated; reserved
-memory and fragmentation of the caching allocator are not estimated.
+follow the CPU kernels' choices; allocator rounding is applied); with CPU offload the optimizer step's
+time is not in the modelled step time (the planner prices it from host memory bandwidth); reserved memory and
+fragmentation of the caching allocator are not estimated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 
 import torch
 
 from ..errors import MemprofError
-from ..sharding import build_mesh, check_strategy, shard_model
+from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
 from ..tracking.scratch import _CACHE, SKIP_NAMESPACES, _cpu_measure, signature
 from ..tracking.tracker import Tracker
@@ -52,6 +58,7 @@ from ..training import (
     make_scaler,
 )
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
+from .offload import HostSide, emulated_host_copies
 
 __all__ = ["estimate", "EstimateError"]
 
@@ -297,10 +304,10 @@ def _materialize(x, reals: dict):
 
 
 @contextlib.contextmanager
-def _fake_process_group(world_size: int):
+def _fake_process_group(world_size: int, needed: bool = True):
     import torch.distributed as dist
 
-    if world_size == 1:
+    if not needed:
         yield
         return
     if dist.is_initialized():
@@ -355,7 +362,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
              optimizer: str = "adamw", precision: str = "fp32", device: str = "cuda", world_size: int = 1,
              sharding: str | None = None, steps: int = 2, device_memory=None, units: list[str] | None = None,
              shard_group_size: int | None = None, scratch_limit_bytes: int = 64 * 1024**2,
-             hf_real_paths: bool = True, description: str = "", source: str = ""):
+             hf_real_paths: bool = True, description: str = "", source: str = "", offload: bool = False):
     """Predict a training step's memory without allocating it; returns an estimated :class:`Profile`.
 
     Args:
@@ -373,18 +380,24 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         device_memory: a device name from :data:`memprof.estimation.devices.DEVICES` or a size, to say
             whether it fits (it also picks the throughput used for modelled times).
         units: FSDP units (class names or FQN globs); default: the model's repeated blocks.
+        offload: FSDP2 CPU offload of the sharded parameters, gradients and optimizer state (needs a sharding
+            strategy; at world size 1, ``"full"`` shards over a one-rank mesh). With ``device="cuda"`` the
+            profile's peak is the device's and the host's bytes per rank are given apart (device ``"cpu"``
+            in ``devices``, ``assumptions["host_bytes"]``); with ``device="cpu"`` host and device are one.
     """
     check_precision(precision)
     check_optimizer(optimizer)
     strategy = check_strategy(sharding)
+    check_offload(strategy, offload)
     if device not in ("cuda", "cpu"):
         raise EstimateError(f"device must be 'cuda' or 'cpu', got {device!r}")
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise EstimateError(f"world_size must be a positive integer, got {world_size!r}")
     if not isinstance(steps, int) or steps < 1:
         raise EstimateError(f"steps must be a positive integer, got {steps!r}")
-    if strategy != "none" and world_size == 1:
-        raise EstimateError(f"sharding {strategy!r} needs world_size > 1")
+    if strategy != "none" and world_size == 1 and not offload:
+        raise EstimateError(f"sharding {strategy!r} needs world_size > 1 (or offload=True: FSDP on one rank "
+                            "keeps parameters, gradients and optimizer state on the host)")
     device_name, capacity = resolve_capacity(device_memory)
 
     emulate = device == "cuda" and not _cuda_built()
@@ -398,7 +411,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         "precision": precision,
         "optimizer": optimizer,
         "world_size": str(world_size),
-        "sharding": strategy if strategy != "hybrid" else f"hybrid (shard groups of {shard_group_size})",
+        "sharding": (strategy if strategy != "hybrid" else f"hybrid (shard groups of {shard_group_size})")
+        + (" + cpu offload" if offload else ""),
         "steps": f"{steps} (the first creates optimizer state; later ones are steady)",
         "time": (f"modelled: roofline at {spec.bf16_tflops:g} (bf16) / {spec.fp32_tflops:g} (fp32) TFLOP/s x "
                  f"{_MATMUL_EFFICIENCY} and {spec.bandwidth_gbs:g} GB/s x {_BANDWIDTH_EFFICIENCY} ({spec.name})"),
@@ -407,6 +421,15 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         assumptions["model"] = description
     if source:
         assumptions["source"] = source  # lets the planner re-estimate other configurations of this model
+    if offload:
+        assumptions["offload"] = (
+            "FSDP2 CPUOffloadPolicy: each rank's parameter shards, gradients and optimizer state on the host, "
+            "copied to the device for each all-gather; the optimizer step runs on the CPU (not in the modelled "
+            "step time)" + ("; host memory counted apart from the device's" if device == "cuda" else
+                            "; host and device are the same memory here"))
+        if emulate:
+            assumptions["offload"] += ("; host-device copies emulated as copies on the CPU kernels (pinned host "
+                                       "memory's rounding not modelled)")
     if device == "cuda":
         assumptions["allocator"] = ("sizes rounded up to 512 B as the CUDA caching allocator does; the peak is "
                                     "its allocated/active bytes; reserved memory and fragmentation not estimated")
@@ -419,7 +442,9 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
 
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_fake_process_group(world_size if strategy != "none" else 1))
+        stack.enter_context(_fake_process_group(world_size, needed=strategy != "none"))
+        if offload and emulate:
+            stack.enter_context(emulated_host_copies())
         mesh = build_mesh(fake_device, world_size, strategy, shard_group_size) if strategy != "none" else None
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
         stack.enter_context(torch.device(fake_device))
@@ -433,12 +458,19 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         if strategy != "none":
             unit_names = select_units(model, units)
             assumptions["fsdp_units"] = f"{len(unit_names)} units ({', '.join(unit_names[:3])}{', ...' if len(unit_names) > 3 else ''}) and the root"
-            shard_model(model, strategy, unit_names, precision=precision, mesh=mesh)
+            shard_model(model, strategy, unit_names, precision=precision, mesh=mesh, offload=offload,
+                        pin_memory=False)
         opt = make_optimizer(optimizer, model.parameters())
+        host = HostSide(model, opt, op_model, emulated=emulate) if offload and device == "cuda" else None
+        if host is not None:
+            host.install()  # before the tracker: its gradient hook must run before the tracker's
+            stack.callback(host.remove)
         scaler = make_scaler(precision, fake_device)
         tracker = Tracker(model, opt, calibrate=op_model, estimated=True, assumptions=assumptions,
                           environment=env, device_as={"cpu": "cuda:0"} if emulate else None, clock=clock)
         with tracker:
+            if host is not None:
+                host.bind(tracker)
             # The batch is made under the tracker so that its small tensors (masks, ids) get shadows; real
             # tensors it returns (a live batch) become fake ones with their data as shadows.
             batch = op_model.fake_batch(_call("make_batch", make_batch))
@@ -454,8 +486,16 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         extra["scratch"] = (f"op-internal scratch measured on the real CPU kernels for {op_model.measured} op "
                             f"signatures; {op_model.skipped_large} with inputs over {scratch_limit_bytes} bytes "
                             "assumed to need none")
+    if host is not None:
+        extra["host_bytes"] = str(host.resident_bytes)
+        extra["host_peak_bytes"] = str(host.peak_bytes)
+        cats = host.resident_by_category
+        extra["host"] = (f"per rank on the host: {cats['param']} bytes of parameter shards, {cats['grad']} of "
+                         f"gradients, {cats['optimizer']} of optimizer state when the optimizer step starts; "
+                         f"{host.peak_bytes} at the highest, inside the step")
+        prof = dataclasses.replace(prof, devices=tuple(
+            dataclasses.replace(d, peak_bytes=host.peak_bytes) if d.device == "cpu" else d for d in prof.devices))
     if real_paths:
         extra["transformers"] = "fake-tensor code paths disabled: attention and masks as in a real run"
-    import dataclasses
 
     return dataclasses.replace(prof, assumptions={**prof.assumptions, **extra})

@@ -14,6 +14,10 @@
 * sharding: FSDP2 ``fully_shard`` of every unit and the root, with the plan's ``reshard_after_forward`` and
   mixed precision (:func:`memprof.sharding.shard_model`), when a process group of the plan's world size is
   initialised. Create the optimizer after applying a sharded plan (FSDP replaces the parameters).
+  With ``offload_optimizer`` FSDP2's ``CPUOffloadPolicy``: the model must be on the CPU when the plan is
+  applied; the units compute on the device of the process group's backend (CUDA for NCCL, else the CPU), the
+  parameter shards, gradients and optimizer state stay on the host (pinned with CUDA), and the optimizer
+  steps there. A plan for world size 1 needs a one-rank process group too (``torchrun --nproc-per-node 1``).
 
 ``handle.remove()`` (or leaving ``with memprof.apply(...)``) restores the model: forwards, hooks, the
 optimizer's ``step``. Known limits: FSDP sharding cannot be undone (``remove()`` leaves it and says so in
@@ -137,6 +141,14 @@ def _device_type(model: nn.Module) -> str:
     return "cpu"
 
 
+def _offload_device_type() -> str:
+    """Where an offloaded model computes: CUDA when the process group talks NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()) if dist.is_initialized() else ""
+    return "cuda" if "nccl" in backend and torch.cuda.is_available() else "cpu"
+
+
 def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
     """Apply ``plan`` to ``model`` (and, for fp16, ``optimizer``); returns a handle that can remove it."""
     from .plan import Plan
@@ -147,19 +159,27 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         raise ApplyError(f"apply() needs a memprof Plan (memprof.load('plan.toml')), got {type(plan).__name__}")
     units = resolve_units(model, plan)
     strategy = plan.sharding.strategy
+    offload = plan.sharding.offload_optimizer
+    if offload:
+        on_device = sorted({str(p.device) for p in model.parameters() if p.device.type != "cpu"})
+        if on_device:
+            raise ApplyError(f"the plan offloads to the CPU (FSDP2 CPUOffloadPolicy), but the model's parameters "
+                             f"are on {', '.join(on_device)}: apply it to the model on the CPU (build it there, or "
+                             "on 'meta' and to_empty(device='cpu')); FSDP moves one unit at a time to the device")
     if strategy != "none":
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ApplyError(f"the plan shards with FSDP ({strategy}) over {plan.world_size} ranks, but no "
-                             "torch.distributed process group is initialised (launch with torchrun)")
+            one = ", with --nproc-per-node 1 for this one-rank plan" if plan.world_size == 1 else ""
+            raise ApplyError(f"the plan shards with FSDP ({strategy}) over {plan.world_size} rank(s), but no "
+                             f"torch.distributed process group is initialised (launch with torchrun{one})")
         if dist.get_world_size() != plan.world_size:
             raise ApplyError(f"the plan is for world size {plan.world_size}, this job has {dist.get_world_size()}")
     if plan.precision == "fp16-autocast" and optimizer is None:
         raise ApplyError("an fp16-autocast plan needs the optimizer for loss scaling: apply(model, plan, optimizer=opt)")
 
     handle = ApplyHandle(model, plan)
-    device_type = _device_type(model)
+    device_type = _offload_device_type() if offload else _device_type(model)
     try:
         # Order as in torchtitan: activation checkpointing, then precision, then FSDP.
         if any(m != "keep" for m in units.values()):
@@ -171,8 +191,9 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         _apply_precision(handle, model, plan.precision, device_type, optimizer)
         if strategy != "none":
             shard_model(model, strategy, [u for u in units], precision=plan.precision, device_type=device_type,
-                        shard_group_size=plan.sharding.shard_group_size if strategy == "hybrid" else None)
-            handle.irreversible.append(f"FSDP2 {strategy} sharding")
+                        shard_group_size=plan.sharding.shard_group_size if strategy == "hybrid" else None,
+                        offload=offload)
+            handle.irreversible.append(f"FSDP2 {strategy} sharding" + (" with CPU offload" if offload else ""))
     except BaseException:
         handle.remove()
         raise

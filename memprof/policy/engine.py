@@ -1,11 +1,13 @@
 """The decision: checkpointing, precision and sharding under a memory budget, for the least step time.
 
-For every configuration of the allowed levers — precision x sharding strategy (outer enumeration) — the
-planner takes that configuration's profile (the one given, or an estimate of the same model from a
-:class:`~memprof.policy.sources.EstimateSource`), builds the chain model of its units
-(:mod:`memprof.policy.chain`) and solves checkpointing exactly with the DP (:mod:`memprof.policy.solver`).
-Predicted step time = base step time x precision ratio + recomputation + exposed communication
-(:mod:`memprof.policy.costs`). The plan is the feasible configuration with the least predicted time
+For every configuration of the allowed levers — precision x sharding strategy x CPU offload (outer
+enumeration; offload belongs to the sharding lever and is weighed at world size 1 too, as FSDP on one rank, but
+not for CPU profiles, where host memory is the device's) — the planner takes that configuration's profile (the
+one given, or an estimate of the same model from a :class:`~memprof.policy.sources.EstimateSource`), builds
+the chain model of its units (:mod:`memprof.policy.chain`) and solves checkpointing exactly with the DP
+(:mod:`memprof.policy.solver`). Predicted step time = base step time x precision ratio + recomputation +
+exposed communication (+ with offload: host copies not hidden by compute and the optimizer step on the CPU;
+:mod:`memprof.policy.costs`). The plan is the feasible configuration with the least predicted time
 (ties: the lower peak); the Pareto frontier (peak vs time) over all configurations comes with it, and an
 explanation of each lever's effect and of the choice. An infeasible budget raises
 :class:`InfeasibleBudgetError` naming the smallest achievable peak and what dominates it.
@@ -23,9 +25,10 @@ from ..estimation.devices import resolve_capacity
 from ..training import check_precision
 from ..units import format_bytes
 from .chain import MODES, chain_model, find_units
-from .costs import CommModel, comm_ms
+from .costs import CommModel, comm_ms, offload_ms
 from .plan import CheckpointChoice, FrontierPoint, Plan, Sharding, Source
-from .solver import InfeasibleBudget, Solution, dominant_term, frontier, min_peak, solve_dp
+from .solver import InfeasibleBudget, Solution, dominant_term, min_peak
+from .timing import frontier_with_surcharges, solve_with_surcharges
 
 __all__ = ["plan", "InfeasibleBudgetError", "Candidate", "LEVERS"]
 
@@ -55,16 +58,48 @@ class Candidate:
     comm_ms: float
     units: tuple[str, ...]
     profile: object
+    offload: bool = False  # FSDP2 CPU offload of parameter shards, gradients and optimizer state
+    host_copy_ms: float = 0.0  # offload's host <-> device copies not hidden by compute
+    cpu_step_ms: float = 0.0  # offload's optimizer step on the CPU
+    host_bytes: int = 0  # offload: host memory per rank at its highest (in the optimizer step)
+
+    @property
+    def offload_ms(self) -> float:
+        return self.host_copy_ms + self.cpu_step_ms
 
     def describe(self) -> str:
         modes = list(self.solution.choices)
-        parts = [self.precision, "no sharding" if self.sharding == "none" else f"FSDP {self.sharding}"]
+        parts = [self.precision, _sharding_words(self.sharding, self.offload)]
         counted = {m: modes.count(m) for m in MODES if modes.count(m)}
         if counted.get("full") or counted.get("selective"):
             parts.append(", ".join(f"{n} of {len(modes)} units {m}" for m, n in counted.items() if m != "keep"))
         else:
             parts.append("no checkpointing")
         return "; ".join(parts)
+
+
+def _sharding_words(sharding: str, offload: bool) -> str:
+    words = "no sharding" if sharding == "none" else f"FSDP {sharding}"
+    return words + " + CPU offload" if offload else words
+
+
+def _host_bytes(prof) -> tuple[int, int]:
+    """(resident, peak) host bytes per rank of an offload profile: the estimator's, else (host and device being
+    one, e.g. a CPU profile) its parameters, gradients and optimizer state."""
+    a = prof.assumptions
+    if "host_bytes" in a:
+        resident = int(a["host_bytes"])
+        return resident, int(a.get("host_peak_bytes", resident))
+    root = prof.modules.get("")
+    resident = root.param_bytes + root.grad_bytes + root.optimizer_bytes if root is not None else 0
+    return resident, resident
+
+
+def _config_key(key) -> tuple[str, str, bool]:
+    """``profiles`` keys: (precision, sharding) or (precision, sharding, offload)."""
+    if len(key) == 2:
+        return (key[0], key[1], False)
+    return (key[0], key[1], bool(key[2]))
 
 
 def _profile_hash(prof) -> str:
@@ -96,13 +131,14 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     Args:
         prof: the profile to plan from (measured or estimated), of an un-checkpointed model.
         budget: bytes, a size ("24GiB") or a device name ("H100-80GB").
-        world_size: ranks the plan is for; sharding is considered only when > 1.
-        levers: subset of ("checkpoint", "precision", "sharding").
+        world_size: ranks the plan is for; FSDP strategies are considered only when > 1, CPU offload
+            (FSDP2 ``CPUOffloadPolicy``) at any world size (at 1, as FSDP over a one-rank mesh).
+        levers: subset of ("checkpoint", "precision", "sharding"); "sharding" includes CPU offload.
         units: unit names/patterns (default: the profile's repeated blocks).
         source: an :class:`EstimateSource` for the configurations ``prof`` is not (other precisions, sharding).
         precision: the precision ``prof`` was taken in (default: its assumptions, else fp32).
-        profiles: measured profiles of other configurations, keyed by (precision, sharding); they win
-            over estimates for both memory and time.
+        profiles: measured profiles of other configurations, keyed by (precision, sharding) or (precision,
+            sharding, offload); they win over estimates for both memory and time.
         precisions: the precisions the precision lever may choose from (default: all).
         costs: measured option costs for the given configuration (:func:`memprof.policy.timing.measure_costs`);
             they replace the modelled recompute times and the profile's (tracked) step time.
@@ -118,43 +154,52 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         raise MemprofError(f"budget must be a positive size or a device name, got {budget!r}")
     base_precision = check_precision(precision or prof.assumptions.get("precision", "fp32"))
     base_sharding = prof.assumptions.get("sharding", "none").split(" ")[0]
+    base_offload = "cpu offload" in prof.assumptions.get("sharding", "")
     comm = comm or CommModel()
-    profiles = dict(profiles or {})
-    profiles.setdefault((base_precision, base_sharding if world_size > 1 else "none"), prof)
+    profiles = {_config_key(k): v for k, v in (profiles or {}).items()}
+    profiles.setdefault((base_precision, base_sharding if world_size > 1 or base_offload else "none", base_offload),
+                        prof)
 
     allowed = [check_precision(p) for p in (precisions or _PRECISION_ORDER)]
     precisions = [p for p in _PRECISION_ORDER if p in allowed] if "precision" in levers else [base_precision]
     if base_precision not in precisions:
         precisions.insert(0, base_precision)
-    strategies = ["none"]
-    if "sharding" in levers and world_size > 1:
-        strategies += ["full", "shard-grad-op"] + (["hybrid"] if shard_group_size else [])
+    configs = [("none", False)]  # (strategy, offload)
     notes: list[str] = []
-    if ("precision" in levers or (world_size > 1 and "sharding" in levers)) and source is None:
-        missing = [k for k in [(p, s) for p in precisions for s in strategies] if k not in profiles]
+    if "sharding" in levers:
+        hybrid = ["hybrid"] if shard_group_size and world_size > 1 else []
+        if world_size > 1:
+            configs += [(s, False) for s in ["full", "shard-grad-op"] + hybrid]
+        if prof.environment.device != "cpu":  # on a CPU, host memory is the device's: offload saves nothing
+            configs += [(s, True) for s in ["full", "shard-grad-op"] + hybrid]
+    if ("precision" in levers or "sharding" in levers) and source is None:
+        missing = [k for k in [(p, s, o) for p in precisions for s, o in configs] if k not in profiles]
         if missing:
             notes.append("precision/sharding alternatives need the model (source=): planned with what was given")
-            precisions = sorted({p for p, _ in profiles}, key=_PRECISION_ORDER.index)
-            strategies = sorted({s for _, s in profiles}, key=["none", "full", "shard-grad-op", "hybrid"].index)
+            precisions = sorted({p for p, _, _ in profiles}, key=_PRECISION_ORDER.index)
+            configs = sorted({(s, o) for _, s, o in profiles},
+                             key=lambda c: (c[1], ["none", "full", "shard-grad-op", "hybrid"].index(c[0])))
+    if "sharding" in levers and prof.environment.device == "cpu" and not any(o for _, o in configs):
+        notes.append("CPU offload not weighed: on a CPU the host's memory is the device's")
 
     base_measured_ms = _steady_step_ms(prof)
     full_params = prof.modules[""].param_bytes if "" in prof.modules else 0  # the given profile is unsharded
     fp32_params = full_params * (2 if base_precision == "bf16" else 1)
     modelled_base = None
-    if source is not None and (len(precisions) > 1 or len(strategies) > 1):
+    if source is not None and (len(precisions) > 1 or len(configs) > 1):
         modelled_base = _steady_step_ms(source.profile(base_precision, "none", 1))
 
     candidates: list[Candidate] = []
     frontier_points: list[tuple[int, float, str]] = []
     unit_names = units
     for p in precisions:
-        for s in strategies:
-            key = (p, s)
+        for s, o in configs:
+            key = (p, s, o)
             ps = profiles.get(key)
             if ps is None:
                 if source is None:
                     continue
-                ps = source.profile(p, s, world_size if s != "none" else 1, shard_group_size)
+                ps = source.profile(p, s, world_size if s != "none" else 1, shard_group_size, offload=o)
             names = find_units(ps, unit_names) if unit_names else find_units(ps)
             measured = costs if (costs is not None and ps is prof) else None
             model = chain_model(ps, budget_bytes, names, modes if "checkpoint" in levers else ("keep",),
@@ -171,22 +216,33 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 scale = base_measured_ms / modelled_base if modelled_base else 1.0
             params, grads = _travelling_bytes(fp32_params, p)
             exposed = comm_ms(s, world_size, params, grads, base_ms, comm, shard_group_size)
-            for sol in frontier(model.problem):
+            copies = cpu_step = 0.0
+            host_peak = 0
+            if o:
+                resident, host_peak = _host_bytes(ps)
+                stored = fp32_params // 2 if p == "bf16" else fp32_params
+                copies, cpu_step = offload_ms(s, world_size, params, grads, stored, resident, base_ms, comm,
+                                              shard_group_size)
+            fixed_ms = base_ms + exposed + copies + cpu_step
+            # Measured costs may charge a mode once when it is used at all (timing.measure_costs).
+            first = measured.first_unit_ms if measured is not None else {}
+            for sol, extra in frontier_with_surcharges(model.problem, first):
                 peak = max(model.floor_bytes, sol.peak_bytes)
-                frontier_points.append((peak, base_ms + exposed + sol.extra_ms * scale,
-                                        _describe(p, s, sol.choices)))
+                frontier_points.append((peak, fixed_ms + extra * scale, _describe(p, s, sol.choices, o)))
             try:
-                sol = solve_dp(model.problem) if model.floor_bytes <= budget_bytes else None
+                sol, extra = (solve_with_surcharges(model.problem, first) if model.floor_bytes <= budget_bytes
+                              else (None, 0.0))
             except InfeasibleBudget:
                 sol = None
             if sol is None:
                 sol = min_peak(model.problem)
+                extra = sol.extra_ms + (measured.surcharge_ms(sol.choices) if measured is not None else 0.0)
                 feasible = False
             else:
                 feasible = True
             peak = max(model.floor_bytes, sol.peak_bytes)
-            cand = Candidate(p, s, sol, peak, base_ms + exposed + sol.extra_ms * scale, base_ms, exposed,
-                             tuple(names), ps)
+            cand = Candidate(p, s, sol, peak, fixed_ms + extra * scale, base_ms, exposed, tuple(names), ps,
+                             offload=o, host_copy_ms=copies, cpu_step_ms=cpu_step, host_bytes=host_peak)
             candidates.append((feasible and peak <= budget_bytes, cand, model))
 
     if not candidates:
@@ -200,16 +256,16 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                       frontier_points, candidates, comm, notes, shard_group_size, costs)
 
 
-def _describe(precision: str, sharding: str, choices) -> str:
+def _describe(precision: str, sharding: str, choices, offload: bool = False) -> str:
     counted = {m: list(choices).count(m) for m in ("full", "selective")}
     ck = ", ".join(f"{n}/{len(choices)} {m}" for m, n in counted.items() if n) or "no checkpointing"
-    return f"{precision}, {'no sharding' if sharding == 'none' else 'FSDP ' + sharding}, {ck}"
+    return f"{precision}, {_sharding_words(sharding, offload)}, {ck}"
 
 
 def _baseline(candidates, base_precision) -> Candidate:
     """The given configuration with nothing changed: the reference for the overhead."""
     for _, c, _model in candidates:
-        if c.precision == base_precision and c.sharding == "none":
+        if c.precision == base_precision and c.sharding == "none" and not c.offload:
             return c
     return candidates[0][1]
 
@@ -229,8 +285,10 @@ def _infeasible(candidates, budget_bytes, levers, world_size) -> InfeasibleBudge
     _, smallest, model = min(candidates, key=lambda c: c[1].peak_bytes)
     why = _dominant(smallest, model)
     hints = []
-    if "sharding" not in levers or world_size == 1:
-        hints.append("allow sharding over more ranks")
+    if "sharding" not in levers:
+        hints.append("allow sharding (FSDP over more ranks, or CPU offload)")
+    elif world_size == 1:
+        hints.append("shard over more ranks")
     if "precision" not in levers:
         hints.append("allow other precisions")
     if "checkpoint" not in levers:
@@ -270,6 +328,8 @@ def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, 
     }
     if world_size > 1:
         assumptions["communication"] = comm.describe()
+    if any(c.offload for _, c, _m in candidates):
+        assumptions["offload"] = comm.describe_offload()
     if costs is not None:
         assumptions["time"] = (f"measured: untracked steps with every unit kept / checkpointed by each mode, "
                                f"interleaved ({costs.reps} runs each); other configurations modelled")
@@ -277,7 +337,7 @@ def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, 
         assumptions[f"note{i + 1}"] = n
     strategy = best.sharding
     sharding = Sharding(strategy=strategy, reshard_after_forward=strategy != "shard-grad-op",
-                        offload_optimizer=False,
+                        offload_optimizer=best.offload,
                         shard_group_size=(shard_group_size or world_size) if strategy == "hybrid" else world_size)
     return Plan(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -292,6 +352,34 @@ def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, 
     )
 
 
+def _explain_offload(best: Candidate, candidates) -> list[str]:
+    """What CPU offload does for the chosen configuration, or what it would have cost when weighed."""
+    offloaded = [c for _, c, _m in candidates if c.offload]
+    if not offloaded:
+        return []
+    if not best.offload:
+        fits = sorted((c for ok, c, _m in candidates if ok and c.offload), key=lambda c: c.step_ms)
+        c = fits[0] if fits else min(offloaded, key=lambda c: c.peak_bytes)
+        return [f"CPU offload weighed: at best {c.describe()} — device peak {format_bytes(c.peak_bytes)}, "
+                f"{format_bytes(c.host_bytes)} of host memory per rank, +{c.offload_ms:.1f} ms per step "
+                f"(host copies and the optimizer step on the CPU){'' if fits else '; it does not fit either'}."]
+    plain = [c for _, c, _m in candidates if not c.offload and c.precision == best.precision]
+    twin = next((c for c in plain if c.sharding == best.sharding), None) or next(
+        (c for c in plain if c.sharding == "none"), None)
+    line = (f"CPU offload (FSDP2 CPUOffloadPolicy, {best.sharding} sharding): each rank's parameter shards, "
+            f"gradients and optimizer state live on the host and the optimizer steps on the CPU — device peak "
+            f"{format_bytes(best.profile.peak_bytes)} before checkpointing")
+    if twin is not None:
+        saved = twin.profile.peak_bytes - best.profile.peak_bytes
+        line += (f" vs {format_bytes(twin.profile.peak_bytes)} with {_sharding_words(twin.sharding, False)} "
+                 f"({format_bytes(saved)} less per device)")
+    comm = f"; {best.comm_ms:.1f} ms of communication not hidden by compute" if best.sharding != "none" and \
+        best.profile.environment.world_size > 1 else ""
+    return [line + f"; the host needs {format_bytes(best.host_bytes)} per rank; +{best.offload_ms:.1f} ms per step "
+            f"({best.host_copy_ms:.1f} ms of host copies not hidden by compute, {best.cpu_step_ms:.1f} ms of "
+            f"optimizer step on the CPU){comm}."]
+
+
 def _explain(prof, best: Candidate, baseline: Candidate, candidates, budget_bytes) -> list[str]:
     lines = []
     keep_peak = baseline.profile.peak_bytes
@@ -304,16 +392,18 @@ def _explain(prof, best: Candidate, baseline: Candidate, candidates, budget_byte
     n_full, n_sel = modes.count("full"), modes.count("selective")
     if n_full or n_sel:
         lines.append(f"Checkpointing {n_full} unit{'s' if n_full != 1 else ''} fully and {n_sel} selectively recomputes "
-                     f"{best.solution.extra_ms:.1f} ms of forward work per step.")
+                     f"{best.step_ms - best.base_ms - best.comm_ms - best.offload_ms:.1f} ms of forward work per "
+                     "step.")
     else:
         lines.append("No checkpointing needed.")
     if best.precision != baseline.precision:
         lines.append(f"Precision {best.precision}: peak {format_bytes(best.profile.peak_bytes)} before "
                      f"checkpointing (vs {format_bytes(keep_peak)}), step {best.base_ms:.1f} ms (vs "
                      f"{baseline.base_ms:.1f} ms).")
-    if best.sharding != "none":
+    if best.sharding != "none" and not best.offload:
         lines.append(f"FSDP {best.sharding}: per-rank peak {format_bytes(best.profile.peak_bytes)} before "
                      f"checkpointing; {best.comm_ms:.1f} ms of communication not hidden by compute.")
+    lines += _explain_offload(best, candidates)
     feasible = sorted((c for ok, c, _ in candidates if ok), key=lambda c: c.step_ms)
     lines.append(f"Chosen: {best.describe()} — predicted peak {format_bytes(best.peak_bytes)}, step "
                  f"{best.step_ms:.1f} ms: the least step time of {len(feasible)} configurations that fit.")

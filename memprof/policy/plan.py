@@ -182,7 +182,9 @@ class Sharding:
 
     strategy: str = "none"  # "none" | "full" (ZeRO-3) | "shard-grad-op" (ZeRO-2) | "hybrid" (shard in groups)
     reshard_after_forward: bool = True  # free gathered params after forward (full/hybrid); False trades memory
-    offload_optimizer: bool = False  # optimizer state on the CPU
+    # FSDP2 CPUOffloadPolicy: parameter shards, gradients and optimizer state on the host, optimizer step on
+    # the CPU; needs a strategy other than "none" (at world size 1: "full" over a one-rank mesh)
+    offload_optimizer: bool = False
     shard_group_size: int = 1  # ranks per shard group: the world size, except for "hybrid"
 
     def __post_init__(self) -> None:
@@ -190,6 +192,9 @@ class Sharding:
         _bool(self, "reshard_after_forward")
         _bool(self, "offload_optimizer")
         _int(self, "shard_group_size", minimum=1)
+        if self.offload_optimizer and self.strategy == "none":
+            raise PlanValueError("offload_optimizer", "CPU offload needs FSDP: a strategy other than 'none' "
+                                 "(at world size 1, 'full' over a one-rank mesh)")
 
 
 @dataclass(frozen=True)

@@ -28,16 +28,17 @@ class EstimateSource:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def profile(self, precision: str, sharding: str = "none", world_size: int = 1,
-                shard_group_size: int | None = None):
+                shard_group_size: int | None = None, offload: bool = False):
+        """The estimate of one configuration (cached); ``offload``: FSDP2 CPU offload (needs a strategy)."""
         from ..estimation import estimate
 
-        key = (precision, sharding, world_size, shard_group_size)
+        key = (precision, sharding, world_size, shard_group_size, offload)
         if key not in self._cache:
             self._cache[key] = estimate(
                 self.build_model, self.make_batch, step=self.step, optimizer=self.optimizer, precision=precision,
                 device=self.device, world_size=world_size if sharding != "none" else 1,
                 sharding=sharding if sharding != "none" else None, shard_group_size=shard_group_size,
-                device_memory=self.device_memory, description=self.description)
+                device_memory=self.device_memory, description=self.description, offload=offload)
         return self._cache[key]
 
 

@@ -3,10 +3,16 @@
 A profile gives each unit's forward time and the share of it that checkpointing recomputes; the real cost of
 a checkpointed unit also includes checkpointing's own machinery (selective checkpointing runs every op of
 the unit through two dispatch modes) and cache effects that no profile shows. When the live model and its
-training step are at hand, :func:`measure_costs` times untracked steps with every unit kept, every unit
-fully checkpointed and every unit selectively checkpointed, interleaved, and apportions each difference to
-the units in proportion to the profile's modelled costs. ``memprof.plan(..., costs=...)`` then prices
-options with these numbers and measures the overhead against the untracked step time.
+training step are at hand, :func:`measure_costs` times untracked steps with every unit kept, and for each
+mode (full, selective) with every unit and with one (the middle) unit checkpointed, interleaved.
+
+Costs are not additive: on this CPU one checkpointed unit costs 1.4-2x the per-unit average of all units
+checkpointed (the first recomputation in a mode meets colder caches and fresh pages at a higher footprint).
+The two points give a per-mode model ``cost(k units) = first + k x per_unit``: ``first_unit_ms`` is the
+surcharge paid once when a mode is used at all, ``extra_ms`` the per-unit slope, apportioned to the units in
+proportion to the profile's modelled costs. ``memprof.plan(..., costs=...)`` solves once per set of modes
+used (adding their surcharges), so the choice stays exact under this model, and measures the overhead
+against the untracked step time.
 
 Known limits: costs are per configuration measured (the given precision, no sharding); a step is timed
 whole, so other work in the step adds noise (medians of paired runs keep it down).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from itertools import combinations
 
 __all__ = ["OptionCosts", "measure_costs", "measure_overhead", "uniform_plan"]
 
@@ -26,8 +33,14 @@ class OptionCosts:
     """Untracked step time and the measured extra time of each option, per unit (ms)."""
 
     base_step_ms: float
-    extra_ms: dict = field(default_factory=dict)  # mode -> {unit: ms}
+    extra_ms: dict = field(default_factory=dict)  # mode -> {unit: ms}, the per-unit slope
     reps: int = 0
+    first_unit_ms: dict = field(default_factory=dict)  # mode -> ms paid once when any unit uses the mode
+
+    def surcharge_ms(self, choices) -> float:
+        """The once-per-mode part of the cost of a set of per-unit choices."""
+        used = set(choices)
+        return sum(ms for mode, ms in self.first_unit_ms.items() if mode in used)
 
 
 def _timed(step, plan, model) -> float:
@@ -69,31 +82,107 @@ def uniform_plan(units: list[str], mode: str):
 
 def measure_costs(model, step, prof, units: list[str] | None = None, modes=("full", "selective"),
                   reps: int = 5, precision: str | None = None) -> OptionCosts:
-    """Time ``step()`` (one training step) with each mode applied to all units, interleaved, untracked."""
+    """Time ``step()`` (one training step) with each mode applied to all units and to one, interleaved,
+    untracked; fit each mode's once-per-mode surcharge and per-unit slope (see the module docstring)."""
     from .apply import apply
     from .chain import chain_model, find_units
 
     names = units or find_units(prof)
     model_costs = {u.name: {o.name: o.extra_ms for o in u.options}
                    for u in chain_model(prof, prof.peak_bytes, names).problem.units}
-    plans = {m: uniform_plan(names, m) for m in modes}
+    middle = names[len(names) // 2]
+    plans = {}
+    for m in modes:
+        plans[m] = uniform_plan(names, m)
+        if len(names) > 1:
+            one = uniform_plan(names, "keep")
+            plans[(m, 1)] = replace(one, checkpoint=tuple(replace(c, mode=m) if c.unit == middle else c
+                                                          for c in one.checkpoint))
     if precision not in (None, "fp32"):
-        plans = {m: replace(p, precision=precision) for m, p in plans.items()}
+        plans = {k: replace(p, precision=precision) for k, p in plans.items()}
     step()  # warm
     for p in plans.values():
         with apply(model, p):
             step()
-    times: dict[str, list[float]] = {m: [] for m in ("keep", *modes)}
+    times: dict = {k: [] for k in ("keep", *plans)}
     order = list(times)
     for r in range(reps):
-        for mode in (order if r % 2 == 0 else order[::-1]):  # alternate the order: drift cancels
-            times[mode].append(_timed(step, None if mode == "keep" else plans[mode], model))
+        for key in (order if r % 2 == 0 else order[::-1]):  # alternate the order: drift cancels
+            times[key].append(_timed(step, None if key == "keep" else plans[key], model))
     base = statistics.median(times["keep"]) * 1e3
+
+    def extra_of(key) -> float:
+        return max(0.0, statistics.median([(t - k) * 1e3 for t, k in zip(times[key], times["keep"])]))
+
+    n = len(names)
     extra: dict = {}
+    first: dict = {}
     for mode in modes:
-        diffs = [(t - k) * 1e3 for t, k in zip(times[mode], times["keep"])]
-        total = max(0.0, statistics.median(diffs))
+        total = extra_of(mode)
+        if n > 1:
+            one = extra_of((mode, 1))
+            slope = max(0.0, (total - one) / (n - 1))
+            first[mode] = max(0.0, min(one, total) - slope)
+            total = max(0.0, total - first[mode])
         weights = {u: model_costs[u].get(mode, 0.0) for u in names}
         wsum = sum(weights.values()) or len(names)
         extra[mode] = {u: total * (weights[u] if sum(weights.values()) else 1.0) / wsum for u in names}
-    return OptionCosts(base, extra, reps)
+    return OptionCosts(base, extra, reps, first)
+
+
+def _restricted(problem, allowed: set):
+    from .solver import ChainProblem
+
+    units = tuple(replace(u, options=tuple(o for o in u.options if o.name in allowed)) for u in problem.units)
+    return ChainProblem(units, problem.forward_base_bytes, problem.budget_bytes)
+
+
+def _mode_sets(problem, first_unit_ms: dict):
+    """Every set of surcharged modes a plan may use, with the options it allows (keep always)."""
+    names = {o.name for u in problem.units for o in u.options}
+    charged = sorted(m for m, ms in first_unit_ms.items() if ms > 0 and m in names)
+    free = names - set(charged)
+    for k in range(len(charged) + 1):
+        for chosen in combinations(charged, k):
+            yield set(chosen) | free
+
+
+def solve_with_surcharges(problem, first_unit_ms: dict):
+    """The least-time solution within the budget when each mode costs ``first_unit_ms[mode]`` once if used.
+
+    Exact under that model: the chain DP is solved once per set of surcharged modes allowed (at most four
+    for full and selective) and the best total is kept. Returns ``(solution, extra_ms)`` with the surcharges
+    included; raises :class:`memprof.policy.solver.InfeasibleBudget` like ``solve_dp`` when nothing fits."""
+    from .solver import InfeasibleBudget, solve_dp
+
+    best = None
+    error = None
+    for allowed in _mode_sets(problem, first_unit_ms):
+        try:
+            sol = solve_dp(_restricted(problem, allowed))
+        except InfeasibleBudget as e:
+            error = error or e
+            continue
+        total = sol.extra_ms + sum(ms for m, ms in first_unit_ms.items() if m in set(sol.choices))
+        if best is None or (total, sol.peak_bytes) < (best[1], best[0].peak_bytes):
+            best = (sol, total)
+    if best is None:
+        raise error
+    return best
+
+
+def frontier_with_surcharges(problem, first_unit_ms: dict) -> list:
+    """Pareto points ``(solution, extra_ms)`` (peak vs. time, surcharges included), by increasing peak."""
+    from .solver import frontier
+
+    points = []
+    for allowed in _mode_sets(problem, first_unit_ms):
+        for sol in frontier(_restricted(problem, allowed)):
+            total = sol.extra_ms + sum(ms for m, ms in first_unit_ms.items() if m in set(sol.choices))
+            points.append((sol, total))
+    points.sort(key=lambda p: (p[0].peak_bytes, p[1]))
+    out = []
+    for sol, total in points:
+        if not out or total < out[-1][1]:
+            out.append((sol, total))
+    return out

@@ -364,6 +364,39 @@ class Ledger(TorchDispatchMode):
                 self.overhead += perf_counter() - t_in
         return timed
 
+    def set_aside(self, records, device: str = "cpu") -> list:
+        """Stop counting ``records`` in the tracked total: memory that lives on another device (cold path).
+
+        For the estimator's CPU-offload emulation, which runs the host's storages (FSDP's sharded
+        parameters and gradients, the optimizer's state and its step's temporaries) on the same fake device
+        as the accelerator's. Called before the step is replayed: their events of this step become zero-byte
+        ones (which the replay skips), their frees are no longer logged, and they are counted on ``device``
+        from now on (sizes no longer rounded like CUDA's). Returns the events taken out, in log order.
+        Known limit: a set-aside storage that is resized later is counted again from that resize.
+        """
+        records = list(records)
+        ids = {id(r) for r in records}
+        moved = []
+        for log in (self.prelude, self.events):
+            for i, (rec, d) in enumerate(log):
+                if d and id(rec) in ids:
+                    log[i] = (rec, 0)
+                    moved.append((rec, d))
+                    self.total -= d
+        index = self._device_named(device)
+        for rec in records:
+            rec.device = index
+            s = rec.ref() if rec.ref is not None else None
+            if s is not None:
+                rec.nbytes = s.nbytes()
+                rec.ref = weakref.ref(s, partial(self._forget, id(s)))
+        return moved
+
+    def _forget(self, key, _ref) -> None:
+        rec = self.live.pop(key, None)
+        if rec is not None:
+            rec.ref = None
+
     def detach_all(self) -> None:
         """Drop every weakref callback (the tracker is finished: no callbacks may outlive it)."""
         for rec in self.live.values():
