@@ -3,8 +3,9 @@
     python experiments/accuracy.py
 
 Tracker: the four models of tests/test_accuracy.py (GPT, HF Llama from a config, CNN with BatchNorm,
-tied-weight MLP with in-place ReLU) x AdamW / SGD with momentum x first / steady step, against the
-allocator's own events (torch.profiler) on an identical copy. Estimator: the same models plus HF BERT, in
+tied-weight MLP with in-place ReLU) x AdamW / SGD with momentum x first / steady / replayed step (the
+third step's optimizer phase is replayed from the pattern the second recorded, see
+memprof.tracking.optpattern), against the allocator's own events (torch.profiler) on an identical copy. Estimator: the same models plus HF BERT, in
 fp32 and bf16-autocast, fake tensors vs a real CPU run. Writes results/accuracy.json.
 """
 
@@ -29,11 +30,13 @@ def main() -> None:
             case = build()
             model, opt = case.model, make_optimizer(opt_name, case.model.parameters())
             ref_model, ref_opt = twin(case, opt_name)
-            for step in ("first", "steady"):
+            for step in ("first", "steady", "replayed"):
                 expected = allocator_step_peak(case, ref_model, ref_opt)
                 with memprof.track(model, opt) as tracker:
                     train_step(case, model, opt)
                 got = tracker.profile.peak_bytes
+                replayed = any("replayed from the allocation pattern" in n for n in tracker.profile.notes)
+                assert replayed == (step == "replayed"), (case_name, opt_name, step)
                 tracker_rows.append({"model": case_name, "optimizer": opt_name, "step": step,
                                      "tracker_peak_bytes": got, "allocator_peak_bytes": expected,
                                      "error": got / expected - 1})

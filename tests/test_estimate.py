@@ -249,3 +249,24 @@ def test_estimate_leaves_no_process_group_or_mode_behind():
     from torch._subclasses.fake_tensor import FakeTensor
 
     assert not isinstance(torch.zeros(1), FakeTensor)
+
+
+class _WithConstant(torch.nn.Module):
+    """Makes a 400 KB tensor from a Python list in every forward (``torch.tensor`` is ``aten.lift_fresh``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 64)
+        self.values = [float(i % 7) for i in range(100_000)]
+
+    def forward(self, x):
+        c = torch.tensor(self.values)
+        return self.lin(x).sum() + c[:64].sum()
+
+
+def test_tensor_constants_made_in_the_step_count_once():
+    est = estimate(_WithConstant, lambda: torch.randn(8, 64), device="cpu")
+    real = _measured_peak(_WithConstant, lambda: torch.randn(8, 64), "fp32")
+    # Without lifting the constant as the op's output only, the fake run counted it twice (its real
+    # constant and its fake tensor): 400,000 bytes over.
+    assert est.peak_bytes == real

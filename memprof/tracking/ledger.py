@@ -52,9 +52,11 @@ def real_tensors(t):
             yield from real_tensors(x)
 
 
-# Op kinds, cached per OpOverload.
-_FRESH, _VIEW, _INPLACE = 0, 1, 2
-_ALLOCATING_ALIASES = {torch.ops.aten.lift_fresh.default}
+# Op kinds, cached per OpOverload. _LIFT: ``lift_fresh`` (``torch.tensor(...)``): its input is the constant
+# being lifted, the same storage as its output in a real run; under fake tensors the output is a new fake
+# storage and the real constant is not memory of the step, so the input is not looked at.
+_FRESH, _VIEW, _INPLACE, _LIFT = 0, 1, 2, 3
+_LIFTS = {torch.ops.aten.lift_fresh.default}
 
 
 class StorageRecord:
@@ -143,14 +145,17 @@ class Ledger(TorchDispatchMode):
         if kind is None:
             kind = self._classify(func)
         live = self.live
-        for a in args:  # inputs never seen before were live before the step (a loss target, a cache)
-            if isinstance(a, _Tensor):
-                if id(a.untyped_storage()) not in live:
-                    self._found_input(a, func)
-            elif type(a) is list or type(a) is tuple:
-                for x in a:
-                    if isinstance(x, _Tensor) and id(x.untyped_storage()) not in live:
-                        self._found_input(x, func)
+        if kind == _LIFT:
+            kind = _FRESH
+        else:
+            for a in args:  # inputs never seen before were live before the step (a loss target, a cache)
+                if isinstance(a, _Tensor):
+                    if id(a.untyped_storage()) not in live:
+                        self._found_input(a, func)
+                elif type(a) is list or type(a) is tuple:
+                    for x in a:
+                        if isinstance(x, _Tensor) and id(x.untyped_storage()) not in live:
+                            self._found_input(x, func)
         cal = self.calibrator
         t0 = perf_counter()
         if cal is not None and (kind != _VIEW or self._cal_views):
@@ -192,8 +197,8 @@ class Ledger(TorchDispatchMode):
                 self.found(s, rt, OTHER, op=None, label="found live", now=True)
 
     def _classify(self, func) -> int:
-        if func in _ALLOCATING_ALIASES:
-            kind = _FRESH
+        if func in _LIFTS:
+            kind = _LIFT
         elif func.is_view:
             kind = _VIEW
         else:
