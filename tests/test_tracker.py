@@ -239,3 +239,33 @@ def test_functional_model_without_modules_gets_activation_category():
     assert by_phase["backward"] > 0
     act = next(s for s in tracker.profile.timeline if s.phase == "backward").category("activation")
     assert act >= h.nbytes  # tanh's output is saved for backward
+
+
+def test_with_an_accelerator_host_memory_is_counted_on_its_device_only():
+    """``device_as`` stands in for a GPU: CPU storages count as "cuda:0", meta storages as the host."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(64, 256)
+    host_bytes = 3 * 2**20
+
+    def step(with_host):
+        h = torch.empty(host_bytes, dtype=torch.uint8, device="meta") if with_host else None
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        del h
+
+    step(False)  # momentum buffers made
+    profiles = {}
+    for with_host in (False, True):
+        with memprof.track(model, opt, device_as={"cpu": "cuda:0", "meta": "cpu"}, calibrate=False,
+                           optimizer_replay=False) as tracker:
+            step(with_host)
+        profiles[with_host] = tracker.profile
+    plain, mixed = profiles[False], profiles[True]
+    assert mixed.peak_bytes == plain.peak_bytes  # the host tensor is not device memory
+    assert [s.total_bytes for s in mixed.timeline] == [s.total_bytes for s in plain.timeline]
+    devices = {d.device: d.peak_bytes for d in mixed.devices}
+    assert devices == {"cuda:0": plain.peak_bytes, "cpu": host_bytes}
+    assert any("host memory is given per device only" in n for n in mixed.notes)

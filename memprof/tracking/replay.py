@@ -76,6 +76,8 @@ class Replay:
         self.cat = [0] * len(CATEGORIES)
         self.dev: dict[int, int] = {}
         self.dev_peak: dict[int, int] = {}
+        # Device indices counted per device only, not in the totals (the host when an accelerator is in use).
+        self.apart: frozenset = frozenset()
         self.event_base = 0
         self.phase = OTHER_PHASE
         self.cur = None
@@ -98,6 +100,8 @@ class Replay:
         return st
 
     def replay_step(self, index: int, prelude: list, events: list, marks: list, t_start, t_end) -> None:
+        if self.apart:
+            prelude, events = self._set_apart(prelude), self._set_apart(events)
         live, cat, dev, dev_peak = self.live, self.cat, self.dev, self.dev_peak
         # Memory found already live counts from the step's start.
         for rec, nb in prelude:
@@ -217,6 +221,22 @@ class Replay:
                             start_live, events)
 
     # ------------------------------------------------------------------------------------------------
+    def _set_apart(self, events: list) -> list:
+        """Count the events of devices in ``apart`` on their device only; the rest become zero-byte events
+        (same positions, so marks and sample indices stay valid)."""
+        apart, dev, dev_peak = self.apart, self.dev, self.dev_peak
+        out = []
+        for rec, d in events:
+            dv = rec.device
+            if d and dv in apart:
+                x = dev.get(dv, 0) + d
+                dev[dv] = x
+                if x > dev_peak.get(dv, 0):
+                    dev_peak[dv] = x
+                d = 0
+            out.append((rec, d))
+        return out
+
     def _apply(self, rec, d) -> None:
         if not d:
             return

@@ -701,11 +701,21 @@ class Tracker:
         if self._opt_order is None and self._opt_in_step:
             self._opt_order = list(self._opt_in_step)
         self._opt_in_step = []
+        self._host_apart()
         self.replay.replay_step(self._step_index, led.prelude, led.events, led.marks, self._step_t0, t)
         led.prelude, led.events, led.marks = [], [], []
         self._step_index += 1
         self._step_t0 = t
         self._after_opt = False
+
+    def _host_apart(self) -> None:
+        """With an accelerator in use, its memory is what runs out: host storages (a CPU batch, step counters,
+        offloaded state) are counted on their device in ``devices`` but not in the totals and peaks."""
+        names = self.ledger.device_names
+        if any(n.startswith("cuda") for n in names):
+            self.replay.apart = frozenset(i for i, n in enumerate(names) if not n.startswith("cuda"))
+            self._notes.add("totals and peaks are the CUDA device's; host memory is given per device only "
+                            "(devices)")
 
     def _over_limit(self, func) -> None:
         led = self.ledger
@@ -726,6 +736,7 @@ class Tracker:
         self._timer.sync()
         has_work = led.events or led.prelude or led.marks or not self.replay.steps
         if has_work:
+            self._host_apart()
             self.replay.replay_step(self._step_index, led.prelude, led.events, led.marks, self._step_t0, t)
             led.prelude, led.events, led.marks = [], [], []
         self.replay.close_all(t)
