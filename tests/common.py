@@ -12,6 +12,7 @@ from memprof.tracking.groundtruth import allocator_peak, live_bytes
 from memprof.zoo import GPT, ConvNet, GPTConfig, TiedMLP, gpt_batch
 
 SMALL_GPT = GPTConfig(n_layer=2, n_embd=128, n_head=4, block_size=64, vocab_size=1000)
+POLICY_GPT = GPTConfig(n_layer=6, n_embd=128, n_head=4, block_size=64, vocab_size=1000)  # the `gpt` fixture
 
 
 class Case:

@@ -4,7 +4,6 @@ import dataclasses
 import math
 
 import pytest
-import torch
 
 import memprof
 from memprof.policy.apply import apply
@@ -12,27 +11,10 @@ from memprof.policy.chain import chain_model, find_units
 from memprof.policy.engine import InfeasibleBudgetError, plan
 from memprof.policy.plan import CheckpointChoice
 from memprof.policy.solver import frontier, peak_of
-from memprof.zoo import GPT, GPTConfig, gpt_batch
+from memprof.zoo import GPT, gpt_batch
+from tests.common import POLICY_GPT
 
-CFG = GPTConfig(n_layer=6, n_embd=128, n_head=4, block_size=64, vocab_size=1000)
-
-
-@pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    model = GPT(CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = gpt_batch(CFG, 4)
-
-    def step():
-        model(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with memprof.track(model, opt) as tracker:
-        for _ in range(3):
-            step()
-    return model, opt, step, tracker.profile
+CFG = POLICY_GPT
 
 
 def _measure(model, opt, step, the_plan, steps=2):

@@ -7,38 +7,16 @@ be checked against hand-computed values and a brute-force optimum.
 import itertools
 
 import pytest
-import torch
 
-import memprof
 from memprof.policy import timing
 from memprof.policy.chain import chain_model, find_units
 from memprof.policy.engine import plan
 from memprof.policy.solver import peak_of
 from memprof.policy.timing import OptionCosts, measure_costs
-from memprof.zoo import GPT, GPTConfig, gpt_batch
 
-CFG = GPTConfig(n_layer=6, n_embd=128, n_head=4, block_size=64, vocab_size=1000)
 BASE_S = 0.200
 FIRST = {"full": 0.012, "selective": 0.009}  # seconds paid once when a mode is used at all
 PER_UNIT = {"full": 0.007, "selective": 0.003}  # seconds per unit in that mode
-
-
-@pytest.fixture(scope="module")
-def gpt():
-    torch.manual_seed(0)
-    model = GPT(CFG)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = gpt_batch(CFG, 4)
-
-    def step():
-        model(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with memprof.track(model, opt) as tracker:
-        for _ in range(3):
-            step()
-    return model, step, tracker.profile
 
 
 def _law(step, the_plan, model):
@@ -50,7 +28,7 @@ def _law(step, the_plan, model):
 
 
 def test_costs_fit_the_once_per_mode_surcharge_and_the_per_unit_slope(gpt, monkeypatch):
-    model, step, prof = gpt
+    model, _, step, prof = gpt
     monkeypatch.setattr(timing, "_timed", _law)
     costs = measure_costs(model, step, prof, reps=3)
     units = find_units(prof)
@@ -63,7 +41,7 @@ def test_costs_fit_the_once_per_mode_surcharge_and_the_per_unit_slope(gpt, monke
 
 
 def test_plan_with_surcharges_is_the_brute_force_optimum(gpt):
-    _, _, prof = gpt
+    _, _, _, prof = gpt
     units = find_units(prof)
     costs = OptionCosts(BASE_S * 1e3, {m: {u: PER_UNIT[m] * 1e3 for u in units} for m in PER_UNIT}, 1,
                         {m: FIRST[m] * 1e3 for m in FIRST})

@@ -3,14 +3,17 @@
 A profile gives each unit's forward time and the share of it that checkpointing recomputes; the real cost of
 a checkpointed unit also includes checkpointing's own machinery (selective checkpointing runs every op of
 the unit through two dispatch modes) and cache effects that no profile shows. When the live model and its
-training step are at hand, :func:`measure_costs` times untracked steps with every unit kept, and for each
-mode (full, selective) with every unit and with one (the middle) unit checkpointed, interleaved.
+training step are at hand, :func:`measure_costs` times untracked steps, for each mode (full, selective),
+with every unit and with one unit (the last) checkpointed, each in pairs with the plain step.
 
-Costs are not additive: on this CPU one checkpointed unit costs 1.4-2x the per-unit average of all units
-checkpointed (the first recomputation in a mode meets colder caches and fresh pages at a higher footprint).
-The two points give a per-mode model ``cost(k units) = first + k x per_unit``: ``first_unit_ms`` is the
-surcharge paid once when a mode is used at all, ``extra_ms`` the per-unit slope, apportioned to the units in
-proportion to the profile's modelled costs. ``memprof.plan(..., costs=...)`` solves once per set of modes
+Costs need not be additive: one checkpointed unit may cost more than the per-unit average of all units. The
+last unit is measured because its recomputation runs first in backward, at the step's highest footprint
+(fresh pages, colder caches), and it is the first unit the planner checkpoints (tighter budgets add units
+towards the front). On this 2-core CPU a few-percent overhead is at the edge of what the timing resolves:
+in five runs of experiments/apply_verify.py the same plan measured anywhere from 3.0% to 6.1%. The two points give a per-mode model
+``cost(k units) = first + k x per_unit``: ``first_unit_ms`` is the surcharge paid once when a mode is used at
+all (zero when the data show none), ``extra_ms`` the per-unit slope, apportioned to the units in proportion
+to the profile's modelled costs. ``memprof.plan(..., costs=...)`` solves once per set of modes
 used (adding their surcharges), so the choice stays exact under this model, and measures the overhead
 against the untracked step time.
 
@@ -82,21 +85,22 @@ def uniform_plan(units: list[str], mode: str):
 
 def measure_costs(model, step, prof, units: list[str] | None = None, modes=("full", "selective"),
                   reps: int = 5, precision: str | None = None) -> OptionCosts:
-    """Time ``step()`` (one training step) with each mode applied to all units and to one, interleaved,
-    untracked; fit each mode's once-per-mode surcharge and per-unit slope (see the module docstring)."""
+    """Time ``step()`` (one training step) with each mode applied to all units and to one, each paired with
+    the plain step (ABBA, untracked, as :func:`measure_overhead`); fit each mode's once-per-mode surcharge
+    and per-unit slope (see the module docstring)."""
     from .apply import apply
     from .chain import chain_model, find_units
 
     names = units or find_units(prof)
     model_costs = {u.name: {o.name: o.extra_ms for o in u.options}
                    for u in chain_model(prof, prof.peak_bytes, names).problem.units}
-    middle = names[len(names) // 2]
+    last = names[-1]
     plans = {}
     for m in modes:
         plans[m] = uniform_plan(names, m)
         if len(names) > 1:
             one = uniform_plan(names, "keep")
-            plans[(m, 1)] = replace(one, checkpoint=tuple(replace(c, mode=m) if c.unit == middle else c
+            plans[(m, 1)] = replace(one, checkpoint=tuple(replace(c, mode=m) if c.unit == last else c
                                                           for c in one.checkpoint))
     if precision not in (None, "fp32"):
         plans = {k: replace(p, precision=precision) for k, p in plans.items()}
@@ -104,15 +108,25 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
     for p in plans.values():
         with apply(model, p):
             step()
-    times: dict = {k: [] for k in ("keep", *plans)}
-    order = list(times)
-    for r in range(reps):
-        for key in (order if r % 2 == 0 else order[::-1]):  # alternate the order: drift cancels
-            times[key].append(_timed(step, None if key == "keep" else plans[key], model))
-    base = statistics.median(times["keep"]) * 1e3
+    # Each configuration is timed in pairs with the plain step, in alternating order, exactly as
+    # measure_overhead times a plan: whatever one step leaves to the next (heap size, caches) is the same
+    # for the prediction and its verification.
+    keep_times: list[float] = []
+    ratios: dict = {}
+    for key, p in plans.items():
+        rs = []
+        for r in range(reps):
+            if r % 2 == 0:
+                base_t, t = _timed(step, None, model), _timed(step, p, model)
+            else:
+                t, base_t = _timed(step, p, model), _timed(step, None, model)
+            keep_times.append(base_t)
+            rs.append(t / base_t)
+        ratios[key] = rs
+    base = statistics.median(keep_times) * 1e3
 
     def extra_of(key) -> float:
-        return max(0.0, statistics.median([(t - k) * 1e3 for t, k in zip(times[key], times["keep"])]))
+        return max(0.0, (statistics.median(ratios[key]) - 1) * base)
 
     n = len(names)
     extra: dict = {}
