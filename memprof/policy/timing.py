@@ -59,16 +59,22 @@ def _timed(step, plan, model) -> float:
         return time.perf_counter() - t0
 
 
-def measure_overhead(model, step, plan, reps: int = 21) -> float:
-    """Median of paired (plan / no plan) step-time ratios minus one, interleaved ABBA, untracked."""
-    ratios = []
+def _paired(model, step, plan, reps: int) -> tuple[list[float], list[float]]:
+    """(plan / no plan step-time ratios, the plain steps' seconds), timed in pairs in alternating order."""
+    ratios, plain = [], []
     for r in range(reps):
         if r % 2 == 0:
             base, planned = _timed(step, None, model), _timed(step, plan, model)
         else:
             planned, base = _timed(step, plan, model), _timed(step, None, model)
         ratios.append(planned / base)
-    return statistics.median(ratios) - 1
+        plain.append(base)
+    return ratios, plain
+
+
+def measure_overhead(model, step, plan, reps: int = 21) -> float:
+    """Median of paired (plan / no plan) step-time ratios minus one, interleaved ABBA, untracked."""
+    return statistics.median(_paired(model, step, plan, reps)[0]) - 1
 
 
 def uniform_plan(units: list[str], mode: str):
@@ -114,15 +120,8 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
     keep_times: list[float] = []
     ratios: dict = {}
     for key, p in plans.items():
-        rs = []
-        for r in range(reps):
-            if r % 2 == 0:
-                base_t, t = _timed(step, None, model), _timed(step, p, model)
-            else:
-                t, base_t = _timed(step, p, model), _timed(step, None, model)
-            keep_times.append(base_t)
-            rs.append(t / base_t)
-        ratios[key] = rs
+        ratios[key], plain = _paired(model, step, p, reps)
+        keep_times += plain
     base = statistics.median(keep_times) * 1e3
 
     def extra_of(key) -> float:
