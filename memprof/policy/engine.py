@@ -27,8 +27,14 @@ from ..units import format_bytes
 from .chain import MODES, chain_model, find_units
 from .costs import CommModel, comm_ms, offload_ms
 from .plan import CheckpointChoice, FrontierPoint, Plan, Sharding, Source
-from .solver import InfeasibleBudget, Solution, dominant_term, min_peak
-from .timing import frontier_with_surcharges, solve_with_surcharges
+from .solver import (
+    InfeasibleBudget,
+    Solution,
+    dominant_term,
+    frontier_with_surcharges,
+    min_peak,
+    solve_with_surcharges,
+)
 
 __all__ = ["plan", "InfeasibleBudgetError", "Candidate", "LEVERS"]
 

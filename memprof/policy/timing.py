@@ -26,7 +26,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from itertools import combinations
 
 __all__ = ["OptionCosts", "measure_costs", "measure_overhead", "uniform_plan"]
 
@@ -142,60 +141,3 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
         extra[mode] = {u: total * (weights[u] if sum(weights.values()) else 1.0) / wsum for u in names}
     return OptionCosts(base, extra, reps, first)
 
-
-def _restricted(problem, allowed: set):
-    from .solver import ChainProblem
-
-    units = tuple(replace(u, options=tuple(o for o in u.options if o.name in allowed)) for u in problem.units)
-    return ChainProblem(units, problem.forward_base_bytes, problem.budget_bytes)
-
-
-def _mode_sets(problem, first_unit_ms: dict):
-    """Every set of surcharged modes a plan may use, with the options it allows (keep always)."""
-    names = {o.name for u in problem.units for o in u.options}
-    charged = sorted(m for m, ms in first_unit_ms.items() if ms > 0 and m in names)
-    free = names - set(charged)
-    for k in range(len(charged) + 1):
-        for chosen in combinations(charged, k):
-            yield set(chosen) | free
-
-
-def solve_with_surcharges(problem, first_unit_ms: dict):
-    """The least-time solution within the budget when each mode costs ``first_unit_ms[mode]`` once if used.
-
-    Exact under that model: the chain DP is solved once per set of surcharged modes allowed (at most four
-    for full and selective) and the best total is kept. Returns ``(solution, extra_ms)`` with the surcharges
-    included; raises :class:`memprof.policy.solver.InfeasibleBudget` like ``solve_dp`` when nothing fits."""
-    from .solver import InfeasibleBudget, solve_dp
-
-    best = None
-    error = None
-    for allowed in _mode_sets(problem, first_unit_ms):
-        try:
-            sol = solve_dp(_restricted(problem, allowed))
-        except InfeasibleBudget as e:
-            error = error or e
-            continue
-        total = sol.extra_ms + sum(ms for m, ms in first_unit_ms.items() if m in set(sol.choices))
-        if best is None or (total, sol.peak_bytes) < (best[1], best[0].peak_bytes):
-            best = (sol, total)
-    if best is None:
-        raise error
-    return best
-
-
-def frontier_with_surcharges(problem, first_unit_ms: dict) -> list:
-    """Pareto points ``(solution, extra_ms)`` (peak vs. time, surcharges included), by increasing peak."""
-    from .solver import frontier
-
-    points = []
-    for allowed in _mode_sets(problem, first_unit_ms):
-        for sol in frontier(_restricted(problem, allowed)):
-            total = sol.extra_ms + sum(ms for m, ms in first_unit_ms.items() if m in set(sol.choices))
-            points.append((sol, total))
-    points.sort(key=lambda p: (p[0].peak_bytes, p[1]))
-    out = []
-    for sol, total in points:
-        if not out or total < out[-1][1]:
-            out.append((sol, total))
-    return out
