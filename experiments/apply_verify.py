@@ -1,13 +1,15 @@
 """Plans applied and measured again: predicted vs measured peak and step-time overhead (CPU).
 
-    python experiments/apply_verify.py [--reps 21]
+    python experiments/apply_verify.py [--reps 21] [--stderr 0.1] [--max-reps 201]
 
 Models: the demo GPT (6 blocks, batch 8 x 256) and an HF transformers Llama-style model (8 layers, GQA,
 SDPA, batch 4 x 256). Each is profiled for 3 steps; plans are made for budgets at 90/80/70% of the
 measured peak and just above the smallest feasible peak (checkpoint lever). Each plan is applied and
 measured three ways: the tracker's peak, the allocator's peak (torch.profiler allocation events, an
 independent ground truth), and the step time with and without the plan, interleaved, untracked
-(median of paired ratios, ABBA order; all timing before any profiler session). The planner's times come
+(median of paired ratios, ABBA order; all timing before any profiler session). Every timed configuration
+gets at least --reps pairs, and more until the median ratio's standard error is --stderr of its overhead (at
+most --max-reps): a 3% overhead needs several times the pairs of a 15% one on this noisy 2-core machine. The planner's times come
 from measure_costs: untracked steps with every block kept, and fully and selectively checkpointed on every
 block and on one block (a once-per-mode surcharge plus a per-block slope, written to the results as
 ``measured_costs``); the plans mix modes per block, so their overheads are predictions. Writes
@@ -24,7 +26,7 @@ from _common import RESULTS, write_result
 import memprof
 from memprof.policy.chain import chain_model
 from memprof.policy.solver import min_peak
-from memprof.policy.timing import measure_costs, measure_overhead
+from memprof.policy.timing import measure_costs, time_overhead
 from memprof.tracking.groundtruth import allocator_peak, live_bytes
 from memprof.training import default_step
 from memprof.zoo import DEMO_GPT, GPT, gpt_batch
@@ -51,7 +53,9 @@ MODELS = {"demo GPT": demo_gpt, "HF Llama (8 layers, GQA)": hf_llama}
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--reps", type=int, default=21, help="least pairs per timed configuration")
+    ap.add_argument("--stderr", type=float, default=0.1, help="relative standard error to reach (0: --reps only)")
+    ap.add_argument("--max-reps", type=int, default=201, help="most pairs per timed configuration")
     args = ap.parse_args()
     rows = []
     measured_costs = {}
@@ -68,10 +72,12 @@ def main() -> None:
         prof = tracker.profile
         cm = chain_model(prof, prof.peak_bytes)
         smallest = max(cm.floor_bytes, min_peak(cm.problem).peak_bytes)
-        costs = measure_costs(model, step, prof, reps=args.reps)
+        effort = {"reps": args.reps, "stderr": args.stderr or None, "max_reps": args.max_reps}
+        costs = measure_costs(model, step, prof, **effort)
         n_units = len(next(iter(costs.extra_ms.values())))
         measured_costs[name] = {
             "base_step_ms": costs.base_step_ms, "units": n_units,
+            "pairs_and_stderr": costs.pairs,
             **{mode: {"first_unit_surcharge_ms": costs.first_unit_ms.get(mode, 0.0),
                       "per_unit_ms": sum(per.values()) / n_units,
                       "one_unit_ms": costs.first_unit_ms.get(mode, 0.0) + sum(per.values()) / n_units,
@@ -82,7 +88,7 @@ def main() -> None:
         budgets["smallest feasible + 1%"] = int(smallest * 1.01)
         plans = {label: memprof.plan(prof, budget, costs=costs) for label, budget in budgets.items()}
         # Time first (untracked, interleaved), then memory: profiler sessions do not precede any timing.
-        overheads = {label: measure_overhead(model, step, plan, reps=args.reps) for label, plan in plans.items()}
+        timings = {label: time_overhead(model, step, plan, **effort) for label, plan in plans.items()}
         for label, plan in plans.items():
             budget = budgets[label]
             with memprof.apply(model, plan):
@@ -92,7 +98,8 @@ def main() -> None:
                 tensors = list(model.parameters()) + [v for s in opt.state.values() for v in s.values()]
                 tensors += list(batch.values()) if isinstance(batch, dict) else list(batch)
                 allocator, _ = allocator_peak(step, live_bytes(tensors))
-            measured_overhead = overheads[label]
+            timing = timings[label]
+            measured_overhead = timing.overhead
             modes = [c.mode for c in plan.checkpoint]
             row = {
                 "model": name, "budget": label, "budget_bytes": budget,
@@ -102,15 +109,17 @@ def main() -> None:
                 "peak_error_vs_allocator": allocator / plan.predicted_peak_bytes - 1,
                 "within_budget": allocator <= budget and t2.profile.peak_bytes <= budget,
                 "predicted_overhead": plan.predicted_overhead, "measured_overhead": measured_overhead,
+                "measured_overhead_stderr": timing.stderr, "timed_pairs": timing.pairs,
                 "base_step_ms_untracked": costs.base_step_ms,
             }
             rows.append(row)
             print(f"{name:26s} {label:22s} peak pred {plan.predicted_peak_bytes / 2**20:7.1f} MiB, allocator "
                   f"{allocator / 2**20:7.1f} MiB ({100 * row['peak_error_vs_allocator']:+.2f}%), overhead pred "
-                  f"{100 * plan.predicted_overhead:5.1f}% meas {100 * measured_overhead:5.1f}%")
+                  f"{100 * plan.predicted_overhead:5.1f}% meas {100 * measured_overhead:5.1f}% "
+                  f"(+-{100 * timing.stderr:.2f}, {timing.pairs} pairs)")
     _figure(rows)
     path = write_result("apply-verify", {
-        "device": "CPU (2 cores)", "reps": args.reps,
+        "device": "CPU (2 cores)", "reps": args.reps, "stderr": args.stderr, "max_reps": args.max_reps,
         "targets": "measured peak <= budget and within 2% of predicted; overhead within 25% of predicted",
         "rows": rows,
         "measured_costs": measured_costs,

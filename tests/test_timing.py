@@ -65,3 +65,54 @@ def test_plan_with_surcharges_is_the_brute_force_optimum(gpt):
         assert p.predicted_step_ms == pytest.approx(BASE_S * 1e3 + best)
         checked += best > 0
     assert checked >= 3
+
+
+def test_median_stderr_is_the_mad_based_normal_value():
+    ratios = [1.00, 1.02, 1.04, 1.06, 1.08]  # median 1.04, absolute deviations 0.04 0.02 0 0.02 0.04 -> MAD 0.02
+    assert timing.median_stderr(ratios) == pytest.approx(1.2533 * 1.4826 * 0.02 / 5**0.5)
+    # One stalled step does not move it.
+    assert timing.median_stderr(ratios[:-1] + [3.0]) == pytest.approx(timing.median_stderr(ratios))
+    assert timing.median_stderr([1.1]) == float("inf")
+
+
+def _scripted(ratios_in_turn):
+    """A _timed stand-in: plain steps take 1 s, planned ones the next ratio of the script."""
+    it = iter(ratios_in_turn)
+
+    def timed(step, the_plan, model):
+        return 1.0 if the_plan is None else next(it)
+    return timed
+
+
+def test_paired_timing_adds_pairs_until_the_stderr_is_that_share_of_the_overhead(monkeypatch):
+    quiet = [1.10, 1.101, 1.099] * 200  # a 10% overhead, +-0.1 pp: the minimum number of pairs is enough
+    monkeypatch.setattr(timing, "_timed", _scripted(quiet))
+    t = timing.time_overhead(None, lambda: None, object(), reps=9, stderr=0.05, max_reps=500)
+    assert t.pairs == 9 and t.overhead == pytest.approx(0.10) and t.base_ms == pytest.approx(1000.0)
+
+    noisy = [1.03, 1.00, 1.06] * 400  # a 3% overhead, +-3 pp
+    monkeypatch.setattr(timing, "_timed", _scripted(noisy))
+    t = timing.time_overhead(None, lambda: None, object(), reps=9, stderr=0.1, max_reps=1000)
+    # MAD 0.03 -> stderr 1.2533 * 1.4826 * 0.03 / sqrt(n) <= 0.1 * 0.03 needs n >= (1.2533 * 1.4826 / 0.1)^2.
+    need = (1.2533 * 1.4826 / 0.1) ** 2
+    assert need <= t.pairs <= need + 3
+    assert t.stderr <= 0.1 * 0.03 + 1e-12
+    # Never asked for better than 0.2 percentage points: a 0.05 share of 3% would be 0.15.
+    monkeypatch.setattr(timing, "_timed", _scripted(noisy))
+    t = timing.time_overhead(None, lambda: None, object(), reps=9, stderr=0.05, max_reps=1000)
+    need = (1.2533 * 1.4826 * 0.03 / 0.002) ** 2
+    assert need <= t.pairs <= need + 3
+
+    monkeypatch.setattr(timing, "_timed", _scripted(noisy))
+    assert timing.time_overhead(None, lambda: None, object(), reps=9, stderr=0.05, max_reps=40).pairs == 40
+    monkeypatch.setattr(timing, "_timed", _scripted(noisy))
+    assert timing.time_overhead(None, lambda: None, object(), reps=9).pairs == 9  # no stderr asked: a count
+
+
+def test_measure_costs_records_pairs_per_configuration(gpt, monkeypatch):
+    model, _, step, prof = gpt
+    monkeypatch.setattr(timing, "_timed", _law)
+    costs = measure_costs(model, step, prof, reps=3, stderr=0.1, max_reps=10)
+    # The cost law has no noise: the minimum is enough for every configuration.
+    assert set(costs.pairs) == {"full", "selective", "full@1", "selective@1"}
+    assert all(n == 3 and se == 0.0 for n, se in costs.pairs.values())

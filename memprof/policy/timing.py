@@ -10,7 +10,10 @@ Costs need not be additive: one checkpointed unit may cost more than the per-uni
 last unit is measured because its recomputation runs first in backward, at the step's highest footprint
 (fresh pages, colder caches), and it is the first unit the planner checkpoints (tighter budgets add units
 towards the front). On this 2-core CPU a few-percent overhead is at the edge of what the timing resolves:
-in five runs of experiments/apply_verify.py the same plan measured anywhere from 3.0% to 6.1%. The two points give a per-mode model
+in five runs of experiments/apply_verify.py the same plan measured anywhere from 3.0% to 6.1%. Timing can
+therefore be asked for a precision instead of a count (``stderr``): pairs are added until the median paired
+ratio's standard error (from its median absolute deviation) is that share of the overhead measured, so a
+3% overhead gets many more pairs than a 15% one. The two points give a per-mode model
 ``cost(k units) = first + k x per_unit``: ``first_unit_ms`` is the surcharge paid once when a mode is used at
 all (zero when the data show none), ``extra_ms`` the per-unit slope, apportioned to the units in proportion
 to the profile's modelled costs. ``memprof.plan(..., costs=...)`` solves once per set of modes
@@ -27,7 +30,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 
-__all__ = ["OptionCosts", "measure_costs", "measure_overhead", "uniform_plan"]
+__all__ = ["OptionCosts", "PairedTiming", "measure_costs", "measure_overhead", "time_overhead", "uniform_plan"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class OptionCosts:
     extra_ms: dict = field(default_factory=dict)  # mode -> {unit: ms}, the per-unit slope
     reps: int = 0
     first_unit_ms: dict = field(default_factory=dict)  # mode -> ms paid once when any unit uses the mode
+    pairs: dict = field(default_factory=dict)  # configuration ("full", "full@1", ...) -> (pairs timed, stderr)
 
     def surcharge_ms(self, choices) -> float:
         """The once-per-mode part of the cost of a set of per-unit choices."""
@@ -58,11 +62,38 @@ def _timed(step, plan, model) -> float:
         return time.perf_counter() - t0
 
 
-def _paired(model, step, plan, reps: int) -> tuple[list[float], list[float]]:
-    """(plan / no plan step-time ratios, the plain steps' seconds), timed in pairs in alternating order."""
+def median_stderr(ratios: list[float]) -> float:
+    """Standard error of the median of ``ratios``: 1.2533 x (1.4826 x MAD) / sqrt(n), the normal-theory value
+    with a spread estimate that one stalled step cannot inflate."""
+    n = len(ratios)
+    if n < 2:
+        return float("inf")
+    m = statistics.median(ratios)
+    mad = statistics.median([abs(r - m) for r in ratios])
+    return 1.2533 * 1.4826 * mad / n**0.5
+
+
+def enough_pairs(ratios: list[float], reps: int, stderr: float | None, max_reps: int | None,
+                 floor: float = 0.002) -> bool:
+    """Whether to stop timing: at least ``reps`` pairs, and (``stderr`` given) the median ratio's standard
+    error is at most ``stderr`` x the overhead measured so far (never asked below ``floor``, 0.2
+    percentage points), or ``max_reps`` pairs were timed."""
+    n = len(ratios)
+    if n < reps:
+        return False
+    if stderr is None or (max_reps is not None and n >= max_reps):
+        return True
+    target = max(floor, stderr * abs(statistics.median(ratios) - 1))
+    return median_stderr(ratios) <= target
+
+
+def _paired(model, step, plan, reps: int, stderr: float | None = None,
+            max_reps: int | None = None) -> tuple[list[float], list[float]]:
+    """(plan / no plan step-time ratios, the plain steps' seconds), timed in pairs in alternating order
+    until :func:`enough_pairs`."""
     ratios, plain = [], []
-    for r in range(reps):
-        if r % 2 == 0:
+    while not enough_pairs(ratios, reps, stderr, max_reps):
+        if len(ratios) % 2 == 0:
             base, planned = _timed(step, None, model), _timed(step, plan, model)
         else:
             planned, base = _timed(step, plan, model), _timed(step, None, model)
@@ -71,9 +102,31 @@ def _paired(model, step, plan, reps: int) -> tuple[list[float], list[float]]:
     return ratios, plain
 
 
-def measure_overhead(model, step, plan, reps: int = 21) -> float:
-    """Median of paired (plan / no plan) step-time ratios minus one, interleaved ABBA, untracked."""
-    return statistics.median(_paired(model, step, plan, reps)[0]) - 1
+@dataclass(frozen=True)
+class PairedTiming:
+    """A plan's measured step-time overhead: the median paired ratio minus one, with its standard error."""
+
+    overhead: float
+    stderr: float
+    pairs: int
+    base_ms: float  # median untracked step without the plan
+
+
+def time_overhead(model, step, plan, reps: int = 21, stderr: float | None = None,
+                  max_reps: int | None = None) -> PairedTiming:
+    """Time untracked steps with and without ``plan``, in pairs in alternating order (ABBA): ``reps`` pairs,
+    or, with ``stderr`` (a share, e.g. 0.1), more until the median's standard error is that share of the overhead
+    (at most ``max_reps``). Small overheads need many pairs on a noisy machine; large ones few."""
+    ratios, plain = _paired(model, step, plan, reps, stderr, max_reps)
+    return PairedTiming(statistics.median(ratios) - 1, median_stderr(ratios), len(ratios),
+                        statistics.median(plain) * 1e3)
+
+
+def measure_overhead(model, step, plan, reps: int = 21, stderr: float | None = None,
+                     max_reps: int | None = None) -> float:
+    """Median of paired (plan / no plan) step-time ratios minus one, interleaved ABBA, untracked
+    (see :func:`time_overhead`)."""
+    return time_overhead(model, step, plan, reps, stderr, max_reps).overhead
 
 
 def uniform_plan(units: list[str], mode: str):
@@ -89,10 +142,13 @@ def uniform_plan(units: list[str], mode: str):
 
 
 def measure_costs(model, step, prof, units: list[str] | None = None, modes=("full", "selective"),
-                  reps: int = 5, precision: str | None = None) -> OptionCosts:
+                  reps: int = 5, precision: str | None = None, *, stderr: float | None = None,
+                  max_reps: int | None = None) -> OptionCosts:
     """Time ``step()`` (one training step) with each mode applied to all units and to one, each paired with
-    the plain step (ABBA, untracked, as :func:`measure_overhead`); fit each mode's once-per-mode surcharge
-    and per-unit slope (see the module docstring)."""
+    the plain step (ABBA, untracked, as :func:`time_overhead`); fit each mode's once-per-mode surcharge
+    and per-unit slope (see the module docstring). ``reps`` pairs per configuration, or with ``stderr``
+    (a share, e.g. 0.1) more until each configuration's median ratio has that relative standard error
+    (at most ``max_reps`` pairs)."""
     from .apply import apply
     from .chain import chain_model, find_units
 
@@ -118,9 +174,11 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
     # for the prediction and its verification.
     keep_times: list[float] = []
     ratios: dict = {}
+    pairs: dict = {}
     for key, p in plans.items():
-        ratios[key], plain = _paired(model, step, p, reps)
+        ratios[key], plain = _paired(model, step, p, reps, stderr, max_reps)
         keep_times += plain
+        pairs[key if isinstance(key, str) else f"{key[0]}@{key[1]}"] = (len(plain), median_stderr(ratios[key]))
     base = statistics.median(keep_times) * 1e3
 
     def extra_of(key) -> float:
@@ -139,5 +197,5 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
         weights = {u: model_costs[u].get(mode, 0.0) for u in names}
         wsum = sum(weights.values()) or len(names)
         extra[mode] = {u: total * (weights[u] if sum(weights.values()) else 1.0) / wsum for u in names}
-    return OptionCosts(base, extra, reps, first)
+    return OptionCosts(base, extra, reps, first, pairs)
 
