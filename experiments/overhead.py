@@ -1,6 +1,6 @@
 """Tracking overhead on a GPT-2-small-sized training step on CPU, against PyTorch's own memory tools.
 
-    python experiments/overhead.py [--reps 7]
+    python experiments/overhead.py [--reps 25] [--stderr 0.003 --max-reps 101]
 
 Model: 12 layers, d=768, 12 heads, vocab 50257, sequence 256, batch 2, AdamW (124M parameters).
 Conditions, interleaved (the order alternates each round, ABBA) so that drift hits all of them alike; each
@@ -14,9 +14,11 @@ reported:
     MemTracker  ``torch.distributed._tools.mem_tracker.MemTracker`` (private PyTorch API)
     profiler    ``torch.profiler.profile(activities=[CPU], profile_memory=True)``
 
-Writes results/overhead.json: per-condition step times, the median paired ratio to plain, the time memprof
-itself measured spending in its own code during a tracked step, and the cost of the first tracked step in
-the process (which measures every op signature's scratch memory once).
+Writes results/overhead.json: per-condition step times, the median paired ratio to plain with its standard
+error (from the ratios' median absolute deviation), the time memprof itself measured spending in its own code
+during a tracked step and in starting and stopping the tracker (paid once per ``with`` block; this experiment
+opens one per step, the worst case), and the cost of the first tracked step in the process (which measures
+every op signature's scratch memory once).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch  # noqa: I001
 from _common import write_result
 
 import memprof
+from memprof.policy.timing import median_stderr
 from memprof.zoo import GPT, GPTConfig, gpt_batch
 
 GPT2_SMALL = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_size=50257)
@@ -36,8 +39,12 @@ GPT2_SMALL = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--reps", type=int, default=25, help="least rounds")
+    ap.add_argument("--stderr", type=float, default=1.0,
+                    help="go on (in whole ABBA pairs of rounds) until memprof's ratio has this standard error")
+    ap.add_argument("--max-reps", type=int, default=0, help="most rounds (default: --reps)")
     args = ap.parse_args()
+    args.max_reps = max(args.max_reps, args.reps)
 
     torch.manual_seed(0)
     model = GPT(GPT2_SMALL)
@@ -51,9 +58,18 @@ def main() -> None:
 
     own = []
 
+    start_stop = []
+
     def with_memprof():
-        with memprof.track(model, opt) as tracker:
+        t0 = time.perf_counter()
+        tracker = memprof.track(model, opt).start()
+        t1 = time.perf_counter()
+        try:
             step()
+        finally:
+            t2 = time.perf_counter()
+            tracker.stop()
+            start_stop.append(t1 - t0 + time.perf_counter() - t2)
         own.append(tracker.ledger.overhead)
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -91,23 +107,32 @@ def main() -> None:
         fn()
     times: dict[str, list[float]] = {k: [] for k in conditions}
     names = list(conditions)
-    for r in range(args.reps):
+    r = 0
+    while True:
         for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             conditions[name]()
             times[name].append(time.perf_counter() - t0)
+        r += 1
+        if r >= args.max_reps or (r >= args.reps and r % 2 == 0 and median_stderr(
+                [a / b for a, b in zip(times["memprof"], times["plain"])]) <= args.stderr):
+            break
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = {k: statistics.median(a / b for a, b in zip(times[k], times["plain"])) for k in conditions}
-    own_s = statistics.median(own[-args.reps:])
+    paired = {k: [a / b for a, b in zip(times[k], times["plain"])] for k in conditions}
+    ratios = {k: statistics.median(v) for k, v in paired.items()}
+    own_s = statistics.median(own[-r:])
+    start_stop_s = statistics.median(start_stop[-r:])
     result = {
         "model": "GPT-2 small shape: 12 layers, d=768, 12 heads, vocab 50257, seq 256, batch 2, AdamW",
         "parameters": sum(p.numel() for p in model.parameters()),
-        "reps": args.reps,
+        "reps": r,
         "step_seconds": times,
         "median_step_seconds": med,
         "ratio_to_plain": ratios,
+        "ratio_stderr": {k: median_stderr(v) for k, v in paired.items() if k != "plain"},
         "memprof_own_seconds_per_step": own_s,
         "memprof_own_share_of_plain_step": own_s / med["plain"],
+        "memprof_start_and_stop_seconds_per_step": start_stop_s,
         "memprof_first_tracked_step_seconds": first_tracked_s,
         "target": "memprof <= 1.05x and below both others",
         "target_met": ratios["memprof"] <= 1.05 and ratios["memprof"] < min(ratios["MemTracker"], ratios["profiler"]),
@@ -115,7 +140,7 @@ def main() -> None:
     path = write_result("overhead", result)
     print(f"wrote {path}")
     for k in conditions:
-        print(f"  {k:11s} {med[k]:.3f} s  x{ratios[k]:.3f}")
+        print(f"  {k:11s} {med[k]:.3f} s  x{ratios[k]:.3f}" + (f" +-{median_stderr(paired[k]):.3f}" if k != "plain" else ""))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ _patterns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tensor_sig(t) -> tuple:
-    return (tuple(t.shape), t.dtype, t.device, t.layout)
+    return (t.shape, t.dtype, t.device, t.layout)  # torch.Size is a tuple: compares and hashes as one
 
 
 def signature(opt) -> tuple:

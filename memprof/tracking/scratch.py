@@ -80,12 +80,11 @@ class ScratchCalibrator:
         self.calibrated = 0  # ops measured by this calibrator (the rest came from the cache)
 
     def call(self, func, args, kwargs):
+        key = signature(func, args, kwargs)
         try:
-            key = signature(func, args, kwargs)
-            hash(key)
+            hit = _CACHE.get(key)
         except TypeError:  # an unhashable argument: run it plainly
             return func(*args, **kwargs), 0, None
-        hit = _CACHE.get(key)
         if hit is not None:
             out = func(*args, **kwargs)
             return out, hit[0], hit[1]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import platform
 import sys
+import threading
 from functools import partial
 from time import perf_counter
 
@@ -636,10 +637,14 @@ class Tracker:
             return
         self._opt_active = None
         if self._skipping is opt:
-            self._resume_after_skip(opt, failed=False)
-        elif self._recording is not None and self._recording[0] is opt:
-            self._record_pattern(opt)
-        self._label_state(opt)
+            # A replayed step that ended as recorded made no storage that outlives it: the state is the
+            # tensors labelled before (or the pattern is dropped and they are labelled again).
+            if not self._resume_after_skip(opt, failed=False):
+                self._label_state(opt)
+        else:
+            if self._recording is not None and self._recording[0] is opt:
+                self._record_pattern(opt)
+            self._label_state(opt)
         self.ledger.cur = self._cur()
         self._set_phase(OTHER_PHASE)
         self._after_opt = True
@@ -667,8 +672,9 @@ class Tracker:
         self._opt_nested = 0
         self._recording = None
 
-    def _resume_after_skip(self, opt, failed: bool) -> None:
-        """Put the ledger back after a replayed optimizer step; drop the pattern if it no longer holds."""
+    def _resume_after_skip(self, opt, failed: bool) -> bool:
+        """Put the ledger back after a replayed optimizer step; drop the pattern if it no longer holds.
+        Returns whether the step ended as recorded."""
         self._skipping = None
         led = self.ledger
         led.__enter__()
@@ -678,6 +684,8 @@ class Tracker:
             optpattern.forget(opt)
             self._notes.add("an optimizer step replayed from its recorded pattern did not end as recorded "
                             "(it raised or changed the optimizer's state): that step's temporaries may be off")
+            return False
+        return True
 
     def _record_pattern(self, opt) -> None:
         _, sig, start, pid, n_prelude, n_marks = self._recording
@@ -936,10 +944,55 @@ def _tensors(tree) -> list:
 def _on_grads(tensors, fn, mode: str):
     """Call ``fn`` when the gradient of one tensor (mode "any") or of all of them ("all") is computed.
 
-    One tensor: a plain tensor hook, much cheaper than ``register_multi_grad_hook`` (same signal)."""
+    One tensor: a plain tensor hook, much cheaper than ``register_multi_grad_hook`` (same signal). Several
+    with "all": :func:`_on_all_grads`, which counts instead of keeping the gradients."""
     if len(tensors) == 1:
         return tensors[0].register_hook(fn)
+    if mode == "all":
+        return _on_all_grads(tensors, fn)
     return register_multi_grad_hook(tensors, fn, mode=mode)
+
+
+class _Handles:
+    """Removes several hook handles at once."""
+
+    __slots__ = ("handles",)
+
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _on_all_grads(tensors, fn):
+    """``fn(None)`` once the gradients of all ``tensors`` that this backward computes have been computed.
+
+    ``register_multi_grad_hook(mode="all")`` gives the same signal but keeps every gradient alive until the
+    last one arrives, which would put memory into the tracked step that the untracked step frees earlier.
+    This only counts, per backward run, against the number of the tensors' nodes the engine will execute.
+    """
+    from torch.autograd.graph import _get_grad_fn_or_grad_acc
+
+    nodes = [_get_grad_fn_or_grad_acc(t) for t in tensors]
+    pending: dict[int, int] = {}  # graph task id -> gradients still to come
+    lock = threading.Lock()
+
+    def hook(_grad):
+        task = _graph_task_id()
+        with lock:
+            left = pending.get(task)
+            if left is None:
+                left = sum(map(torch._C._will_engine_execute_node, nodes))
+            left -= 1
+            if left > 0:
+                pending[task] = left
+                return
+            pending.pop(task, None)
+        fn(None)
+
+    return _Handles([t.register_hook(hook) for t in tensors])
 
 
 def _remove_hook(handle, iterating: bool) -> None:
