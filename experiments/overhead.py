@@ -14,6 +14,9 @@ reported:
     MemTracker  ``torch.distributed._tools.mem_tracker.MemTracker`` (private PyTorch API)
     profiler    ``torch.profiler.profile(activities=[CPU], profile_memory=True)``
 
+Before each timed step the garbage collector runs (outside the timing), so that no condition pays for a
+collection of what another left behind; each condition's own frees by reference counting stay in its time.
+
 Writes results/overhead.json: per-condition step times, the median paired ratio to plain with its standard
 error (from the ratios' median absolute deviation), the time memprof itself measured spending in its own code
 during a tracked step and in starting and stopping the tracker (paid once per ``with`` block; this experiment
@@ -24,6 +27,7 @@ every op signature's scratch memory once).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -110,6 +114,7 @@ def main() -> None:
     r = 0
     while True:
         for name in (names if r % 2 == 0 else names[::-1]):
+            gc.collect()  # what an earlier condition left for the collector is not collected in this one's time
             t0 = time.perf_counter()
             conditions[name]()
             times[name].append(time.perf_counter() - t0)

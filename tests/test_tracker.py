@@ -106,6 +106,21 @@ def test_untouched_live_memory_is_not_counted_but_touched_memory_is():
     del outside
 
 
+def test_memory_first_seen_through_a_view_is_found_live_once():
+    # View ops take a short path (ledger._ALIAS): the viewed storage is found through the output, also for
+    # ops returning several views (split), and labelled like any other storage met as an op's input.
+    whole = torch.randn(1 << 16)
+    parts = torch.randn(1 << 16)
+    with memprof.track() as tracker:
+        v = whole.view(256, 256).t()
+        a, b = parts.split(1 << 15)
+        (v.sum() + a.sum() + b.sum()).item()
+    prof = tracker.profile
+    found = sorted((t.bytes, t.label, t.shape) for t in prof.peak.tensors if t.label == "found live")
+    assert found == [(whole.nbytes, "found live", (1 << 16,)), (parts.nbytes, "found live", (1 << 16,))]
+    assert prof.peak.by_category["other"] == whole.nbytes + parts.nbytes
+
+
 def test_timeline_is_bounded_and_keeps_the_peak():
     case = CASES["gpt"]()
     model, opt = case.model, make_optimizer("adamw", case.model.parameters())
@@ -269,3 +284,22 @@ def test_with_an_accelerator_host_memory_is_counted_on_its_device_only():
     devices = {d.device: d.peak_bytes for d in mixed.devices}
     assert devices == {"cuda:0": plain.peak_bytes, "cpu": host_bytes}
     assert any("host memory is given per device only" in n for n in mixed.notes)
+
+
+def test_a_finished_tracker_is_freed_without_the_garbage_collector():
+    # Thousands of records a step: left in reference cycles they would wait for a full collection, whose
+    # cost would land on some later step.
+    import gc
+
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    train_step(case, model, opt)
+    gc.collect()
+    train_step(case, model, opt)
+    assert gc.collect() == 0  # the untracked step itself leaves no cycles
+    with memprof.track(model, opt) as tracker:
+        train_step(case, model, opt)
+    profile = tracker.profile
+    del tracker
+    assert gc.collect() == 0
+    assert profile.peak_bytes > 0

@@ -273,10 +273,23 @@ class Tracker:
                 self._owner.clear()
                 self._roots.clear()
                 self._known_optimizers.clear()
+                self._break_cycles()
         if self._limit_exc is not None:
             self._limit_exc.profile = self._profile
         if self._on_stop is not None and self._profile is not None:
             self._on_stop(self)
+
+    def _break_cycles(self) -> None:
+        """Drop the references that tie the finished tracker into cycles (its hooks are its bound methods,
+        the ledger calls back into it and its timer), so that it and the records of the run are freed as
+        soon as the caller lets go of it, not at the next full garbage collection (thousands of objects
+        a step, which would make that collection, whenever it comes, the tracker's cost)."""
+        self._hook_fw_pre = self._hook_fw_post = self._hook_opt_pre = self._hook_opt_post = None
+        self._hook_grad = self._hook_bw_pre = self._hook_bw_post = None
+        led = self.ledger
+        led.on_limit = led.on_backward = None
+        led.timer = None
+        self._timer.ledger = None
 
     # ------------------------------------------------------------------------------ install/uninstall --
     def _install(self) -> None:
@@ -902,6 +915,7 @@ class Tracker:
                 forward_op_ms=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
                 forward_op_bytes={k: int(round(v / per_call)) for k, v in sorted(made.items(), key=lambda kv: -kv[1])},
             )
+        subtree = None  # a recursive closure refers to itself: free it now, not at the next full collection
         return out
 
 
