@@ -156,6 +156,8 @@ class Ledger(TorchDispatchMode):
                     self._found_input(args[0], func)
                     if id(out.untyped_storage()) not in live:
                         self._see(out, func, kind)
+                    if self.limit_bytes is not None and self.total > self.limit_bytes:
+                        self.on_limit(func)
                 if self.phase == FORWARD:
                     self.op_clock += dt
                     node = self.cur
