@@ -44,7 +44,7 @@ GPT2_SMALL = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=25, help="least rounds")
-    ap.add_argument("--stderr", type=float, default=1.0,
+    ap.add_argument("--stderr", type=float, default=None,
                     help="go on (in whole ABBA pairs of rounds) until memprof's ratio has this standard error")
     ap.add_argument("--max-reps", type=int, default=0, help="most rounds (default: --reps)")
     args = ap.parse_args()
@@ -119,7 +119,7 @@ def main() -> None:
             conditions[name]()
             times[name].append(time.perf_counter() - t0)
         r += 1
-        if r >= args.max_reps or (r >= args.reps and r % 2 == 0 and median_stderr(
+        if r >= args.max_reps or (r >= args.reps and r % 2 == 0 and args.stderr is not None and median_stderr(
                 [a / b for a, b in zip(times["memprof"], times["plain"])]) <= args.stderr):
             break
     med = {k: statistics.median(v) for k, v in times.items()}
