@@ -58,6 +58,7 @@ from .categories import (
     PHASES,
 )
 from .devices import CudaPeakFolder, cpu_name, cuda_available, cuda_device_facts, host_memory_bytes
+from .exitguard import guard_distributed_exit
 from .ledger import Ledger, ModuleNode, real_tensors
 from .replay import Replay, downsample
 from .scratch import ScratchCalibrator
@@ -229,6 +230,7 @@ class Tracker:
         self._step_t0 = self._t0
         self.replay = Replay(self._t0, self._timer.bind(self._t0), self._top_k)
         self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        guard_distributed_exit()
         self._install()
         try:
             for m in self._models:
