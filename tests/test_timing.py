@@ -11,7 +11,7 @@ import pytest
 from memprof.policy import timing
 from memprof.policy.chain import chain_model, find_units
 from memprof.policy.engine import plan
-from memprof.policy.solver import peak_of
+from memprof.policy.solver import min_peak, peak_of
 from memprof.policy.timing import OptionCosts, measure_costs
 
 BASE_S = 0.200
@@ -21,6 +21,10 @@ PER_UNIT = {"full": 0.007, "selective": 0.003}  # seconds per unit in that mode
 
 def _law(step, the_plan, model):
     step()
+    return _cost_law(the_plan)
+
+
+def _cost_law(the_plan):
     if the_plan is None:
         return BASE_S
     modes = [c.mode for c in the_plan.checkpoint]
@@ -63,6 +67,8 @@ def test_plan_with_surcharges_is_the_brute_force_optimum(gpt):
         assert peaks[got] <= budget
         assert cost(got) == pytest.approx(best)
         assert p.predicted_step_ms == pytest.approx(BASE_S * 1e3 + best)
+        # The plan's overhead, recomputed from the costs alone (as verify_overheads re-predicts it).
+        assert timing.predicted_overhead(costs, p) == pytest.approx(p.predicted_overhead)
         checked += best > 0
     assert checked >= 3
 
@@ -116,3 +122,62 @@ def test_measure_costs_records_pairs_per_configuration(gpt, monkeypatch):
     # The cost law has no noise: the minimum is enough for every configuration.
     assert set(costs.pairs) == {"full", "selective", "full@1", "selective@1"}
     assert all(n == 3 and se == 0.0 for n, se in costs.pairs.values())
+
+
+def _drifting(per_call):
+    """A _timed stand-in following the cost law on a machine where checkpointing's extra time grows by
+    ``per_call`` (a share) with every step timed (a slowdown of the whole step would cancel in the paired
+    ratios; this does not), recording what it timed."""
+    calls = []
+
+    def timed(step, the_plan, model):
+        calls.append(the_plan)
+        return BASE_S + (_cost_law(the_plan) - BASE_S) * (1 + per_call * len(calls))
+    return timed, calls
+
+
+def test_verify_overheads_times_costs_and_plans_in_the_same_rounds(gpt, monkeypatch):
+    model, _, step, prof = gpt
+    units = find_units(prof)
+    costs = OptionCosts(BASE_S * 1e3, {m: {u: PER_UNIT[m] * 1e3 for u in units} for m in PER_UNIT}, 1,
+                        {m: FIRST[m] * 1e3 for m in FIRST})
+    cm = chain_model(prof, prof.peak_bytes, units)
+    lo = max(cm.floor_bytes, min_peak(cm.problem).peak_bytes)
+    plans = {"a": plan(prof, int(lo + 0.6 * (prof.peak_bytes - lo)), costs=costs),
+             "b": plan(prof, int(lo + 0.05 * (prof.peak_bytes - lo)), costs=costs)}
+    assert all(any(c.mode != "keep" for c in p.checkpoint) for p in plans.values())
+
+    # A steady machine: the fitted costs are the law's and each plan measures what they predict.
+    monkeypatch.setattr(timing, "_timed", lambda step, the_plan, model: _cost_law(the_plan))
+    fitted, timings = timing.verify_overheads(model, step, prof, plans, reps=3)
+    for mode in FIRST:
+        assert fitted.first_unit_ms[mode] == pytest.approx(FIRST[mode] * 1e3)
+    for label, p in plans.items():
+        assert timings[label].pairs == 3
+        assert timings[label].overhead == pytest.approx(timing.predicted_overhead(fitted, p))
+        assert timings[label].overhead == pytest.approx(p.predicted_overhead)
+
+    # Rounds: after the warm-up, each round times every configuration once, each next to a plain step,
+    # plain first in even rounds and second (configurations reversed) in odd ones.
+    timed, calls = _drifting(0.0)
+    monkeypatch.setattr(timing, "_timed", timed)
+    timing.verify_overheads(model, step, prof, plans, reps=2)
+    n_configs = 4 + len(plans)
+    rounds = [calls[i * 2 * n_configs:(i + 1) * 2 * n_configs] for i in range(2)]
+    assert len(calls) == 2 * 2 * n_configs
+    assert all(c is None for c in rounds[0][0::2]) and all(c is not None for c in rounds[0][1::2])
+    assert all(c is None for c in rounds[1][1::2]) and all(c is not None for c in rounds[1][0::2])
+    assert rounds[1][0::2] == rounds[0][1::2][::-1]
+    assert rounds[0][-1] is plans["b"] and plans["a"] != plans["b"]
+
+    # Checkpointing getting 0.2% dearer with every step: costs timed first and a plan timed afterwards disagree
+    # by the drift; timed in the same rounds they agree to well within it.
+    timed, _ = _drifting(0.002)
+    monkeypatch.setattr(timing, "_timed", timed)
+    early = measure_costs(model, step, prof, reps=9)
+    late = {label: timing.time_overhead(model, step, p, reps=9).overhead for label, p in plans.items()}
+    fitted, timings = timing.verify_overheads(model, step, prof, plans, reps=9)
+    for label, p in plans.items():
+        apart = abs(late[label] - timing.predicted_overhead(early, p))
+        together = abs(timings[label].overhead - timing.predicted_overhead(fitted, p))
+        assert apart > 0.005 and together < apart / 3, (apart, together)

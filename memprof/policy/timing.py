@@ -20,10 +20,16 @@ to the profile's modelled costs. ``memprof.plan(..., costs=...)`` solves once pe
 used (adding their surcharges), so the choice stays exact under this model, and measures the overhead
 against the untracked step time.
 
+Verification: :func:`verify_overheads` times the cost configurations and the plans in the same rounds
+(each configuration once per round, next to a plain step), so a machine that drifts between timing costs and
+running a plan (on this 2-core VM the same configuration measured 10.5% and 14.1% minutes apart) moves the
+prediction and the measurement alike; :func:`predicted_overhead` gives what a set of costs predicts for a
+plan, as the planner computes it.
+
 Known limits: costs are per configuration measured (the given precision, no sharding); a step is timed
 whole, so other work in the step adds noise (medians of paired runs keep it down); a precision target bounds
-the sampling error only, not the machine drifting between timing the costs and running the plan (on this
-2-core VM the same configuration measured 10.5% and 14.1% minutes apart).
+the sampling error only, not drift between timing the costs and running the plan (which only timing them
+together, as :func:`verify_overheads` does, removes).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 
-__all__ = ["OptionCosts", "PairedTiming", "measure_costs", "measure_overhead", "time_overhead", "uniform_plan"]
+__all__ = ["OptionCosts", "PairedTiming", "measure_costs", "measure_overhead", "predicted_overhead", "time_overhead",
+           "uniform_plan", "verify_overheads"]
 
 
 @dataclass(frozen=True)
@@ -143,15 +150,9 @@ def uniform_plan(units: list[str], mode: str):
                 source=Source("timing", "", False))
 
 
-def measure_costs(model, step, prof, units: list[str] | None = None, modes=("full", "selective"),
-                  reps: int = 5, precision: str | None = None, *, stderr: float | None = None,
-                  max_reps: int | None = None) -> OptionCosts:
-    """Time ``step()`` (one training step) with each mode applied to all units and to one, each paired with
-    the plain step (ABBA, untracked, as :func:`time_overhead`); fit each mode's once-per-mode surcharge
-    and per-unit slope (see the module docstring). ``reps`` pairs per configuration, or with ``stderr``
-    (a share, e.g. 0.1) more until each configuration's median ratio has that relative standard error
-    (at most ``max_reps`` pairs)."""
-    from .apply import apply
+def _cost_configurations(prof, units, modes, precision):
+    """(unit names, modelled per-unit costs, the timed configurations): each mode on every unit and on
+    the last one."""
     from .chain import chain_model, find_units
 
     names = units or find_units(prof)
@@ -167,24 +168,17 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
                                                           for c in one.checkpoint))
     if precision not in (None, "fp32"):
         plans = {k: replace(p, precision=precision) for k, p in plans.items()}
-    step()  # warm
-    for p in plans.values():
-        with apply(model, p):
-            step()
-    # Each configuration is timed in pairs with the plain step, in alternating order, exactly as
-    # measure_overhead times a plan: whatever one step leaves to the next (heap size, caches) is the same
-    # for the prediction and its verification.
-    keep_times: list[float] = []
-    ratios: dict = {}
-    pairs: dict = {}
-    for key, p in plans.items():
-        ratios[key], plain = _paired(model, step, p, reps, stderr, max_reps)
-        keep_times += plain
-        pairs[key if isinstance(key, str) else f"{key[0]}@{key[1]}"] = (len(plain), median_stderr(ratios[key]))
-    base = statistics.median(keep_times) * 1e3
+    return names, model_costs, plans
 
+
+def _config_name(key) -> str:
+    return key if isinstance(key, str) else f"{key[0]}@{key[1]}"
+
+
+def _fit(names, modes, model_costs, ratios: dict, base_ms: float, reps: int, pairs: dict) -> OptionCosts:
+    """Each mode's once-per-mode surcharge and per-unit slope from the configurations' median ratios."""
     def extra_of(key) -> float:
-        return max(0.0, (statistics.median(ratios[key]) - 1) * base)
+        return max(0.0, (statistics.median(ratios[key]) - 1) * base_ms)
 
     n = len(names)
     extra: dict = {}
@@ -199,5 +193,92 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
         weights = {u: model_costs[u].get(mode, 0.0) for u in names}
         wsum = sum(weights.values()) or len(names)
         extra[mode] = {u: total * (weights[u] if sum(weights.values()) else 1.0) / wsum for u in names}
-    return OptionCosts(base, extra, reps, first, pairs)
+    return OptionCosts(base_ms, extra, reps, first, pairs)
 
+
+def _warm(model, step, plans) -> None:
+    from .apply import apply
+
+    step()
+    for p in plans:
+        with apply(model, p):
+            step()
+
+
+def measure_costs(model, step, prof, units: list[str] | None = None, modes=("full", "selective"),
+                  reps: int = 5, precision: str | None = None, *, stderr: float | None = None,
+                  max_reps: int | None = None) -> OptionCosts:
+    """Time ``step()`` (one training step) with each mode applied to all units and to one, each paired with
+    the plain step (ABBA, untracked, as :func:`time_overhead`); fit each mode's once-per-mode surcharge
+    and per-unit slope (see the module docstring). ``reps`` pairs per configuration, or with ``stderr``
+    (a share, e.g. 0.1) more until each configuration's median ratio has that relative standard error
+    (at most ``max_reps`` pairs)."""
+    names, model_costs, plans = _cost_configurations(prof, units, modes, precision)
+    _warm(model, step, plans.values())
+    # Each configuration is timed in pairs with the plain step, in alternating order, exactly as
+    # measure_overhead times a plan: whatever one step leaves to the next (heap size, caches) is the same
+    # for the prediction and its verification.
+    keep_times: list[float] = []
+    ratios: dict = {}
+    pairs: dict = {}
+    for key, p in plans.items():
+        ratios[key], plain = _paired(model, step, p, reps, stderr, max_reps)
+        keep_times += plain
+        pairs[_config_name(key)] = (len(plain), median_stderr(ratios[key]))
+    return _fit(names, modes, model_costs, ratios, statistics.median(keep_times) * 1e3, reps, pairs)
+
+
+def predicted_overhead(costs: OptionCosts, plan) -> float:
+    """The overhead ``costs`` predict for ``plan``'s checkpointing (fp32, unsharded, as the planner models a
+    plan made with these costs): the per-unit extra times of its checkpointed units plus the surcharge of
+    each mode it uses, over the untracked step time."""
+    modes = [c.mode for c in plan.checkpoint]
+    extra = sum(costs.extra_ms.get(c.mode, {}).get(c.unit, 0.0) for c in plan.checkpoint if c.mode != "keep")
+    return (extra + costs.surcharge_ms(modes)) / costs.base_step_ms
+
+
+def _rounds(model, step, plans: dict, reps: int, stderr: float | None, max_reps: int | None):
+    """Every configuration timed once per round, each in a pair with a plain step next to it (plain first
+    in even rounds, second in odd ones; the configurations in reverse order in odd rounds), until
+    :func:`enough_pairs` holds for all of them: (ratios per key, plain steps' seconds)."""
+    keys = list(plans)
+    ratios: dict = {k: [] for k in keys}
+    plain: list[float] = []
+    r = 0
+    while not all(enough_pairs(ratios[k], reps, stderr, max_reps) for k in keys):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            if r % 2 == 0:
+                base, planned = _timed(step, None, model), _timed(step, plans[k], model)
+            else:
+                planned, base = _timed(step, plans[k], model), _timed(step, None, model)
+            ratios[k].append(planned / base)
+            plain.append(base)
+        r += 1
+    return ratios, plain
+
+
+def verify_overheads(model, step, prof, plans: dict, units: list[str] | None = None,
+                     modes=("full", "selective"), reps: int = 21, precision: str | None = None, *,
+                     stderr: float | None = None, max_reps: int | None = None):
+    """Time the cost configurations of :func:`measure_costs` and every plan of ``plans`` (label -> Plan) in
+    the same rounds, each against a plain step next to it: ``(costs, timings)``, the costs fitted from these
+    rounds and each plan's :class:`PairedTiming`.
+
+    A machine that drifts between timing the costs and running a plan moves both alike, so
+    ``predicted_overhead(costs, plan)`` against ``timings[label].overhead`` tests the cost model itself
+    (per-unit costs adding up to a plan's), not the drift. Rounds go on until every configuration has
+    ``reps`` pairs and, with ``stderr``, that relative standard error (at most ``max_reps`` rounds)."""
+    names, model_costs, configs = _cost_configurations(prof, units, modes, precision)
+    timed = {("cost", k): p for k, p in configs.items()}
+    timed.update({("plan", label): p for label, p in plans.items()})
+    _warm(model, step, timed.values())
+    ratios, plain = _rounds(model, step, timed, reps, stderr, max_reps)
+    base_ms = statistics.median(plain) * 1e3
+    cost_ratios = {k: ratios[("cost", k)] for k in configs}
+    pairs = {_config_name(k): (len(v), median_stderr(v)) for k, v in cost_ratios.items()}
+    costs = _fit(names, modes, model_costs, cost_ratios, base_ms, reps, pairs)
+    timings = {}
+    for label in plans:
+        rs = ratios[("plan", label)]
+        timings[label] = PairedTiming(statistics.median(rs) - 1, median_stderr(rs), len(rs), base_ms)
+    return costs, timings
