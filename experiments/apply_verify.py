@@ -10,9 +10,9 @@ independent ground truth), and the step time with and without the plan, untracke
 ratios; all timing before any profiler session).
 
 Time. The planner's times come from measure_costs (--cost-reps pairs per configuration): untracked steps
-with every block kept, and fully and selectively checkpointed on every block and on one block (a
-once-per-mode surcharge plus a per-block slope); the plans mix modes per block, so their overheads are
-predictions. This machine drifts over minutes (the same configuration measured 10.5% and 14.1% minutes
+with every block kept, and fully and selectively checkpointed on every block and on the last block alone
+(the last block's cost, and the rest shared by the others); the plans mix modes per block, so their
+overheads are predictions. This machine drifts over minutes (the same configuration measured 10.5% and 14.1% minutes
 apart), more than the 25% band on few-percent overheads allows, so the verification times the cost
 configurations and all of a model's plans in the same rounds (verify_overheads: each configuration once per
 round, next to a plain step), and each plan's measured overhead is compared with what the costs of those
@@ -141,10 +141,9 @@ def _costs_row(costs) -> dict:
     n_units = len(next(iter(costs.extra_ms.values())))
     return {
         "base_step_ms": costs.base_step_ms, "units": n_units, "pairs_and_stderr": costs.pairs,
-        **{mode: {"first_unit_surcharge_ms": costs.first_unit_ms.get(mode, 0.0),
-                  "per_unit_ms": sum(per.values()) / n_units,
-                  "one_unit_ms": costs.first_unit_ms.get(mode, 0.0) + sum(per.values()) / n_units,
-                  "all_units_ms": costs.first_unit_ms.get(mode, 0.0) + sum(per.values())}
+        **{mode: {"last_unit_ms": list(per.values())[-1],
+                  "other_units_mean_ms": (sum(per.values()) - list(per.values())[-1]) / max(1, n_units - 1),
+                  "all_units_ms": sum(per.values())}
            for mode, per in costs.extra_ms.items()},
     }
 

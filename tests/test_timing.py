@@ -15,8 +15,9 @@ from memprof.policy.solver import min_peak, peak_of
 from memprof.policy.timing import OptionCosts, measure_costs
 
 BASE_S = 0.200
-FIRST = {"full": 0.012, "selective": 0.009}  # seconds paid once when a mode is used at all
+FIRST = {"full": 0.012, "selective": 0.009}  # seconds paid once when a mode is used at all (by hand)
 PER_UNIT = {"full": 0.007, "selective": 0.003}  # seconds per unit in that mode
+LAST = {"full": 0.010, "selective": 0.008}  # seconds more when the last unit uses that mode
 
 
 def _law(step, the_plan, model):
@@ -25,23 +26,36 @@ def _law(step, the_plan, model):
 
 
 def _cost_law(the_plan):
+    """Seconds per step: each checkpointed unit costs PER_UNIT, the last one LAST more."""
     if the_plan is None:
         return BASE_S
     modes = [c.mode for c in the_plan.checkpoint]
-    return BASE_S + sum(FIRST[m] + PER_UNIT[m] * modes.count(m) for m in FIRST if m in modes)
+    return BASE_S + sum(PER_UNIT[m] * modes.count(m) for m in PER_UNIT) + LAST.get(modes[-1], 0.0)
 
 
-def test_costs_fit_the_once_per_mode_surcharge_and_the_per_unit_slope(gpt, monkeypatch):
+def _law_costs(units) -> OptionCosts:
+    """The cost law as OptionCosts (what measure_costs should find)."""
+    return OptionCosts(BASE_S * 1e3, {m: {u: (PER_UNIT[m] + (LAST[m] if u == units[-1] else 0.0)) * 1e3
+                                          for u in units} for m in PER_UNIT}, 1)
+
+
+def test_costs_are_the_last_unit_alone_and_the_others_share_of_the_rest(gpt, monkeypatch):
     model, _, step, prof = gpt
     monkeypatch.setattr(timing, "_timed", _law)
     costs = measure_costs(model, step, prof, reps=3)
     units = find_units(prof)
     assert costs.base_step_ms == pytest.approx(BASE_S * 1e3)
-    for mode in FIRST:
-        assert costs.first_unit_ms[mode] == pytest.approx(FIRST[mode] * 1e3)
-        # Identical blocks: the slope is shared equally.
-        assert [costs.extra_ms[mode][u] for u in units] == pytest.approx([PER_UNIT[mode] * 1e3] * len(units))
-    assert costs.surcharge_ms(["keep", "full", "full"]) == pytest.approx(FIRST["full"] * 1e3)
+    assert costs.first_unit_ms == {}
+    for mode in PER_UNIT:
+        # Identical blocks: the others share the rest equally; the last one costs what it cost alone.
+        assert [costs.extra_ms[mode][u] for u in units] == pytest.approx(
+            [PER_UNIT[mode] * 1e3] * (len(units) - 1) + [(PER_UNIT[mode] + LAST[mode]) * 1e3])
+    for mode, per in _law_costs(units).extra_ms.items():
+        assert costs.extra_ms[mode] == pytest.approx(per)
+    # Additive under the law: any plan's overhead is what the fitted costs predict.
+    for budget in (0.9, 0.75):
+        p = plan(prof, int(budget * prof.peak_bytes), costs=costs)
+        assert timing.predicted_overhead(costs, p) == pytest.approx(_cost_law(p) / BASE_S - 1)
 
 
 def test_plan_with_surcharges_is_the_brute_force_optimum(gpt):
@@ -139,8 +153,7 @@ def _drifting(per_call):
 def test_verify_overheads_times_costs_and_plans_in_the_same_rounds(gpt, monkeypatch):
     model, _, step, prof = gpt
     units = find_units(prof)
-    costs = OptionCosts(BASE_S * 1e3, {m: {u: PER_UNIT[m] * 1e3 for u in units} for m in PER_UNIT}, 1,
-                        {m: FIRST[m] * 1e3 for m in FIRST})
+    costs = _law_costs(units)
     cm = chain_model(prof, prof.peak_bytes, units)
     lo = max(cm.floor_bytes, min_peak(cm.problem).peak_bytes)
     plans = {"a": plan(prof, int(lo + 0.6 * (prof.peak_bytes - lo)), costs=costs),
@@ -150,8 +163,8 @@ def test_verify_overheads_times_costs_and_plans_in_the_same_rounds(gpt, monkeypa
     # A steady machine: the fitted costs are the law's and each plan measures what they predict.
     monkeypatch.setattr(timing, "_timed", lambda step, the_plan, model: _cost_law(the_plan))
     fitted, timings = timing.verify_overheads(model, step, prof, plans, reps=3)
-    for mode in FIRST:
-        assert fitted.first_unit_ms[mode] == pytest.approx(FIRST[mode] * 1e3)
+    for mode, per in costs.extra_ms.items():
+        assert fitted.extra_ms[mode] == pytest.approx(per)
     for label, p in plans.items():
         assert timings[label].pairs == 3
         assert timings[label].overhead == pytest.approx(timing.predicted_overhead(fitted, p))
