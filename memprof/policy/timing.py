@@ -7,17 +7,18 @@ training step are at hand, :func:`measure_costs` times untracked steps, for each
 with every unit and with one unit (the last) checkpointed, each in pairs with the plain step.
 
 Costs are not uniform over the units: the last unit's recomputation runs first in backward, at the step's
-highest footprint (fresh pages, colder caches), and on the demo GPT it measured about three times a front
-unit's (full: 16.9 ms alone against 5.8 ms for the first block; selective: 11.1 against 3.0), whatever else
-was checkpointed. So the two points give a per-mode model in which the last unit costs what it measured on
-its own and every other unit a share of the rest of the every-unit time, apportioned in proportion to the
-profile's modelled costs (``extra_ms``, additive: the planner's solver stays exact under it). An earlier
-model read the same two points as a surcharge paid once whenever a mode is used at all plus a uniform
-slope, and overcharged plans that leave the last unit alone: in one set of rounds on the demo GPT (full;
-last block alone 16.9 ms, all six 58.0 ms) the first three blocks measured 21.0 ms, that model predicted
-33.3 ms and this one 24.7 ms. ``first_unit_ms`` (a once-per-mode surcharge) is still honoured by the
-planner when given by hand; :func:`measure_costs` leaves it empty. Costs are still not exactly additive
-(the first block alone measured 5.8 ms against this model's 8.2 ms).
+highest footprint (fresh pages, colder caches). experiments/checkpoint_costs.py times the demo GPT's blocks
+alone and in sets in the same rounds (results/checkpoint-costs.json, +-2 to 4 ms): fully checkpointed, the
+last block alone cost 11.1 ms, the first 7.4 ms and a middle one 4.0 ms. So the two points give a per-mode
+model in which the last unit costs what it measured on its own and every other unit a share of the rest of
+the every-unit time, apportioned in proportion to the profile's modelled costs (``extra_ms``, additive: the
+planner's solver stays exact under it). An earlier model read the same two points as a surcharge paid once
+whenever a mode is used at all plus a uniform slope, and overcharged plans that leave the last unit alone
+(first three blocks, full: measured 16.8 ms, this model 24.9, the surcharge model 27.7).
+``first_unit_ms`` (a once-per-mode surcharge) is still honoured by the planner when given by hand;
+:func:`measure_costs` leaves it empty. Costs are still not additive: every block but the last measured
+35.4 ms (full) and 13.2 ms (selective) where this model says 41.5 and 22.9, and selective checkpointing
+showed no last-block effect at all (5.0 ms alone against 5.6 for the first).
 
 On this 2-core CPU a few-percent overhead is at the edge of what the timing resolves: in five runs of
 experiments/apply_verify.py the same plan measured anywhere from 3.0% to 6.1%. Timing can therefore be
