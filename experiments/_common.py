@@ -17,6 +17,36 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 
 
+# glibc malloc told to keep what is freed, as a caching allocator does (CUDA's always does). By default glibc
+# returns every large block to the kernel at once (mmap/munmap), and the kernel zeroes each page again on its
+# first touch next step: on the GPT-2-small CPU step that is ~330k page faults and a third of the step, in
+# system time that varies with how much memory a configuration touches. Checkpointing a block then changes
+# the page faults as well as adding a recomputation, and block costs stop adding up (results/checkpoint-costs).
+CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+def use_caching_malloc(default_malloc: bool = False) -> None:
+    """Re-run this experiment with :data:`CACHING_MALLOC` in its environment (glibc reads it at start), unless
+    it is already there, the C library is not glibc, or the experiment was asked for the default allocator."""
+    if default_malloc or platform.libc_ver()[0] != "glibc":
+        return
+    if all(os.environ.get(k) == v for k, v in CACHING_MALLOC.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
+
+
+MALLOC_HELP = "time under glibc's default malloc (default: re-run with CACHING_MALLOC, see experiments/_common.py)"
+
+
+def malloc_setting() -> str:
+    if platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    if all(os.environ.get(k) == v for k, v in CACHING_MALLOC.items()):
+        return "glibc, caching: " + " ".join(f"{k}={v}" for k, v in CACHING_MALLOC.items())
+    return "glibc, default"
+
+
 def environment() -> dict:
     from memprof._version import __version__
     from memprof.tracking.devices import cpu_name, cuda_available
@@ -29,6 +59,7 @@ def environment() -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "malloc": malloc_setting(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if cuda_available():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 
 import torch  # noqa: I001
-from _common import RESULTS, write_result
+from _common import MALLOC_HELP, RESULTS, use_caching_malloc, write_result
 
 import memprof
 from memprof.policy.chain import chain_model
@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=21, help="least verification rounds")
     ap.add_argument("--stderr", type=float, default=0.1, help="relative standard error to reach (0: --reps only)")
     ap.add_argument("--max-reps", type=int, default=61, help="most verification rounds")
+    ap.add_argument("--default-malloc", action="store_true", help=MALLOC_HELP)
     args = ap.parse_args()
+    use_caching_malloc(args.default_malloc)
     rows = []
     measured_costs = {}
     for name, build in MODELS.items():
@@ -118,8 +120,9 @@ def main() -> None:
                   f"{100 * plan.predicted_overhead:5.1f}% (same rounds {100 * predicted_now:5.1f}%) "
                   f"meas {100 * measured_overhead:5.1f}% "
                   f"(+-{100 * timing.stderr:.2f}, {timing.pairs} pairs)")
-    _figure(rows)
-    path = write_result("apply-verify", {
+    out_name = "apply-verify" + ("-default-malloc" if args.default_malloc else "")
+    _figure(rows, out_name)
+    path = write_result(out_name, {
         "device": "CPU (2 cores)", "cost_reps": args.cost_reps, "reps": args.reps, "stderr": args.stderr,
         "max_reps": args.max_reps,
         "targets": "measured peak <= budget and within 2% of predicted; overhead within 25% of the overhead "
@@ -148,7 +151,7 @@ def _costs_row(costs) -> dict:
     }
 
 
-def _figure(rows) -> None:
+def _figure(rows, out_name) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +174,7 @@ def _figure(rows) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "apply-verify.png", dpi=110)
+    fig.savefig(RESULTS / f"{out_name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import replace
 
 import torch  # noqa: I001
-from _common import write_result
+from _common import MALLOC_HELP, use_caching_malloc, write_result
 
 import memprof
 from memprof.policy import timing
@@ -34,7 +34,9 @@ SETS = {"first": [0], "middle": [2], "last": [5], "first three": [0, 1, 2], "las
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=21, help="rounds")
+    ap.add_argument("--default-malloc", action="store_true", help=MALLOC_HELP)
     args = ap.parse_args()
+    use_caching_malloc(args.default_malloc)
     torch.manual_seed(0)
     model, batch = GPT(DEMO_GPT), gpt_batch(DEMO_GPT, 8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -69,7 +71,7 @@ def main() -> None:
                          "last_unit_model_ms": model_ms, "surcharge_model_ms": surcharge_ms})
             print(f"{mode:9s} {name:13s} measured {ms[name]:6.1f} ms +-{se[name]:4.1f}   last-unit model "
                   f"{model_ms:6.1f}   surcharge model {surcharge_ms:6.1f}")
-    path = write_result("checkpoint-costs", {
+    path = write_result("checkpoint-costs" + ("-default-malloc" if args.default_malloc else ""), {
         "device": "CPU (2 cores)", "model": "demo GPT (6 blocks, batch 8 x 256, AdamW)", "rounds": args.reps,
         "base_step_ms": base_ms, "rows": rows,
     })

@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch  # noqa: I001
-from _common import write_result
+from _common import MALLOC_HELP, use_caching_malloc, write_result
 
 import memprof
 from memprof.policy.timing import median_stderr
@@ -47,7 +47,9 @@ def main() -> None:
     ap.add_argument("--stderr", type=float, default=None,
                     help="go on (in whole ABBA pairs of rounds) until memprof's ratio has this standard error")
     ap.add_argument("--max-reps", type=int, default=0, help="most rounds (default: --reps)")
+    ap.add_argument("--default-malloc", action="store_true", help=MALLOC_HELP)
     args = ap.parse_args()
+    use_caching_malloc(args.default_malloc)
     args.max_reps = max(args.max_reps, args.reps)
 
     torch.manual_seed(0)
@@ -142,7 +144,7 @@ def main() -> None:
         "target": "memprof <= 1.05x and below both others",
         "target_met": ratios["memprof"] <= 1.05 and ratios["memprof"] < min(ratios["MemTracker"], ratios["profiler"]),
     }
-    path = write_result("overhead", result)
+    path = write_result("overhead" + ("-default-malloc" if args.default_malloc else ""), result)
     print(f"wrote {path}")
     for k in conditions:
         print(f"  {k:11s} {med[k]:.3f} s  x{ratios[k]:.3f}" + (f" +-{median_stderr(paired[k]):.3f}" if k != "plain" else ""))

@@ -303,3 +303,58 @@ def test_a_finished_tracker_is_freed_without_the_garbage_collector():
     del tracker
     assert gc.collect() == 0
     assert profile.peak_bytes > 0
+
+
+def test_profile_is_built_on_first_read_from_records_alone():
+    # stop() keeps plain records; the profile built later matches one built at once, and the tracker kept
+    # neither the model nor anything that waits for the garbage collector.
+    import gc
+    import weakref
+
+    def run(read_now):
+        case = CASES["gpt"]()
+        model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+        train_step(case, model, opt)
+        with memprof.track(model, opt) as tracker:
+            train_step(case, model, opt)
+        prof = tracker.profile if read_now else None
+        alive = weakref.ref(model)
+        del model, opt, case
+        gc.collect()
+        return tracker, prof, alive
+
+    _, now, _ = run(read_now=True)
+    tracker, _, alive = run(read_now=False)
+    assert alive() is None
+    assert tracker._profile is None  # not built yet
+    later = tracker.profile
+    assert later is tracker.profile
+    assert later.peak.bytes == now.peak.bytes and later.peak.by_category == now.peak.by_category
+    assert later.peak.module == now.peak.module and later.peak.phase == now.peak.phase
+    assert {k: (m.param_bytes, m.activation_bytes) for k, m in later.modules.items()} == {
+        k: (m.param_bytes, m.activation_bytes) for k, m in now.modules.items()}
+    assert [s.peak_bytes for s in later.steps] == [s.peak_bytes for s in now.steps]
+
+    tracker, _, _ = run(read_now=False)
+    del tracker
+    assert gc.collect() == 0
+
+
+def test_a_failed_profile_build_is_reported_when_read_and_on_stop_builds_at_stop(monkeypatch):
+    case = CASES["gpt"]()
+    model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+    before = hook_registries(model, opt)
+    seen = []
+    with memprof.track(model, opt, on_stop=lambda t: seen.append(t._profile)):
+        train_step(case, model, opt)
+    assert seen and seen[0] is not None and seen[0].peak_bytes > 0
+
+    def boom(self):
+        raise ValueError("broken build")
+
+    monkeypatch.setattr(memprof.tracking.tracker.Tracker, "_build_profile", boom)
+    with memprof.track(model, opt) as tracker:
+        train_step(case, model, opt)
+    with pytest.raises(TrackingError, match="broken build"):
+        _ = tracker.profile
+    assert hook_registries(model, opt) == before

@@ -161,13 +161,16 @@ class Tracker:
                                   and not estimated)
         self._state = _IDLE
         self._profile = None
+        self._pending = None  # what stop() kept for building the profile on first read
         self._error: BaseException | None = None
         self._limit_exc: DeviceMemoryExceeded | None = None
 
     # ------------------------------------------------------------------------------------- lifecycle --
     @property
     def profile(self):
-        """The :class:`memprof.Profile`, available once tracking has stopped."""
+        """The :class:`memprof.Profile`, available once tracking has stopped (built on first read)."""
+        if self._profile is None and self._pending is not None:
+            self._build_pending()
         if self._profile is None:
             if self._state == _STOPPED and self._error is not None:
                 raise TrackingError(f"building the profile failed: {self._error!r}") from self._error
@@ -253,7 +256,13 @@ class Tracker:
             self._install()
 
     def stop(self) -> None:
-        """Stop tracking (idempotent): remove every hook and the mode, then build the profile."""
+        """Stop tracking (idempotent): remove every hook and the mode.
+
+        The profile is built when ``profile`` is first read, as torch.profiler processes its events lazily:
+        what stop() keeps for it is plain records of the run (no tensors, modules or hooks). It is built at
+        once when something needs it then (``on_stop``, a rehearsed device's limit) or when a CUDA device was
+        tracked (its allocator and NVML figures are read at stop).
+        """
         if self._state in (_IDLE, _STOPPED):
             self._state = _STOPPED
             return
@@ -275,6 +284,7 @@ class Tracker:
                 self._owner.clear()
                 self._roots.clear()
                 self._known_optimizers.clear()
+                self._models, self._optimizers = [], []  # a finished tracker keeps none of the user's objects
                 self._break_cycles()
         if self._limit_exc is not None:
             self._limit_exc.profile = self._profile
@@ -760,10 +770,26 @@ class Tracker:
         has_work = led.events or led.prelude or led.marks or not self.replay.steps
         if has_work:
             self._host_apart()
-            self.replay.replay_step(self._step_index, led.prelude, led.events, led.marks, self._step_t0, t)
-            led.prelude, led.events, led.marks = [], [], []
-        self.replay.close_all(t)
-        self._profile = self._build_profile()
+        last = (led.prelude, led.events, led.marks) if has_work else None
+        led.prelude, led.events, led.marks = [], [], []
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._dist_env = dict(world_size=torch.distributed.get_world_size(),
+                              rank=torch.distributed.get_rank()) if dist else {}
+        self._pending = (last, self._step_index, self._step_t0, t)
+        if self._cuda_folder is not None or self._on_stop is not None or self._limit_exc is not None:
+            self._build_pending()
+
+    def _build_pending(self) -> None:
+        """Replay the last step's log and build the profile (once; an error is kept for ``profile``)."""
+        pending, self._pending = self._pending, None
+        last, index, t_start, t_end = pending
+        try:
+            if last is not None:
+                self.replay.replay_step(index, *last, t_start, t_end)
+            self.replay.close_all(t_end)
+            self._profile = self._build_profile()
+        except Exception as e:
+            self._error = e
 
     def _build_profile(self):
         from ..profiles import (
@@ -851,8 +877,7 @@ class Tracker:
             python_version=platform.python_version(), platform=f"{sys.platform}-{platform.machine()}",
             created=self._created, device=env_device, device_name=env_name, device_capacity_bytes=env_cap,
         )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            env.update(world_size=torch.distributed.get_world_size(), rank=torch.distributed.get_rank())
+        env.update(self._dist_env)
         env.update(self._environment)
         notes = sorted(self._notes)
         if self._replayed:
