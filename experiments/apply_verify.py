@@ -1,6 +1,6 @@
 """Plans applied and measured again: predicted vs measured peak and step-time overhead (CPU).
 
-    python experiments/apply_verify.py [--cost-reps 11] [--reps 21] [--stderr 0.1] [--max-reps 61]
+    python experiments/apply_verify.py [--cost-reps 11] [--reps 21] [--stderr 0.1] [--max-reps 61] [--default-malloc]
 
 Models: the demo GPT (6 blocks, batch 8 x 256) and an HF transformers Llama-style model (8 layers, GQA,
 SDPA, batch 4 x 256). Each is profiled for 3 steps; plans are made for budgets at 90/80/70% of the
@@ -20,6 +20,12 @@ same rounds predict for it (``predicted_overhead_same_rounds``, the target) as w
 prediction (``predicted_overhead``, from costs timed minutes earlier, shown for comparison). Rounds go on
 until every configuration has --reps pairs and its median ratio's standard error is --stderr of its
 overhead, at most --max-reps rounds. Writes results/apply-verify.json and .png.
+
+Allocator. The process re-runs itself with glibc's malloc keeping freed memory (experiments/_common.py
+CACHING_MALLOC), as CUDA's caching allocator does. Under glibc's default every large tensor is a fresh
+mapping whose pages the kernel zeroes on first touch, a third of a CPU step, and checkpointing changes that
+as well as adding recomputation; ``--default-malloc`` times that way and writes
+results/apply-verify-default-malloc.json and .png.
 """
 
 from __future__ import annotations

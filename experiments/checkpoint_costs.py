@@ -1,6 +1,6 @@
 """What checkpointing one block costs depends on which block: the demo GPT's blocks alone and in sets (CPU).
 
-    python experiments/checkpoint_costs.py [--reps 21]
+    python experiments/checkpoint_costs.py [--reps 21] [--default-malloc]
 
 The demo GPT (6 identical blocks, batch 8 x 256, AdamW) is profiled, then untracked steps are timed with
 each checkpoint mode (full, selective) on: the first block alone, a middle one, the last one, the first
@@ -10,6 +10,12 @@ the measured extra time and what measure_costs's model predicts for it from the 
 points (the last block what it cost alone, the others an equal share of the rest), and what the earlier
 model (a once-per-mode surcharge plus a uniform per-block slope, from the same two points) predicted.
 Writes results/checkpoint-costs.json.
+
+Allocator. The process re-runs itself with glibc's malloc keeping freed memory (experiments/_common.py
+CACHING_MALLOC), as CUDA's caching allocator does. Under glibc's default every large tensor is a fresh
+mapping whose pages the kernel zeroes on first touch, a third of a CPU step, and checkpointing changes that
+as well as adding recomputation; ``--default-malloc`` times that way and writes
+results/checkpoint-costs-default-malloc.json.
 """
 
 from __future__ import annotations
