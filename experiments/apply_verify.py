@@ -12,9 +12,9 @@ ratios; all timing before any profiler session).
 Time. The planner's times come from measure_costs (--cost-reps pairs per configuration): untracked steps
 with every block kept, and fully and selectively checkpointed on every block and on the last block alone
 (the last block's cost, and the rest shared by the others); the plans mix modes per block, so their
-overheads are predictions. This machine drifts over minutes (every block fully checkpointed measured 13.9% in one run
-and 17.4% in the next), more than the 25% band on few-percent overheads allows, so the verification times the cost
-configurations and all of a model's plans in the same rounds (verify_overheads: each configuration once per
+overheads are predictions. Under glibc's default malloc this machine drifted over minutes (every block fully
+checkpointed measured 13.9% in one run and 17.4% in the next), more than the 25% band on few-percent overheads
+allows, so the verification times the cost configurations and all of a model's plans in the same rounds (verify_overheads: each configuration once per
 round, next to a plain step), and each plan's measured overhead is compared with what the costs of those
 same rounds predict for it (``predicted_overhead_same_rounds``, the target) as well as with the plan's own
 prediction (``predicted_overhead``, from costs timed minutes earlier, shown for comparison). Rounds go on

@@ -194,3 +194,24 @@ def test_verify_overheads_times_costs_and_plans_in_the_same_rounds(gpt, monkeypa
         apart = abs(late[label] - timing.predicted_overhead(early, p))
         together = abs(timings[label].overhead - timing.predicted_overhead(fitted, p))
         assert apart > 0.005 and together < apart / 3, (apart, together)
+
+
+@pytest.mark.parametrize("env, libc, noted", [
+    ({}, "glibc", True),
+    ({"MALLOC_MMAP_MAX_": "0"}, "glibc", False),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "glibc", False),
+    ({}, "", False),
+])
+def test_plans_with_cpu_costs_say_when_the_allocator_unmaps_freed_memory(gpt, monkeypatch, env, libc, noted):
+    _, _, _, prof = gpt
+    for k in ("MALLOC_MMAP_MAX_", "LD_PRELOAD"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(timing.platform, "libc_ver", lambda: (libc, "2.35"))
+    units = find_units(prof)
+    with_costs = plan(prof, int(0.8 * prof.peak_bytes), costs=_law_costs(units))
+    without = plan(prof, int(0.8 * prof.peak_bytes))
+    said = [v for v in with_costs.assumptions.values() if "glibc's default malloc" in v]
+    assert len(said) == (1 if noted else 0)
+    assert not any("malloc" in v for v in without.assumptions.values())

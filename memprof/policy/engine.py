@@ -336,6 +336,12 @@ def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, 
         assumptions["communication"] = comm.describe()
     if any(c.offload for _, c, _m in candidates):
         assumptions["offload"] = comm.describe_offload()
+    if costs is not None and prof.environment.device == "cpu":
+        from .timing import cpu_allocator_note
+
+        note = cpu_allocator_note()
+        if note:
+            notes = [*notes, note]
     if costs is not None:
         assumptions["time"] = (f"measured: untracked steps with every unit kept / checkpointed by each mode, "
                                f"interleaved ({costs.reps} runs each); other configurations modelled")

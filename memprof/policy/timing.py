@@ -7,21 +7,26 @@ training step are at hand, :func:`measure_costs` times untracked steps, for each
 with every unit and with one unit (the last) checkpointed, each in pairs with the plain step.
 
 Costs are not uniform over the units: the last unit's recomputation runs first in backward, at the step's
-highest footprint (fresh pages, colder caches). experiments/checkpoint_costs.py times the demo GPT's blocks
-alone and in sets in the same rounds (results/checkpoint-costs.json, +-2 to 4 ms): fully checkpointed, the
-last block alone cost 11.1 ms, the first 7.4 ms and a middle one 4.0 ms. So the two points give a per-mode
-model in which the last unit costs what it measured on its own and every other unit a share of the rest of
-the every-unit time, apportioned in proportion to the profile's modelled costs (``extra_ms``, additive: the
-planner's solver stays exact under it). An earlier model read the same two points as a surcharge paid once
-whenever a mode is used at all plus a uniform slope, and overcharged plans that leave the last unit alone
-(first three blocks, full: measured 16.8 ms, this model 24.9, the surcharge model 27.7).
-``first_unit_ms`` (a once-per-mode surcharge) is still honoured by the planner when given by hand;
-:func:`measure_costs` leaves it empty. Costs are still not additive: every block but the last measured
-35.4 ms (full) and 13.2 ms (selective) where this model says 41.5 and 22.9, and selective checkpointing
-showed no last-block effect at all (5.0 ms alone against 5.6 for the first).
+highest footprint. experiments/checkpoint_costs.py times the demo GPT's blocks alone and in sets in the same
+rounds (results/checkpoint-costs.json, +-1 to 3 ms): fully checkpointed, the last block alone cost 17.6 ms,
+the first 15.7 ms and a middle one 15.3 ms. So the two points give a per-mode model in which the last unit
+costs what it measured on its own and every other unit a share of the rest of the every-unit time,
+apportioned in proportion to the profile's modelled costs (``extra_ms``, additive: the planner's solver
+stays exact under it). Every block but the last measured 69.4 ms, as this model says; the first three 47.0
+against 41.6. An earlier model read the same two points as a surcharge paid once whenever a mode is used at
+all plus a uniform slope, and overcharged plans that leave the last unit alone. ``first_unit_ms`` (a
+once-per-mode surcharge) is still honoured by the planner when given by hand; :func:`measure_costs` leaves
+it empty.
+
+The allocator matters on a CPU. Under glibc's default malloc every large tensor is a fresh mapping whose
+pages the kernel zeroes on first touch (a third of a GPT-2-small CPU step), and checkpointing, which keeps
+fewer activations, also saves some of that: there the same blocks cost 7.4 (first), 4.0 (middle) and
+11.1 ms (last), every block 52.6 ms, and sets do not add up (every block but the last 35.4 ms where the
+model says 41.5; results/checkpoint-costs-default-malloc.json). :func:`cpu_allocator_note` says so in plans
+made with costs timed that way; CUDA's caching allocator has no such effect.
 
 On this 2-core CPU a few-percent overhead is at the edge of what the timing resolves: in five runs of
-experiments/apply_verify.py the same plan measured anywhere from 3.0% to 6.1%. Timing can therefore be
+experiments/apply_verify.py under glibc's default malloc the same plan measured anywhere from 3.0% to 6.1%. Timing can therefore be
 asked for a precision instead of a count (``stderr``): pairs are added until the median paired ratio's
 standard error (from its median absolute deviation) is that share of the overhead measured, so a 3%
 overhead gets many more pairs than a 15% one. ``memprof.plan(..., costs=...)`` measures the overhead
@@ -29,7 +34,8 @@ against the untracked step time.
 
 Verification: :func:`verify_overheads` times the cost configurations and the plans in the same rounds
 (each configuration once per round, next to a plain step), so a machine that drifts between timing costs and
-running a plan (on this 2-core VM the same configuration measured 10.5% and 14.1% minutes apart) moves the
+running a plan (on this 2-core VM, under glibc's default malloc, the same configuration measured 10.5% and
+14.1% minutes apart) moves the
 prediction and the measurement alike; :func:`predicted_overhead` gives what a set of costs predicts for a
 plan, as the planner computes it.
 
@@ -41,11 +47,13 @@ together, as :func:`verify_overheads` does, removes).
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field, replace
 
-__all__ = ["OptionCosts", "PairedTiming", "measure_costs", "measure_overhead", "predicted_overhead", "time_overhead",
+__all__ = ["OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead", "predicted_overhead", "time_overhead",
            "uniform_plan", "verify_overheads"]
 
 
@@ -235,6 +243,23 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
         keep_times += plain
         pairs[_config_name(key)] = (len(plain), median_stderr(ratios[key]))
     return _fit(names, modes, model_costs, ratios, statistics.median(keep_times) * 1e3, reps, pairs)
+
+
+def cpu_allocator_note() -> str | None:
+    """Why CPU step times may not add up here, or ``None``: glibc's default malloc returns every large block
+    to the kernel when it is freed, and the kernel zeroes its pages again on their first touch, a third of a
+    GPT step on this project's CPUs (results/checkpoint-costs-default-malloc.json). Checkpointing then
+    changes that page-fault time as well as adding recomputation, and unit costs stop adding up. Read from
+    the environment this process started with (glibc reads it once); a preloaded jemalloc, tcmalloc or
+    mimalloc caches freed memory and is taken as fine."""
+    if platform.libc_ver()[0] != "glibc" or os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return None
+    if any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")):
+        return None
+    return ("CPU step times taken under glibc's default malloc, which unmaps freed tensors: page faults change "
+            "with checkpointing too, so measured unit costs do not add up; start the process with "
+            f"MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_={1 << 40} (or jemalloc/tcmalloc) for costs that do, as "
+            "on CUDA's caching allocator")
 
 
 def predicted_overhead(costs: OptionCosts, plan) -> float:
