@@ -26,18 +26,17 @@ model says 41.5; results/checkpoint-costs-default-malloc.json). :func:`cpu_alloc
 made with costs timed that way; CUDA's caching allocator has no such effect.
 
 On this 2-core CPU a few-percent overhead is at the edge of what the timing resolves: in five runs of
-experiments/apply_verify.py under glibc's default malloc the same plan measured anywhere from 3.0% to 6.1%. Timing can therefore be
-asked for a precision instead of a count (``stderr``): pairs are added until the median paired ratio's
-standard error (from its median absolute deviation) is that share of the overhead measured, so a 3%
-overhead gets many more pairs than a 15% one. ``memprof.plan(..., costs=...)`` measures the overhead
+experiments/apply_verify.py under glibc's default malloc the same plan measured anywhere from 3.0% to 6.1%.
+Timing can therefore be asked for a precision instead of a count (``stderr``): pairs are added until the
+median paired ratio's standard error (from its median absolute deviation) is that share of the overhead
+measured, so a 3% overhead gets many more pairs than a 15% one. ``memprof.plan(..., costs=...)`` measures the overhead
 against the untracked step time.
 
 Verification: :func:`verify_overheads` times the cost configurations and the plans in the same rounds
 (each configuration once per round, next to a plain step), so a machine that drifts between timing costs and
 running a plan (on this 2-core VM, under glibc's default malloc, the same configuration measured 10.5% and
-14.1% minutes apart) moves the
-prediction and the measurement alike; :func:`predicted_overhead` gives what a set of costs predicts for a
-plan, as the planner computes it.
+14.1% minutes apart) moves the prediction and the measurement alike; :func:`predicted_overhead` gives what
+a set of costs predicts for a plan, as the planner computes it.
 
 Known limits: costs are per configuration measured (the given precision, no sharding); a step is timed
 whole, so other work in the step adds noise (medians of paired runs keep it down); a precision target bounds
@@ -53,8 +52,8 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 
-__all__ = ["OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead", "predicted_overhead", "time_overhead",
-           "uniform_plan", "verify_overheads"]
+__all__ = ["OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead",
+           "predicted_overhead", "time_overhead", "uniform_plan", "verify_overheads"]
 
 
 @dataclass(frozen=True)

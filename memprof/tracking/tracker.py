@@ -162,6 +162,7 @@ class Tracker:
         self._state = _IDLE
         self._profile = None
         self._pending = None  # what stop() kept for building the profile on first read
+        self._dist_env: dict = {}  # world size and rank when tracking stopped under torch.distributed
         self._error: BaseException | None = None
         self._limit_exc: DeviceMemoryExceeded | None = None
 
@@ -776,7 +777,8 @@ class Tracker:
         self._dist_env = dict(world_size=torch.distributed.get_world_size(),
                               rank=torch.distributed.get_rank()) if dist else {}
         self._pending = (last, self._step_index, self._step_t0, t)
-        if self._cuda_folder is not None or self._on_stop is not None or self._limit_exc is not None:
+        cuda = self._cuda_folder is not None or any(n.startswith("cuda") for n in led.device_names)
+        if cuda or self._on_stop is not None or self._limit_exc is not None:
             self._build_pending()
 
     def _build_pending(self) -> None:
