@@ -13,36 +13,42 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's per-session log
 
 import torch  # noqa: E402
 
+from memprof.policy.timing import CACHING_MALLOC_ENV  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 
 
-# glibc malloc told to keep what is freed, as a caching allocator does (CUDA's always does). By default glibc
-# returns every large block to the kernel at once (mmap/munmap), and the kernel zeroes each page again on its
-# first touch next step: on the GPT-2-small CPU step that is ~330k page faults and a third of the step, in
-# system time that varies with how much memory a configuration touches. Checkpointing a block then changes
-# the page faults as well as adding a recomputation, and block costs stop adding up (results/checkpoint-costs).
-CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(1 << 30)}
+# By default glibc returns every large block to the kernel at once (mmap/munmap), and the kernel zeroes each
+# page again on its first touch next step: on the GPT-2-small CPU step that is ~330k page faults and a third
+# of the step, in system time that varies with how much memory a configuration touches. Checkpointing a block
+# then changes the page faults as well as adding a recomputation, and block costs stop adding up
+# (results/checkpoint-costs-default-malloc.json). The timing experiments run with CACHING_MALLOC instead.
+CACHING_MALLOC = CACHING_MALLOC_ENV
+MALLOC_HELP = "time under glibc's default malloc (default: re-run with CACHING_MALLOC, see experiments/_common.py)"
+
+
+def _glibc() -> bool:
+    return platform.libc_ver()[0] == "glibc"
+
+
+def _caching() -> bool:
+    return all(os.environ.get(k) == v for k, v in CACHING_MALLOC.items())
 
 
 def use_caching_malloc(default_malloc: bool = False) -> None:
     """Re-run this experiment with :data:`CACHING_MALLOC` in its environment (glibc reads it at start), unless
     it is already there, the C library is not glibc, or the experiment was asked for the default allocator."""
-    if default_malloc or platform.libc_ver()[0] != "glibc":
-        return
-    if all(os.environ.get(k) == v for k, v in CACHING_MALLOC.items()):
+    if default_malloc or not _glibc() or _caching():
         return
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
 
 
-MALLOC_HELP = "time under glibc's default malloc (default: re-run with CACHING_MALLOC, see experiments/_common.py)"
-
-
 def malloc_setting() -> str:
-    if platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return "not glibc"
-    if all(os.environ.get(k) == v for k, v in CACHING_MALLOC.items()):
+    if _caching():
         return "glibc, caching: " + " ".join(f"{k}={v}" for k, v in CACHING_MALLOC.items())
     return "glibc, default"
 

@@ -52,7 +52,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 
-__all__ = ["OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead",
+__all__ = ["CACHING_MALLOC_ENV", "OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead",
            "predicted_overhead", "time_overhead", "uniform_plan", "verify_overheads"]
 
 
@@ -244,6 +244,12 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
     return _fit(names, modes, model_costs, ratios, statistics.median(keep_times) * 1e3, reps, pairs)
 
 
+# glibc malloc told to keep what is freed, as a caching allocator does: never mmap (so never munmap), never
+# trim the heap, and grow it in 1 GiB steps. Set before the process starts (glibc reads it once).
+CACHING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+                      "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
 def cpu_allocator_note() -> str | None:
     """Why CPU step times may not add up here, or ``None``: glibc's default malloc returns every large block
     to the kernel when it is freed, and the kernel zeroes its pages again on their first touch, a third of a
@@ -255,10 +261,10 @@ def cpu_allocator_note() -> str | None:
         return None
     if any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")):
         return None
+    env = " ".join(f"{k}={v}" for k, v in CACHING_MALLOC_ENV.items())
     return ("CPU step times taken under glibc's default malloc, which unmaps freed tensors: page faults change "
-            "with checkpointing too, so measured unit costs do not add up; start the process with "
-            f"MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_={1 << 40} (or jemalloc/tcmalloc) for costs that do, as "
-            "on CUDA's caching allocator")
+            f"with checkpointing too, so measured unit costs do not add up; start the process with {env} (or "
+            "jemalloc/tcmalloc) for costs that do, as on CUDA's caching allocator")
 
 
 def predicted_overhead(costs: OptionCosts, plan) -> float:
