@@ -103,7 +103,8 @@ class _FakeOpModel:
 
     all_ops = True  # the ledger calls this hook for views too (shadows must follow views)
 
-    def __init__(self, spec: DeviceSpec, clock: _VirtualClock, scratch: bool, scratch_limit_bytes: int):
+    def __init__(self, spec: DeviceSpec, clock: _VirtualClock, scratch: bool, scratch_limit_bytes: int,
+                 device: str = "cpu"):
         from torch.utils.flop_counter import flop_registry
 
         self._shadows: dict[int, tuple] = {}  # id(fake storage) -> (weakref to it, real UntypedStorage)
@@ -115,6 +116,7 @@ class _FakeOpModel:
         self.measured = 0
         self.skipped_large = 0
         self._cpu = torch.device("cpu")
+        self.device = torch.device(device)  # where the step's tensors are (fake)
 
     def call(self, func, args, kwargs):
         real = self._real_args(args, kwargs)
@@ -160,12 +162,17 @@ class _FakeOpModel:
         mode = _current_fake_mode()
 
         def conv(x):
-            if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
-                fake = mode.from_tensor(x)
-                if x.numel() <= _SHADOW_NUMEL and x.device.type == "cpu":
-                    s = fake.untyped_storage()
-                    self._shadows[id(s)] = (weakref.ref(s), x.untyped_storage())
-                return fake
+            if not isinstance(x, torch.Tensor):
+                return x
+            if not isinstance(x, FakeTensor):
+                real, x = x, mode.from_tensor(x)
+                if real.numel() <= _SHADOW_NUMEL:
+                    s = x.untyped_storage()
+                    self._shadows[id(s)] = (weakref.ref(s), real.untyped_storage())
+            if x.device.type != self.device.type:
+                # a host batch for a CUDA estimate: the step gets it on the device, as a real loop moves it
+                # there (the copy is an op of the tracked block; the host tensor is freed right after)
+                x = x.to(self.device)
             return x
 
         return tree_map(conv, batch)
@@ -175,7 +182,8 @@ class _FakeOpModel:
         entry = self._shadows.get(id(s))
         if entry is None or entry[0]() is not s:
             return None
-        return torch.empty(0, dtype=t.dtype).set_(entry[1], t.storage_offset(), t.shape, t.stride())
+        return torch.empty(0, dtype=t.dtype, device=entry[1].device).set_(entry[1], t.storage_offset(), t.shape,
+                                                                          t.stride())
 
     def _real_args(self, args, kwargs):
         """Real counterparts of all tensor arguments, or None when one has no shadow."""
@@ -404,7 +412,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
     fake_device = "cuda" if device == "cuda" and not emulate else "cpu"
     spec = host_spec() if device == "cpu" else device_spec(device_name)
     clock = _VirtualClock()
-    op_model = _FakeOpModel(spec, clock, scratch=device == "cpu", scratch_limit_bytes=scratch_limit_bytes)
+    op_model = _FakeOpModel(spec, clock, scratch=device == "cpu", scratch_limit_bytes=scratch_limit_bytes,
+                            device=fake_device)
     assumptions = {
         "device": ("cuda, emulated on CPU kernels (this PyTorch build has no CUDA): attention and autocast "
                    "follow the CPU kernels' choices" if emulate else device),

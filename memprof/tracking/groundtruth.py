@@ -23,8 +23,10 @@ def live_bytes(tensors: Iterable[torch.Tensor], round_to: int = 1) -> int:
         if t is None:
             continue
         s = t.untyped_storage()
-        if id(s) not in seen:
-            seen.add(id(s))
+        # keyed by address, not id(): the storage's Python object may die and its id be reused
+        key = (s.device, s.data_ptr()) if s.nbytes() else ("empty", id(t))
+        if key not in seen:
+            seen.add(key)
             total += -(-s.nbytes() // round_to) * round_to
     return total
 

@@ -20,8 +20,19 @@ pytestmark = pytest.mark.gpu
 CFG = GPTConfig(n_layer=6, n_embd=512, n_head=8, block_size=512, vocab_size=8192)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _warm_libraries():
+    """cuBLAS makes a workspace per thread and stream at its first product, outside any tensor op; make the
+    forward's and the backward's (autograd's thread) before anything is measured, as after any first step."""
+    lin = torch.nn.Linear(64, 64, device="cuda")
+    x = torch.randn(8, 16, 64, device="cuda", requires_grad=True)
+    q = lin(x).view(8, 16, 4, 16).transpose(1, 2)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    torch.cuda.synchronize()
+
+
 def _allocator_step_peak(model, opt, batch, key="active_bytes.all"):
-    live = list(model.parameters()) + [v for st in opt.state.values() for v in st.values()] + list(batch)
+    live = list(model.parameters()) + [v for st in opt.state.values() for v in st.values() if v.is_cuda] + list(batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_stats()[f"{key}.current"]
@@ -46,6 +57,26 @@ def test_tracker_peak_matches_active_bytes_peak_within_half_a_percent():
         assert abs(got - expected) <= 0.005 * expected, (got, expected)
     dev = tracker.profile.devices[0]
     assert dev.device.startswith("cuda") and dev.allocator["active_peak"] > 0 and dev.capacity_bytes
+
+
+def test_one_tracker_over_several_steps_matches_the_allocator_in_each():
+    # Steps are replayed when the profile is built, not as each ends (no wait for the GPU at step ends);
+    # each step's peak still matches the allocator's, and module times are CUDA events' times.
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = gpt_batch(CFG, 8, device="cuda")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    expected = [_allocator_step_peak(ref, ref_opt, batch) for _ in range(3)]
+    with memprof.track(model, opt) as tracker:
+        for _ in range(3):
+            default_step(model, batch, opt)
+    steps = tracker.profile.steps
+    assert len(steps) == 3
+    for step, want in zip(steps, expected):
+        assert abs(step.peak_bytes - want) <= 0.005 * want, (step.peak_bytes, want)
+    assert tracker.profile.modules["blocks.0"].forward_ms > 0
 
 
 def test_estimate_matches_cuda_measurement_within_one_percent():
