@@ -340,6 +340,43 @@ def test_profile_is_built_on_first_read_from_records_alone():
     assert gc.collect() == 0
 
 
+def _untimed(obj):
+    """A saved profile without its clock readings (times, dates and what derives from them differ from run
+    to run): floats become None; bytes are integers and stay."""
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if "ms" not in k and k != "created"}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return None if isinstance(obj, float) else obj
+
+
+def test_steps_kept_and_replayed_at_the_end_give_the_step_by_step_profile(monkeypatch, tmp_path):
+    # A finished step is kept, not replayed, until the profile is built (or the kept log grows too long):
+    # the profile is the one a replay after each step gives, per-op figures of each step included.
+    import json
+
+    import memprof.tracking.tracker as tracker_mod
+
+    def run(cap, name):
+        monkeypatch.setattr(tracker_mod, "_BACKLOG_EVENTS", cap)
+        torch.manual_seed(0)
+        case = CASES["gpt"]()
+        model, opt = case.model, make_optimizer("adamw", case.model.parameters())
+        replayed_while_running = []
+        with memprof.track(model, opt) as tracker:
+            for _ in range(4):
+                train_step(case, model, opt)
+                replayed_while_running.append(len(tracker.replay.steps))
+        tracker.profile.save(tmp_path / name)
+        return _untimed(json.loads((tmp_path / name).read_text())), replayed_while_running
+
+    each, replayed_each = run(-1, "each.json")
+    kept, replayed_kept = run(10**9, "kept.json")
+    assert replayed_each == [0, 1, 2, 3] and replayed_kept == [0, 0, 0, 0]
+    assert kept == each
+    assert len(kept["steps"]) == 4 and kept["modules"][""]["forward_op_bytes"]
+
+
 def test_a_failed_profile_build_is_reported_when_read_and_on_stop_builds_at_stop(monkeypatch):
     case = CASES["gpt"]()
     model, opt = case.model, make_optimizer("adamw", case.model.parameters())

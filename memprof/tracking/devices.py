@@ -101,23 +101,35 @@ class NvmlDevice:
     processes: tuple[tuple[int, int | None], ...]  # (pid, used bytes or None when the driver hides it)
 
 
+_NVML: list = []  # [pynvml] once initialised, or [DeviceUnavailableError] once it could not be
+
+
 def _nvml():
+    """pynvml, initialised once per process: ``nvmlInit`` takes tens of milliseconds, and the tracker asks
+    NVML at the end of every tracked block on a GPU."""
+    if _NVML:
+        if isinstance(_NVML[0], DeviceUnavailableError):
+            raise _NVML[0]
+        return _NVML[0]
     try:
         import pynvml
     except ImportError:
-        raise DeviceUnavailableError("nvidia-ml-py is not installed (pip install nvidia-ml-py)") from None
+        _NVML.append(DeviceUnavailableError("nvidia-ml-py is not installed (pip install nvidia-ml-py)"))
+        raise _NVML[0] from None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as e:
-        raise DeviceUnavailableError(f"no NVIDIA driver available (NVML: {e})") from None
+        _NVML.append(DeviceUnavailableError(f"no NVIDIA driver available (NVML: {e})"))
+        raise _NVML[0] from None
+    _NVML.append(pynvml)
     return pynvml
 
 
 def nvml_devices() -> list[NvmlDevice]:
     """Every GPU the driver sees, with memory in use and the processes using it."""
     pynvml = _nvml()
+    out = []
     try:
-        out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
@@ -128,9 +140,9 @@ def nvml_devices() -> list[NvmlDevice]:
             except pynvml.NVMLError:
                 procs = ()
             out.append(NvmlDevice(i, name, int(mem.total), int(mem.used), int(mem.free), procs))
-        return out
-    finally:
-        pynvml.nvmlShutdown()
+    except pynvml.NVMLError as e:
+        raise DeviceUnavailableError(f"NVML could not read the devices: {e}") from None
+    return out
 
 
 def cuda_device_facts(index: int) -> dict:
@@ -138,10 +150,20 @@ def cuda_device_facts(index: int) -> dict:
     props = torch.cuda.get_device_properties(index)
     facts = {"name": props.name, "capacity_bytes": int(props.total_memory)}
     try:
-        for d in nvml_devices():
-            if d.index == index:
-                facts["nvml_total_bytes"] = d.total_bytes
-                facts["nvml_used_bytes"] = d.used_bytes
-    except DeviceUnavailableError:
+        pynvml = _nvml()
+        mem = pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(pynvml, props, index))
+        facts["nvml_total_bytes"] = int(mem.total)
+        facts["nvml_used_bytes"] = int(mem.used)
+    except Exception:  # DeviceUnavailableError, pynvml.NVMLError: the facts stay without NVML's view
         pass
     return facts
+
+
+def _nvml_handle(pynvml, props, index: int):
+    """NVML's handle of CUDA device ``index``: by PCI bus id where torch gives it (CUDA_VISIBLE_DEVICES
+    renumbers CUDA's devices, not NVML's), else by index."""
+    try:
+        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return pynvml.nvmlDeviceGetHandleByPciBusId(bus)
+    except (AttributeError, pynvml.NVMLError):
+        return pynvml.nvmlDeviceGetHandleByIndex(index)

@@ -28,6 +28,7 @@ from .categories import (
 
 __all__ = ["NodeStats", "Replay", "downsample"]
 
+_NO_OPS: tuple = ({}, {})  # a node that ran no forward op in a step (read only)
 _OWNED = OPTIMIZER  # categories 0.._OWNED (param, buffer, grad, optimizer) are owned by a module
 
 
@@ -99,7 +100,10 @@ class Replay:
         st.seen_in_step = True
         return st
 
-    def replay_step(self, index: int, prelude: list, events: list, marks: list, t_start, t_end) -> None:
+    def replay_step(self, index: int, prelude: list, events: list, marks: list, t_start, t_end,
+                    op_stats: dict | None = None) -> None:
+        """Replay one step's log. ``op_stats``: {node: (op_ms, op_bytes)} of that step, where the step is
+        replayed after later ones ran (the nodes' own dicts then hold a later step's)."""
         if self.apart:
             prelude, events = self._set_apart(prelude), self._set_apart(events)
         live, cat, dev, dev_peak = self.live, self.cat, self.dev, self.dev_peak
@@ -195,14 +199,19 @@ class Replay:
             if st.step_levels[1]:
                 st.levels = tuple(st.step_levels)
             st.step_levels = [0, 0, 0]
-            if st.seen_in_step or node.op_ms:
+            if op_stats is None:
+                op_ms, op_bytes = node.op_ms, node.op_bytes
+            else:
+                op_ms, op_bytes = op_stats.get(node, _NO_OPS)
+            if st.seen_in_step or op_ms:
                 st.fwd_ms.append(st.step_fwd_ms)
                 st.bwd_ms.append(st.step_bwd_ms)
                 st.calls.append(st.step_calls)
-                st.op_ms.append(dict(node.op_ms))
-                st.op_bytes.append(dict(node.op_bytes))
-            node.op_ms.clear()
-            node.op_bytes.clear()
+                st.op_ms.append(dict(op_ms))
+                st.op_bytes.append(dict(op_bytes))
+            if op_stats is None:
+                node.op_ms.clear()
+                node.op_bytes.clear()
             st.step_fwd_ms = st.step_bwd_ms = 0.0
             st.step_calls = 0
             st.seen_in_step = False

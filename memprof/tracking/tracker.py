@@ -67,6 +67,7 @@ __all__ = ["Tracker", "track"]
 
 _graph_task_id = torch._C._current_graph_task_id
 _IDLE, _RUNNING, _PAUSED, _STOPPED = range(4)
+_BACKLOG_EVENTS = 200_000  # finished steps kept unreplayed up to this many ledger events (~100-200 bytes each)
 
 
 def _as_list(obj, kind, what):
@@ -162,6 +163,9 @@ class Tracker:
         self._state = _IDLE
         self._profile = None
         self._pending = None  # what stop() kept for building the profile on first read
+        self._cuda_facts: dict = {}  # CUDA device name -> facts read at stop (see _read_cuda_facts)
+        self._backlog: list = []  # finished steps not replayed yet (see _replay_backlog)
+        self._backlog_events = 0
         self._dist_env: dict = {}  # world size and rank when tracking stopped under torch.distributed
         self._error: BaseException | None = None
         self._limit_exc: DeviceMemoryExceeded | None = None
@@ -260,9 +264,9 @@ class Tracker:
         """Stop tracking (idempotent): remove every hook and the mode.
 
         The profile is built when ``profile`` is first read, as torch.profiler processes its events lazily:
-        what stop() keeps for it is plain records of the run (no tensors, modules or hooks). It is built at
-        once when something needs it then (``on_stop``, a rehearsed device's limit) or when a CUDA device was
-        tracked (its allocator and NVML figures are read at stop).
+        what stop() keeps for it is plain records of the run (no tensors, modules or hooks), with each CUDA
+        device's allocator peaks and NVML figures read at stop. It is built at once when something needs it
+        then (``on_stop``, a rehearsed device's limit).
         """
         if self._state in (_IDLE, _STOPPED):
             self._state = _STOPPED
@@ -735,12 +739,31 @@ class Tracker:
         if self._opt_order is None and self._opt_in_step:
             self._opt_order = list(self._opt_in_step)
         self._opt_in_step = []
-        self._host_apart()
-        self.replay.replay_step(self._step_index, led.prelude, led.events, led.marks, self._step_t0, t)
+        op_stats = {}
+        for node in self._nodes.values():  # this step's per-op figures; the nodes start afresh for the next
+            if node.op_ms or node.op_bytes:
+                op_stats[node] = (node.op_ms, node.op_bytes)
+                node.op_ms, node.op_bytes = {}, {}
+        self._backlog.append((self._step_index, led.prelude, led.events, led.marks, self._step_t0, t, op_stats))
+        self._backlog_events += len(led.events)
+        if self._estimated or self._backlog_events > _BACKLOG_EVENTS:
+            self._replay_backlog()
         led.prelude, led.events, led.marks = [], [], []
         self._step_index += 1
         self._step_t0 = t
         self._after_opt = False
+
+    def _replay_backlog(self) -> None:
+        """Replay the finished steps kept so far. Steps are kept rather than replayed as each ends, so that a
+        step's end costs no replay and, on a GPU, no wait for the device (its module times are CUDA events);
+        the estimator replays each step at once (its offload emulation moves records between devices)."""
+        if not self._backlog:
+            return
+        self._timer.sync()
+        self._host_apart()
+        backlog, self._backlog, self._backlog_events = self._backlog, [], 0
+        for step in backlog:
+            self.replay.replay_step(*step)
 
     def _host_apart(self) -> None:
         """With an accelerator in use, its memory is what runs out: host storages (a CPU batch, step counters,
@@ -768,7 +791,7 @@ class Tracker:
         led = self.ledger
         t = self._timer()
         self._timer.sync()
-        has_work = led.events or led.prelude or led.marks or not self.replay.steps
+        has_work = led.events or led.prelude or led.marks or not (self.replay.steps or self._backlog)
         if has_work:
             self._host_apart()
         last = (led.prelude, led.events, led.marks) if has_work else None
@@ -777,15 +800,31 @@ class Tracker:
         self._dist_env = dict(world_size=torch.distributed.get_world_size(),
                               rank=torch.distributed.get_rank()) if dist else {}
         self._pending = (last, self._step_index, self._step_t0, t)
-        cuda = self._cuda_folder is not None or any(n.startswith("cuda") for n in led.device_names)
-        if cuda or self._on_stop is not None or self._limit_exc is not None:
+        self._cuda_facts = self._read_cuda_facts()
+        if self._on_stop is not None or self._limit_exc is not None:
             self._build_pending()
+
+    def _read_cuda_facts(self) -> dict:
+        """What a profile built later must take as of now: each CUDA device's name and capacity, NVML's view,
+        and the caching allocator's peaks over the tracked block."""
+        facts = {}
+        if not cuda_available():
+            return facts
+        for name in self.ledger.devices:
+            if name.startswith("cuda"):
+                index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+                f = cuda_device_facts(index)
+                if self._cuda_folder is not None and not self._estimated:
+                    f["allocator"] = self._cuda_folder.summary(index)
+                facts[name] = f
+        return facts
 
     def _build_pending(self) -> None:
         """Replay the last step's log and build the profile (once; an error is kept for ``profile``)."""
         pending, self._pending = self._pending, None
         last, index, t_start, t_end = pending
         try:
+            self._replay_backlog()
             if last is not None:
                 self.replay.replay_step(index, *last, t_start, t_end)
             self.replay.close_all(t_end)
@@ -860,13 +899,12 @@ class Tracker:
         for name, idx in led.devices.items():
             peak_b = max(rp.dev_peak.get(idx, 0), rp.dev_peak.get(-(idx + 1), 0))
             kw = {}
-            if name.startswith("cuda") and cuda_available():
-                index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
-                facts = cuda_device_facts(index)
+            facts = self._cuda_facts.get(name)
+            if facts is not None:
                 kw.update(name=facts["name"], capacity_bytes=facts["capacity_bytes"],
                           nvml_total_bytes=facts.get("nvml_total_bytes"), nvml_used_bytes=facts.get("nvml_used_bytes"))
-                if self._cuda_folder is not None and not self._estimated:
-                    alloc = self._cuda_folder.summary(index)
+                alloc = facts.get("allocator")
+                if alloc is not None:
                     kw["allocator"] = alloc
                     if alloc.get("reserved_peak"):
                         kw["fragmentation"] = 1.0 - alloc["allocated_peak"] / alloc["reserved_peak"]
