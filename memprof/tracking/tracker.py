@@ -92,11 +92,25 @@ class _Timer:
         self.ledger = None  # wall-clock times leave out the time memprof itself spends (ledger.overhead)
         self.corrected = clock is None
         self._last = float("-inf")
+        self._streams: dict = {}  # (device, raw stream handle) -> torch.cuda.Stream
+
+    def _stream(self):
+        """The current CUDA stream, as ``torch.cuda.current_stream()`` gives it, without building a Stream
+        object for each of the hundreds of events a step records."""
+        try:
+            dev = torch._C._cuda_getDevice()
+            key = (dev, torch._C._cuda_getCurrentRawStream(dev))
+        except AttributeError:  # private API gone in some release: the public, slower way
+            return torch.cuda.current_stream()
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = torch.cuda.current_stream(dev)
+        return stream
 
     def __call__(self):
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(self._stream())
             return ev
         if self.corrected and self.ledger is not None:
             # A hook's own time is subtracted when it ends, after marks it made: never step backwards.

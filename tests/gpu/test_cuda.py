@@ -110,3 +110,21 @@ def test_plan_applied_on_cuda_meets_budget_and_prediction():
     assert measured <= plan.budget_bytes
     assert abs(measured - plan.predicted_peak_bytes) <= 0.02 * plan.predicted_peak_bytes
     assert live_bytes(model.parameters()) > 0
+
+
+def test_module_times_follow_the_current_stream():
+    # Module times are CUDA events recorded on the stream current at each mark: a step run on a side
+    # stream is timed there (events on the default stream would time nothing of it).
+    torch.manual_seed(0)
+    model = GPT(CFG).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = gpt_batch(CFG, 8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        with memprof.track(model, opt) as tracker:
+            default_step(model, batch, opt)
+    torch.cuda.synchronize()
+    mods = tracker.profile.modules
+    assert mods["blocks.0"].forward_ms > 0 and mods["blocks.0"].backward_ms > 0
+    assert mods[""].forward_ms >= mods["blocks.0"].forward_ms
