@@ -395,3 +395,43 @@ def test_a_failed_profile_build_is_reported_when_read_and_on_stop_builds_at_stop
     with pytest.raises(TrackingError, match="broken build"):
         _ = tracker.profile
     assert hook_registries(model, opt) == before
+
+
+def test_cuda_initialised_inside_the_block_switches_on_the_allocator_counters(monkeypatch):
+    # A script run under `memprof run` initialises CUDA after the tracker started: the first CUDA storage
+    # the ledger sees sets up the allocator's peak counters and the CUDA op calibration from then on.
+    # (No GPU here: fake CUDA tensors, and a stand-in for the counters that records what it is asked.)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import memprof.tracking.tracker as tracker_mod
+
+    calls = []
+
+    class Folder:
+        def start(self, index):
+            calls.append(("start", index))
+
+        def measure(self, func, args, kwargs, device):
+            calls.append(("measure", func.__name__))
+            return func(*args, **kwargs), 0
+
+        def summary(self, index):
+            return {}
+
+    monkeypatch.setattr(tracker_mod, "CudaPeakFolder", Folder)
+    monkeypatch.setattr(tracker_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(tracker_mod, "cuda_device_facts", lambda i: {"name": "fake GPU", "capacity_bytes": 1 << 30})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with FakeTensorMode():
+        with memprof.track() as tracker:
+            a = torch.ones(256, 256)  # host memory: no CUDA yet
+            assert tracker._cuda_folder is None and not calls
+            b = torch.ones(256, 256, device="cuda")
+            c = b * 2
+    assert calls[0] == ("start", 0)
+    assert ("measure", "mul.Tensor") in calls
+    prof = tracker.profile
+    assert {d.device for d in prof.devices} == {"cpu", "cuda:0"}
+    assert prof.peak_bytes == 2 * 256 * 256 * 4  # the CUDA device's bytes (b and c); the host's apart
+    assert any("CUDA was initialised inside the tracked block" in n for n in prof.notes)
+    del a, c

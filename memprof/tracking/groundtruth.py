@@ -8,6 +8,7 @@ with the tracker's code path (no dispatch mode, no hooks), which is what makes i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -43,8 +44,12 @@ def allocator_peak(fn: Callable[[], object], live_before: int = 0, caller_thread
 
     from .scratch import caller_allocations
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
+    with warnings.catch_warnings():
+        # torch 2.11 warns once per process that a profiler without a schedule "clears events at the end
+        # of each cycle": true of scheduled cycles, and there is one cycle here
+        warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
     roots = prof.profiler.kineto_results.experimental_event_tree()
     if caller_thread_only:
         events = caller_allocations(roots)

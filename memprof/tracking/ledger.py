@@ -111,8 +111,9 @@ class Ledger(TorchDispatchMode):
     """
 
     def __init__(self, *, calibrator=None, limit_bytes: int | None = None, on_limit=None, on_backward=None,
-                 timer=perf_counter, device_as: dict[str, str] | None = None):
+                 timer=perf_counter, device_as: dict[str, str] | None = None, on_new_device=None):
         super().__init__()
+        self.on_new_device = on_new_device  # called with a device's name the first time one of its storages is seen
         self.device_as = dict(device_as or {})  # count one device's storages as another's ("cpu" -> "cuda:0")
         self.live: dict[int, StorageRecord] = {}
         self.events: list = []
@@ -296,6 +297,8 @@ class Ledger(TorchDispatchMode):
         if name not in self.devices:
             self.devices[name] = len(self.device_names)
             self.device_names.append(name)
+            if self.on_new_device is not None:
+                self.on_new_device(name)
         idx = self.devices[name]
         # Encode "rounds to 512" in the sign so the per-op path needs one attribute: -(idx+1) rounds.
         return -(idx + 1) if name.startswith("cuda") else idx

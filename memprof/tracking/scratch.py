@@ -79,6 +79,10 @@ class ScratchCalibrator:
         self._cuda = cuda_counters  # devices.CudaPeakFolder or None
         self.calibrated = 0  # ops measured by this calibrator (the rest came from the cache)
 
+    def use_cuda(self, cuda_counters) -> None:
+        """Measure CUDA ops from now on (CUDA was initialised after this calibrator was made)."""
+        self._cuda = cuda_counters
+
     def call(self, func, args, kwargs):
         key = signature(func, args, kwargs)
         try:

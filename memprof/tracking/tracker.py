@@ -221,8 +221,10 @@ class Tracker:
             calibrator = ScratchCalibrator(self._cuda_folder)
         else:
             calibrator = self._calibrate or None
+        self._calibrator = calibrator
         self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, on_limit=self._over_limit,
-                             on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as)
+                             on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as,
+                             on_new_device=self._new_device)
         self._timer.ledger = self.ledger
         own = self.ledger.own_time
         self._hook_fw_pre, self._hook_fw_post = own(self._fw_pre), own(self._fw_post)
@@ -318,7 +320,7 @@ class Tracker:
         self._hook_fw_pre = self._hook_fw_post = self._hook_opt_pre = self._hook_opt_post = None
         self._hook_grad = self._hook_bw_pre = self._hook_bw_post = None
         led = self.ledger
-        led.on_limit = led.on_backward = None
+        led.on_limit = led.on_backward = led.on_new_device = None
         led.timer = None
         self._timer.ledger = None
 
@@ -766,6 +768,21 @@ class Tracker:
         self._step_index += 1
         self._step_t0 = t
         self._after_opt = False
+
+    def _new_device(self, name: str) -> None:
+        """A CUDA storage seen while CUDA was not initialised at start (a script that initialises it inside
+        the block, as under ``memprof run``): read the caching allocator's peaks, and measure CUDA ops'
+        workspaces, from now on. Module times stay host wall-clock times."""
+        if (not name.startswith("cuda") or self._cuda_folder is not None or self._clock is not None
+                or self._estimated or not cuda_available()):
+            return
+        self._cuda_folder = CudaPeakFolder()
+        for i in range(torch.cuda.device_count()):
+            self._cuda_folder.start(i)
+        if isinstance(self._calibrator, ScratchCalibrator):
+            self._calibrator.use_cuda(self._cuda_folder)
+        self._notes.add("CUDA was initialised inside the tracked block: the allocator's peaks count from its "
+                        "first tensor, and module times are host wall-clock times, not CUDA events")
 
     def _replay_backlog(self) -> None:
         """Replay the finished steps kept so far. Steps are kept rather than replayed as each ends, so that a

@@ -128,3 +128,57 @@ def test_module_times_follow_the_current_stream():
     mods = tracker.profile.modules
     assert mods["blocks.0"].forward_ms > 0 and mods["blocks.0"].backward_ms > 0
     assert mods[""].forward_ms >= mods["blocks.0"].forward_ms
+
+
+def test_profile_records_the_drivers_view_and_memprof_gpus_lists_the_device():
+    from click.testing import CliRunner
+
+    from memprof.cli import main
+
+    model = GPT(CFG).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = gpt_batch(CFG, 8, device="cuda")
+    with memprof.track(model, opt) as tracker:
+        default_step(model, batch, opt)
+    dev = tracker.profile.devices[0]
+    # NVML counts the whole device (torch's total leaves out what the driver reserves) and this process's use
+    assert dev.nvml_total_bytes >= dev.capacity_bytes > 0
+    assert dev.nvml_used_bytes >= torch.cuda.memory_reserved()
+    result = CliRunner().invoke(main, ["gpus"])
+    assert result.exit_code == 0 and torch.cuda.get_device_name(0) in result.output
+
+
+CUDA_SCRIPT = '''
+import torch
+import torch.nn as nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).cuda()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randn(64, 256, device="cuda")
+for _ in range(3):
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print("trained")
+'''
+
+
+def test_memprof_run_tracks_an_unmodified_cuda_script(tmp_path):
+    from click.testing import CliRunner
+
+    from memprof.cli import main
+
+    script = tmp_path / "train_cuda.py"
+    script.write_text(CUDA_SCRIPT)
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(main, ["run", "--steps", "2", "--out", str(out), str(script)])
+    assert result.exit_code == 0, result.output
+    prof = memprof.load(out)
+    # the model is built on the host and moved: both devices are listed, the totals are the GPU's
+    gpu = next(d for d in prof.devices if d.device.startswith("cuda"))
+    assert gpu.allocator["active_peak"] > 0  # CUDA was initialised inside the block: counters from then on
+    params = (256 * 1024 + 1024 + 1024 * 256 + 256) * 4
+    # steady step: params, grads and two AdamW moments are all live at the optimizer step
+    assert prof.peak.by_category["param"] == params and prof.peak_bytes >= 4 * params
+    assert prof.peak_bytes == gpu.peak_bytes
