@@ -435,3 +435,32 @@ def test_cuda_initialised_inside_the_block_switches_on_the_allocator_counters(mo
     assert prof.peak_bytes == 2 * 256 * 256 * 4  # the CUDA device's bytes (b and c); the host's apart
     assert any("CUDA was initialised inside the tracked block" in n for n in prof.notes)
     del a, c
+
+
+def test_device_memory_limit_counts_the_cuda_device_alone(monkeypatch):
+    # Rehearsing a GPU's memory: host storages (a model built on the CPU, a host batch) do not count
+    # against the device limit. Fake CUDA tensors (no GPU here).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import memprof.tracking.tracker as tracker_mod
+
+    mib = 1 << 20
+    with FakeTensorMode():
+        with memprof.track(device_memory=3 * mib, calibrate=False) as tracker:
+            dev = torch.empty(2 * mib, dtype=torch.uint8, device="cuda")
+            host = torch.empty(4 * mib, dtype=torch.uint8)  # over the limit, but on the host
+            assert tracker.ledger.limited_total() == 2 * mib and tracker.ledger.total == 6 * mib
+            with pytest.raises(DeviceMemoryExceeded, match="would reach 4.00 MiB"):
+                torch.empty(2 * mib, dtype=torch.uint8, device="cuda")
+    del host, dev
+    # without CUDA the host is the device: the same host tensor is over the limit ...
+    with pytest.raises(DeviceMemoryExceeded):
+        with memprof.track(device_memory=3 * mib, calibrate=False):
+            torch.empty(4 * mib, dtype=torch.uint8)
+    # ... and where CUDA is available, the GPU is the device from the start (a model built on the host first)
+    monkeypatch.setattr(tracker_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(tracker_mod.torch.cuda, "is_initialized", lambda: False)
+    with memprof.track(device_memory=3 * mib, calibrate=False) as tracker:
+        host = torch.empty(4 * mib, dtype=torch.uint8)
+    assert tracker.profile.peak_bytes == 4 * mib  # not stopped: the host's bytes are not the device's
+    del host

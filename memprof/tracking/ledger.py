@@ -120,6 +120,8 @@ class Ledger(TorchDispatchMode):
         self.prelude: list = []
         self.marks: list = []
         self.total = 0
+        self.host = 0  # bytes of self.total on devices the CUDA allocator does not hold (the host's)
+        self.accel = False  # a CUDA device is in use: the device-memory limit counts its bytes alone
         self.op_clock = 0.0  # seconds of op time spent in forward phases so far
         self.overhead = 0.0  # seconds spent in memprof's own code (subtracted from recorded times)
         self.phase = OTHER_PHASE
@@ -157,7 +159,7 @@ class Ledger(TorchDispatchMode):
                     self._found_input(args[0], func)
                     if id(out.untyped_storage()) not in live:
                         self._see(out, func, kind)
-                    if self.limit_bytes is not None and self.total > self.limit_bytes:
+                    if self.limit_bytes is not None and self.limited_total() > self.limit_bytes:
                         self.on_limit(func)
                 if self.phase == FORWARD:
                     self.op_clock += dt
@@ -213,7 +215,7 @@ class Ledger(TorchDispatchMode):
         if forward and node is not None:
             name = self._opname.get(func) or self._name_op(func)
             node.op_ms[name] = node.op_ms.get(name, 0.0) + dt * 1e3
-        if self.limit_bytes is not None and self.total > self.limit_bytes:
+        if self.limit_bytes is not None and self.limited_total() > self.limit_bytes:
             self.on_limit(func)
         self.overhead += perf_counter() - t_in - dt
         return out
@@ -274,6 +276,8 @@ class Ledger(TorchDispatchMode):
             rec.ref = weakref.ref(s, partial(self._free, key))
             live[key] = rec
             self.total += nb
+            if dev >= 0:
+                self.host += nb
             self.events.append((rec, nb))
             if phase == FORWARD and node is not None:
                 name = self._opname.get(func) or self._name_op(func)
@@ -293,10 +297,17 @@ class Ledger(TorchDispatchMode):
             entry = self._dev_cache[d] = self._device_named(self.device_as.get(name, self.device_as.get(d.type, name)))
         return entry
 
+    def limited_total(self) -> int:
+        """The bytes the device-memory limit is checked against: with a CUDA device in use, its bytes alone
+        (the host's are listed apart in the profile too), else all."""
+        return self.total - self.host if self.accel else self.total
+
     def _device_named(self, name: str) -> int:
         if name not in self.devices:
             self.devices[name] = len(self.device_names)
             self.device_names.append(name)
+            if name.startswith("cuda"):
+                self.accel = True
             if self.on_new_device is not None:
                 self.on_new_device(name)
         idx = self.devices[name]
@@ -313,6 +324,8 @@ class Ledger(TorchDispatchMode):
         rec.ref = weakref.ref(s, partial(self._free, key))
         self.live[key] = rec
         self.total += nb
+        if dev >= 0:
+            self.host += nb
         return rec
 
     def found(self, s, t, cat, op=None, label="", node=None, now=False) -> StorageRecord:
@@ -337,6 +350,8 @@ class Ledger(TorchDispatchMode):
         delta = nb - rec.nbytes
         rec.nbytes = nb
         self.total += delta
+        if rec.device >= 0:
+            self.host += delta
         self.events.append((rec, delta))
 
     def storage_resized(self, s) -> None:
@@ -364,6 +379,8 @@ class Ledger(TorchDispatchMode):
         n = rec.nbytes
         if n:
             self.total -= n
+            if rec.device >= 0:
+                self.host -= n
             self.events.append((rec, -n))
         if rec.phase_id == self.phase_id and (rec.cat == ACTIVATION or rec.cat == OTHER):
             rec.cat = TEMPORARY
@@ -371,16 +388,20 @@ class Ledger(TorchDispatchMode):
 
     def _spike(self, excess, func, device) -> None:
         """Memory an op used inside itself: up and down again at this op."""
-        rec = StorageRecord(excess, TEMPORARY, self.cur, self.phase, self.phase_id, func, (), None,
-                            self._device(device), "workspace")
+        dev = self._device(device)
+        rec = StorageRecord(excess, TEMPORARY, self.cur, self.phase, self.phase_id, func, (), None, dev,
+                            "workspace")
         self.events.append((rec, excess))
         self.events.append((rec, -excess))
-        if self.limit_bytes is not None and self.total + excess > self.limit_bytes:
+        counted = 0 if (dev >= 0 and self.accel) else excess
+        if self.limit_bytes is not None and self.limited_total() + counted > self.limit_bytes:
             self.total += excess
+            self.host += excess if dev >= 0 else 0
             try:
                 self.on_limit(func)
             finally:
                 self.total -= excess
+                self.host -= excess if dev >= 0 else 0
 
     def replay_pattern(self, pattern) -> None:
         """Append a recorded optimizer step's births and frees (see :mod:`.optpattern`) as if its ops ran."""

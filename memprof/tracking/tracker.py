@@ -136,7 +136,8 @@ class Tracker:
         optimizer: the optimizer(s) whose steps delimit steps; ``None`` uses every optimizer stepped inside.
         steps: stop tracking by itself after this many optimizer steps (``None``: until ``stop()``).
         device_memory: rehearse a device of this many bytes: raise :class:`DeviceMemoryExceeded` (with the
-            partial profile) when tracked memory would go over it.
+            partial profile) when tracked memory would go over it: the CUDA device's bytes alone where CUDA
+            is available or once a CUDA storage is seen (host storages do not count), else all.
         top_tensors: how many of the largest live tensors to keep at the peak.
         max_samples: bound on the timeline's length (long runs are downsampled; the peak is always kept).
         calibrate: measure op-internal scratch memory on the real allocator (see :mod:`.scratch`); or an
@@ -226,6 +227,9 @@ class Tracker:
                              on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as,
                              on_new_device=self._new_device)
         self._timer.ledger = self.ledger
+        # On a machine with a GPU the rehearsed device is the GPU, also before the block's first CUDA tensor
+        # (a model built on the host and moved): host storages never count against the limit there.
+        self.ledger.accel = self._clock is None and not self._estimated and cuda_available()
         own = self.ledger.own_time
         self._hook_fw_pre, self._hook_fw_post = own(self._fw_pre), own(self._fw_post)
         self._hook_opt_pre, self._hook_opt_post = own(self._opt_pre), own(self._opt_post)
@@ -811,7 +815,7 @@ class Tracker:
         cur = led.cur.name if led.cur is not None else ""
         where = f"module {cur!r}" if cur else "outside any module"
         self._limit_exc = DeviceMemoryExceeded(
-            f"tracked memory would reach {format_bytes(led.total)}, over the device memory of "
+            f"tracked memory would reach {format_bytes(led.limited_total())}, over the device memory of "
             f"{format_bytes(self._device_memory)}, at {func} in {where}, {PHASES[led.phase]} phase of step "
             f"{self._step_index}"
         )
