@@ -42,13 +42,22 @@ def _allocator_step_peak(model, opt, batch, key="active_bytes.all"):
     return live_bytes(live, round_to=512) + peak - before
 
 
-def test_tracker_peak_matches_active_bytes_peak_within_half_a_percent():
+def _gpt_step_setup():
+    """The GPT, its AdamW and a batch on the GPU (seeded)."""
     torch.manual_seed(0)
     model = GPT(CFG).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gpt_batch(CFG, 8, device="cuda")
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4), gpt_batch(CFG, 8, device="cuda")
+
+
+def _twin(model):
+    """An identical copy with its own AdamW: the ground truth's runs."""
     ref = copy.deepcopy(model)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    return ref, torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+
+def test_tracker_peak_matches_active_bytes_peak_within_half_a_percent():
+    model, opt, batch = _gpt_step_setup()
+    ref, ref_opt = _twin(model)
     for _ in range(2):  # first and steady step
         expected = _allocator_step_peak(ref, ref_opt, batch)
         with memprof.track(model, opt) as tracker:
@@ -62,12 +71,8 @@ def test_tracker_peak_matches_active_bytes_peak_within_half_a_percent():
 def test_one_tracker_over_several_steps_matches_the_allocator_in_each():
     # Steps are replayed when the profile is built, not as each ends (no wait for the GPU at step ends);
     # each step's peak still matches the allocator's, and module times are CUDA events' times.
-    torch.manual_seed(0)
-    model = GPT(CFG).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gpt_batch(CFG, 8, device="cuda")
-    ref = copy.deepcopy(model)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    model, opt, batch = _gpt_step_setup()
+    ref, ref_opt = _twin(model)
     expected = [_allocator_step_peak(ref, ref_opt, batch) for _ in range(3)]
     with memprof.track(model, opt) as tracker:
         for _ in range(3):
@@ -81,10 +86,7 @@ def test_one_tracker_over_several_steps_matches_the_allocator_in_each():
 
 def test_estimate_matches_cuda_measurement_within_one_percent():
     est = memprof.estimate(lambda: GPT(CFG), lambda: gpt_batch(CFG, 8), device="cuda")
-    torch.manual_seed(0)
-    model = GPT(CFG).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gpt_batch(CFG, 8, device="cuda")
+    model, opt, batch = _gpt_step_setup()
     with memprof.track(model, opt) as tracker:
         for _ in range(2):
             default_step(model, batch, opt)
@@ -93,10 +95,7 @@ def test_estimate_matches_cuda_measurement_within_one_percent():
 
 
 def test_plan_applied_on_cuda_meets_budget_and_prediction():
-    torch.manual_seed(0)
-    model = GPT(CFG).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gpt_batch(CFG, 8, device="cuda")
+    model, opt, batch = _gpt_step_setup()
     with memprof.track(model, opt) as tracker:
         for _ in range(3):
             default_step(model, batch, opt)
@@ -115,10 +114,7 @@ def test_plan_applied_on_cuda_meets_budget_and_prediction():
 def test_module_times_follow_the_current_stream():
     # Module times are CUDA events recorded on the stream current at each mark: a step run on a side
     # stream is timed there (events on the default stream would time nothing of it).
-    torch.manual_seed(0)
-    model = GPT(CFG).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gpt_batch(CFG, 8, device="cuda")
+    model, opt, batch = _gpt_step_setup()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -135,9 +131,7 @@ def test_profile_records_the_drivers_view_and_memprof_gpus_lists_the_device():
 
     from memprof.cli import main
 
-    model = GPT(CFG).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = gpt_batch(CFG, 8, device="cuda")
+    model, opt, batch = _gpt_step_setup()
     with memprof.track(model, opt) as tracker:
         default_step(model, batch, opt)
     dev = tracker.profile.devices[0]
