@@ -13,6 +13,8 @@ reported:
 
     plain       the step alone
     empty mode  an empty TorchDispatchMode around the step: the floor any dispatch-mode tracker pays
+    empty mode fw/bw  the same around forward and backward only: memprof's floor (it replays a steady
+                optimizer step instead of dispatching its ops)
     memprof     ``with memprof.track(model, opt)`` around the step (op calibration cached, as in any step
                 after a process's first tracked one)
     MemTracker  ``torch.distributed._tools.mem_tracker.MemTracker`` (private PyTorch API)
@@ -95,6 +97,13 @@ def main() -> None:
         with Empty():
             step()
 
+    def with_empty_mode_fw_bw():
+        # The floor memprof pays: it dispatches forward and backward ops and replays a steady optimizer step
+        with Empty():
+            model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     def with_memtracker():
         from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -115,8 +124,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with_memprof()
     first_tracked_s = time.perf_counter() - t0
-    conditions = {"plain": step, "empty mode": with_empty_mode, "memprof": with_memprof, "MemTracker": with_memtracker,
-                  "profiler": with_profiler}
+    conditions = {"plain": step, "empty mode": with_empty_mode, "empty mode fw/bw": with_empty_mode_fw_bw,
+                  "memprof": with_memprof, "MemTracker": with_memtracker, "profiler": with_profiler}
     for fn in conditions.values():  # warm each path once
         fn()
     times: dict[str, list[float]] = {k: [] for k in conditions}
@@ -171,7 +180,7 @@ def main() -> None:
     path = write_result("overhead" + ("-default-malloc" if args.default_malloc else ""), result)
     print(f"wrote {path}")
     for k in conditions:
-        print(f"  {k:11s} {med[k]:.3f} s  x{ratios[k]:.3f}" + (f" +-{median_stderr(paired[k]):.3f}" if k != "plain" else ""))
+        print(f"  {k:16s} {med[k]:.3f} s  x{ratios[k]:.3f}" + (f" +-{median_stderr(paired[k]):.3f}" if k != "plain" else ""))
 
 
 if __name__ == "__main__":
