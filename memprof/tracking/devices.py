@@ -101,28 +101,26 @@ class NvmlDevice:
     processes: tuple[tuple[int, int | None], ...]  # (pid, used bytes or None when the driver hides it)
 
 
-_NVML: list = []  # [pynvml] once initialised, or [DeviceUnavailableError] once it could not be
+_NVML: list = []  # [pynvml] once initialised, or [why not] once it could not be
 
 
 def _nvml():
     """pynvml, initialised once per process: ``nvmlInit`` takes tens of milliseconds, and the tracker asks
     NVML at the end of every tracked block on a GPU."""
-    if _NVML:
-        if isinstance(_NVML[0], DeviceUnavailableError):
-            raise _NVML[0]
-        return _NVML[0]
-    try:
-        import pynvml
-    except ImportError:
-        _NVML.append(DeviceUnavailableError("nvidia-ml-py is not installed (pip install nvidia-ml-py)"))
-        raise _NVML[0] from None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        _NVML.append(DeviceUnavailableError(f"no NVIDIA driver available (NVML: {e})"))
-        raise _NVML[0] from None
-    _NVML.append(pynvml)
-    return pynvml
+    if not _NVML:
+        try:
+            import pynvml
+        except ImportError:
+            _NVML.append("nvidia-ml-py is not installed (pip install nvidia-ml-py)")
+        else:
+            try:
+                pynvml.nvmlInit()
+                _NVML.append(pynvml)
+            except pynvml.NVMLError as e:
+                _NVML.append(f"no NVIDIA driver available (NVML: {e})")
+    if isinstance(_NVML[0], str):
+        raise DeviceUnavailableError(_NVML[0])
+    return _NVML[0]
 
 
 def nvml_devices() -> list[NvmlDevice]:
