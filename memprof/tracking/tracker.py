@@ -222,7 +222,6 @@ class Tracker:
             calibrator = ScratchCalibrator(self._cuda_folder)
         else:
             calibrator = self._calibrate or None
-        self._calibrator = calibrator
         self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, on_limit=self._over_limit,
                              on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as,
                              on_new_device=self._new_device)
@@ -783,8 +782,8 @@ class Tracker:
         self._cuda_folder = CudaPeakFolder()
         for i in range(torch.cuda.device_count()):
             self._cuda_folder.start(i)
-        if isinstance(self._calibrator, ScratchCalibrator):
-            self._calibrator.use_cuda(self._cuda_folder)
+        if isinstance(self.ledger.calibrator, ScratchCalibrator):
+            self.ledger.calibrator.use_cuda(self._cuda_folder)
         self._notes.add("CUDA was initialised inside the tracked block: the allocator's peaks count from its "
                         "first tensor, and module times are host wall-clock times, not CUDA events")
 
