@@ -464,3 +464,33 @@ def test_device_memory_limit_counts_the_cuda_device_alone(monkeypatch):
         host = torch.empty(4 * mib, dtype=torch.uint8)
     assert tracker.profile.peak_bytes == 4 * mib  # not stopped: the host's bytes are not the device's
     del host
+
+
+def test_torch_compile_inside_the_block_never_compiles_the_trackers_own_frames():
+    # The ledger's __torch_dispatch__ is marked for dynamo to skip with everything it calls (in place of
+    # TorchDispatchMode's per-op wrapper). Unmarked, dynamo compiles three of its frames here.
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+
+    def g(x):
+        y = x.sin().exp()  # no Python scalars: those become tensors the dispatcher never sees
+        return y.cos()
+
+    f = torch.compile(g, backend=counter)
+    x = torch.randn(1 << 18, requires_grad=True)
+
+    def block(fn):
+        fn(x).sum().backward()
+        x.grad = None
+
+    expected, _ = allocator_peak(lambda: block(g))  # run eagerly, x not counted (live before)
+    torch._dynamo.reset()
+    try:
+        with memprof.track() as tracker:
+            block(f)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 0  # the mode makes dynamo skip the user's frames too: all ran eagerly
+    assert tracker.profile.peak_bytes == expected + (1 << 20)  # x is found live: its MiB counts, unlike above

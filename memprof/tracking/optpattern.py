@@ -38,6 +38,7 @@ class Pattern:
 
     templates: tuple
     events: tuple
+    device_names: tuple = ()  # the devices the templates name
 
 
 # optimizer -> (context, signature, pattern). Weak: a pattern lives as long as its optimizer.
@@ -104,7 +105,7 @@ def extract(events: list, phase_id: int, device_names: list[str]) -> Pattern | N
         out.append((i, delta))
     if open_:
         return None  # something born in the step outlives it
-    return Pattern(tuple(templates), tuple(out))
+    return Pattern(tuple(templates), tuple(out), tuple(sorted({t[4] for t in templates})))
 
 
 def lookup(opt, context, sig) -> Pattern | None:

@@ -59,7 +59,7 @@ from .categories import (
 )
 from .devices import CudaPeakFolder, cpu_name, cuda_available, cuda_device_facts, host_memory_bytes
 from .exitguard import guard_distributed_exit
-from .ledger import Ledger, ModuleNode, real_tensors
+from .ledger import Ledger, ModuleNode, expand_pattern_runs, real_tensors
 from .replay import Replay, downsample
 from .scratch import ScratchCalibrator
 
@@ -374,7 +374,8 @@ class Tracker:
 
     # ----------------------------------------------------------------------------------------- modules --
     def _add_root(self, mod) -> ModuleNode:
-        contained = {id(m) for m in mod.modules()}
+        modules = list(mod.named_modules())  # one walk of the tree, shared by what follows
+        contained = {id(m) for _, m in modules}
         others = [(m, n) for m, n in self._roots if id(m) not in contained]
         taken = {n.name for _, n in others}
         name = ""
@@ -385,7 +386,7 @@ class Tracker:
                 name, k = f"{base}#{k}", k + 1
         structure = structure_hashes(mod)
         walk: dict[str, ModuleNode] = {}
-        for fqn, sub in mod.named_modules():
+        for fqn, sub in modules:
             full = fqn if not name else (f"{name}.{fqn}" if fqn else name)
             parent = walk.get(fqn.rpartition(".")[0]) if fqn else None
             node = self._nodes.get(sub)
@@ -397,16 +398,16 @@ class Tracker:
             walk[fqn] = node
         root = walk[""]
         self._roots = others + [(mod, root)]
-        if type(mod).__name__ == "OptimizedModule" or any(type(m).__name__ == "OptimizedModule" for m in mod.modules()):
+        if any(type(m).__name__ == "OptimizedModule" for _, m in modules):
             self._notes.add("torch.compile: compiled modules ran eagerly under the tracker (memory of the eager "
                             "program, which can differ from the compiled one)")
-        self._add_params(mod, name, walk)
+        self._add_params(modules, name, walk)
         return root
 
-    def _add_params(self, mod, prefix, walk) -> None:
+    def _add_params(self, modules, prefix, walk) -> None:
         led = self.ledger
         seen_storage = set()
-        for pname, p in mod.named_parameters():
+        for pname, p in _members(modules, "_parameters"):
             owner = walk.get(pname.rpartition(".")[0]) or walk[""]
             full = f"{prefix}.{pname}" if prefix else pname
             self._owner[p] = (owner, full)
@@ -424,7 +425,7 @@ class Tracker:
                 self._label_grad(p)
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook_grad))
-        for bname, b in mod.named_buffers():
+        for bname, b in _members(modules, "_buffers"):
             owner = walk.get(bname.rpartition(".")[0]) or walk[""]
             full = f"{prefix}.{bname}" if prefix else bname
             for t in real_tensors(b):
@@ -796,8 +797,8 @@ class Tracker:
         self._timer.sync()
         self._host_apart()
         backlog, self._backlog, self._backlog_events = self._backlog, [], 0
-        for step in backlog:
-            self.replay.replay_step(*step)
+        for index, prelude, events, marks, *rest in backlog:
+            self.replay.replay_step(index, prelude, *expand_pattern_runs(events, marks), *rest)
 
     def _host_apart(self) -> None:
         """With an accelerator in use, its memory is what runs out: host storages (a CPU batch, step counters,
@@ -860,7 +861,8 @@ class Tracker:
         try:
             self._replay_backlog()
             if last is not None:
-                self.replay.replay_step(index, *last, t_start, t_end)
+                prelude, events, marks = last
+                self.replay.replay_step(index, prelude, *expand_pattern_runs(events, marks), t_start, t_end)
             self.replay.close_all(t_end)
             self._profile = self._build_profile()
         except Exception as e:
@@ -1056,13 +1058,31 @@ def _tensors(tree) -> list:
     return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
+def _members(modules, attr: str):
+    """``(fqn, tensor)`` for the parameters (``attr="_parameters"``) or buffers of ``modules``, a module's
+    ``named_modules()``, each tensor once: what ``named_parameters()``/``named_buffers()`` give, without
+    walking the tree again."""
+    seen = set()
+    for prefix, m in modules:
+        for n, t in getattr(m, attr).items():
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield (f"{prefix}.{n}" if prefix else n), t
+
+
 def _on_grads(tensors, fn, mode: str):
     """Call ``fn`` when the gradient of one tensor (mode "any") or of all of them ("all") is computed.
 
-    One tensor: a plain tensor hook, much cheaper than ``register_multi_grad_hook`` (same signal). Several
-    with "all": :func:`_on_all_grads`, which counts instead of keeping the gradients."""
+    One tensor: a pre-hook on the node that made it (``fn(grad_outputs)``), or a tensor hook on a leaf; the
+    engine runs both just before that node runs, once its gradients are all in. The node's pre-hook is the
+    cheaper of the two to add (a tensor hook gives the tensor a hook dictionary and a Python handle), and
+    much cheaper than ``register_multi_grad_hook``. Several with "all": :func:`_on_all_grads`, which
+    counts instead of keeping the gradients."""
     if len(tensors) == 1:
-        return tensors[0].register_hook(fn)
+        t = tensors[0]
+        node = t.grad_fn
+        return t.register_hook(fn) if node is None else node.register_prehook(fn)
     if mode == "all":
         return _on_all_grads(tensors, fn)
     return register_multi_grad_hook(tensors, fn, mode=mode)
