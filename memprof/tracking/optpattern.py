@@ -66,16 +66,28 @@ def signature(opt) -> tuple:
                 opts.append((k, v))
             else:
                 opts.append((k, type(v).__name__))
-        params = []
+        # One flat list per group (the cost of this runs twice per replayed step): each parameter's shape,
+        # dtype, device and layout, its gradient's (or None), then its state's size and entries.
+        params: list = []
+        add, ext = params.append, params.extend
         for p in g["params"]:
+            ext((p.shape, p.dtype, p.device, p.layout))
             grad = p.grad
-            st = state.get(p)
-            if st:
-                sts = tuple((k, _tensor_sig(v)) if isinstance(v, torch.Tensor) else (k, type(v).__name__)
-                            for k, v in st.items())
+            if grad is None:
+                add(None)
             else:
-                sts = ()
-            params.append((_tensor_sig(p), None if grad is None else _tensor_sig(grad), sts))
+                ext((grad.shape, grad.dtype, grad.device, grad.layout))
+            st = state.get(p)
+            if not st:
+                add(0)
+                continue
+            add(len(st))
+            for k, v in st.items():
+                add(k)
+                if isinstance(v, torch.Tensor):
+                    ext((v.shape, v.dtype, v.device, v.layout))
+                else:
+                    add(type(v).__name__)
         groups.append((tuple(opts), tuple(params)))
     autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
     return (type(opt), autocast, tuple(groups))

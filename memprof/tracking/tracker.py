@@ -66,6 +66,8 @@ from .scratch import ScratchCalibrator
 __all__ = ["Tracker", "track"]
 
 _graph_task_id = torch._C._current_graph_task_id
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
 _IDLE, _RUNNING, _PAUSED, _STOPPED = range(4)
 _BACKLOG_EVENTS = 200_000  # finished steps kept unreplayed up to this many ledger events (~100-200 bytes each)
 
@@ -472,6 +474,11 @@ class Tracker:
         for pname, p in mod._parameters.items():
             if p is None:
                 continue
+            if type(p) is _Parameter:  # the usual case, without real_tensors' generator
+                rec = live.get(id(p.untyped_storage()))
+                if rec is None or rec.cat != PARAM:
+                    self._relabel(p, PARAM, f"{node.name}.{pname}" if node.name else pname, node)
+                continue
             for t in real_tensors(p):
                 rec = live.get(id(t.untyped_storage()))
                 if rec is None or rec.cat != PARAM:
@@ -538,7 +545,7 @@ class Tracker:
         live, pid = self.ledger.live, self.ledger.phase_id
         seen, total = set(), 0
         for t in tensors:
-            for rt in real_tensors(t):
+            for rt in ((t,) if type(t) is _Tensor else real_tensors(t)):
                 rec = live.get(id(rt.untyped_storage()))
                 if rec is None or id(rec) in seen or rec.phase_id != pid:
                     continue
