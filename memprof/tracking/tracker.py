@@ -4,9 +4,10 @@ It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and
 *where* each op runs:
 
 * global module forward pre/post hooks (or only the given model's modules) keep a forward module stack;
-* ``register_multi_grad_hook`` on each module's outputs ("any") and inputs ("all") marks its backward,
-  which unlike ``register_full_backward_hook`` is right for modules whose inputs need no grad; modules whose
-  backward never closes (embeddings, the first layer) are closed when the graph task ends;
+* gradient hooks on each module's outputs ("any") and inputs ("all") mark its backward (for one tensor, a
+  pre-hook on the node that made it; see ``_on_grads``), which unlike ``register_full_backward_hook`` is
+  right for modules whose inputs need no grad; modules whose backward never closes (embeddings, the first
+  layer) are closed when the graph task ends;
 * backward is detected per op from the autograd engine (``_current_graph_task_id``), so a loss computed
   outside any module is attributed correctly;
 * global optimizer step pre/post hooks delimit the optimizer phase; a step ends at its optimizer step and
@@ -17,7 +18,7 @@ It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and
 Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` patch and every
 storage weakref are removed when tracking stops, also when the tracked block raises (including out of
 memory). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
-profile); non-``nn.Module`` models get no per-module rows; with ``model=None`` only modules that run
+profile; dynamo is told never to compile the tracker's own frames); non-``nn.Module`` models get no per-module rows; with ``model=None`` only modules that run
 forward inside the block are found.
 """
 
