@@ -18,8 +18,8 @@ It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and
 Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` patch and every
 storage weakref are removed when tracking stops, also when the tracked block raises (including out of
 memory). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
-profile; dynamo is told never to compile the tracker's own frames); non-``nn.Module`` models get no per-module rows; with ``model=None`` only modules that run
-forward inside the block are found.
+profile; dynamo is told never to compile the tracker's own frames); non-``nn.Module`` models get no
+per-module rows; with ``model=None`` only modules that run forward inside the block are found.
 """
 
 from __future__ import annotations
@@ -475,12 +475,7 @@ class Tracker:
         for pname, p in mod._parameters.items():
             if p is None:
                 continue
-            if type(p) is _Parameter:  # the usual case, without real_tensors' generator
-                rec = live.get(id(p.untyped_storage()))
-                if rec is None or rec.cat != PARAM:
-                    self._relabel(p, PARAM, f"{node.name}.{pname}" if node.name else pname, node)
-                continue
-            for t in real_tensors(p):
+            for t in ((p,) if type(p) is _Parameter else real_tensors(p)):  # plain ones without a generator
                 rec = live.get(id(t.untyped_storage()))
                 if rec is None or rec.cat != PARAM:
                     self._relabel(t, PARAM, f"{node.name}.{pname}" if node.name else pname, node)
