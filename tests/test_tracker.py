@@ -468,7 +468,7 @@ def test_device_memory_limit_counts_the_cuda_device_alone(monkeypatch):
 
 def test_torch_compile_inside_the_block_never_compiles_the_trackers_own_frames():
     # The ledger's __torch_dispatch__ is marked for dynamo to skip with everything it calls (in place of
-    # TorchDispatchMode's per-op wrapper). Unmarked, dynamo compiles three of its frames here.
+    # TorchDispatchMode's per-op wrapper). Unmarked, dynamo traces into them here and fails on perf_counter.
     import torch._dynamo
     import torch._dynamo.testing
 
