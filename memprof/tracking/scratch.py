@@ -4,9 +4,10 @@ oneDNN convolution backward, bf16 matmul packing and CPU flash attention allocat
 kernel; on a CNN this put a dispatch-only ledger 11.7% below the allocator's peak. The calibrator measures it
 from the allocator itself, once per op *signature* (op, input shapes/strides/dtypes, non-float arguments):
 
-    CPU   a PyTorch profiler session with ``profile_memory=True`` around that one op call: the running
-          maximum of its allocation events minus the bytes still allocated at its end
-          (~1 ms per new signature; the first session in a process costs ~1 s of warm-up)
+    CPU   the allocator's own reports of that one op call's allocations and frees: their running maximum
+          minus the bytes still allocated at its end. Recorded in C++ (:mod:`.native`, a few microseconds
+          per new signature) where it can be built, else by a PyTorch profiler session with
+          ``profile_memory=True`` (~1 ms per new signature; the first session in a process costs ~1 s)
     CUDA  the caching allocator's counters: reset the peak, run the op, read the peak back
 
 The answer is cached for the process, so steady steps pay only for building the signature key. The first
@@ -25,6 +26,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from . import native
 
 __all__ = ["ScratchCalibrator", "signature", "clear_cache"]
 
@@ -115,6 +118,24 @@ _warmed = False
 
 
 def _cpu_measure(func, args, kwargs):
+    """Run ``func`` once, recording the allocations it makes: with the C++ recorder (:mod:`.native`) where it
+    can be built, else under a minimal Kineto session recording only CPU allocations."""
+    if native.available():
+        try:
+            rec = native.AllocationRecorder().start()
+        except native.NativeUnavailable:  # the slot is taken: let Kineto say whether it can run
+            pass
+        else:
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                rec.stop()
+            peak, end = rec.peak()
+            return out, max(0, peak - end)
+    return _kineto_measure(func, args, kwargs)
+
+
+def _kineto_measure(func, args, kwargs):
     """Run ``func`` once under a minimal Kineto session recording only CPU allocations."""
     global _warmed
     from torch._C._profiler import ProfilerActivity, ProfilerConfig, ProfilerState, _ExperimentalConfig
