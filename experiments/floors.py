@@ -14,6 +14,9 @@ freed memory; conditions interleaved ABBA, each one's ratio taken to the plain s
                       the allocator reports, in C++, and nothing per op
     profiler          torch.profiler.profile(activities=[CPU], profile_memory=True)
     memprof           memprof.track(model, opt) as it is now (dispatch-mode ledger)
+    memprof hooks only  the same tracker with its dispatch mode never pushed: its module, gradient and
+                      optimizer hooks, start and stop, and no per-op work (its profile is not meaningful;
+                      this is what a tracker fed by C++ events would still pay in Python)
 
 Writes results/floors.json. The question it answers: how cheap can a tracker that meets "exact bytes per
 module, category and phase" be, and which source of events allows it.
@@ -98,8 +101,21 @@ def main() -> None:
         with memprof.track(model, opt):
             step()
 
+    from memprof.tracking.ledger import Ledger
+
+    def hooks_only():
+        enter, exit_ = Ledger.__enter__, Ledger.__exit__
+        Ledger.__enter__ = lambda self: self
+        Ledger.__exit__ = lambda self, *exc: None
+        try:
+            with memprof.track(model, opt):
+                step()
+        finally:
+            Ledger.__enter__, Ledger.__exit__ = enter, exit_
+
     conditions = {"plain": step, "empty mode fw/bw": empty_mode_fw_bw, "C++ op tracer": op_tracer,
-                  "C++ allocations": allocations, "profiler": profiler, "memprof": with_memprof}
+                  "C++ allocations": allocations, "profiler": profiler, "memprof": with_memprof,
+                  "memprof hooks only": hooks_only}
     step()
     step()
     for fn in conditions.values():
