@@ -78,3 +78,22 @@ def write_result(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **data}, indent=1) + "\n")
     return path
+
+
+def gpt2_small_step():
+    """The timing experiments' step: a GPT-2-small-shaped model (12 layers, d=768, 12 heads, vocab 50257,
+    sequence 256, batch 2) with AdamW on CPU; returns ``(model, optimizer, (x, y), step)``."""
+    from memprof.zoo import GPT, GPTConfig, gpt_batch
+
+    cfg = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_size=50257)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = gpt_batch(cfg, batch_size=2)
+
+    def step():
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, opt, (x, y), step

@@ -39,14 +39,10 @@ import gc
 import statistics
 import time
 
-import torch  # noqa: I001
-from _common import MALLOC_HELP, use_caching_malloc, write_result
+from _common import MALLOC_HELP, gpt2_small_step, use_caching_malloc, write_result
 
 import memprof
 from memprof.policy.timing import median_stderr
-from memprof.zoo import GPT, GPTConfig, gpt_batch
-
-GPT2_SMALL = GPTConfig(n_layer=12, n_embd=768, n_head=12, block_size=256, vocab_size=50257)
 
 
 def main() -> None:
@@ -60,15 +56,7 @@ def main() -> None:
     use_caching_malloc(args.default_malloc)
     args.max_reps = max(args.max_reps, args.reps)
 
-    torch.manual_seed(0)
-    model = GPT(GPT2_SMALL)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = gpt_batch(GPT2_SMALL, batch_size=2)
-
-    def step():
-        model(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    model, opt, (x, y), step = gpt2_small_step()
 
     own = []
 
