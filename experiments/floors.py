@@ -17,6 +17,11 @@ freed memory; conditions interleaved ABBA, each one's ratio taken to the plain s
     memprof hooks only  the same tracker with its dispatch mode never pushed: its module, gradient and
                       optimizer hooks, start and stop, and no per-op work (its profile is not meaningful;
                       this is what a tracker fed by C++ events would still pay in Python)
+    memprof hooks + C++ allocations  the two together: the floor of a tracker fed by allocator events
+                      at module boundaries instead of a dispatch mode (no bookkeeping yet)
+    memprof, backward outside its mode  memprof with its dispatch mode popped while autograd's engine
+                      runs (torch.autograd._engine_run_backward patched): what moving backward alone onto
+                      the allocation recorder could save at most (its profile misses backward's ops)
 
 Writes results/floors.json. The question it answers: how cheap can a tracker that meets "exact bytes per
 module, category and phase" be, and which source of events allows it.
@@ -101,9 +106,32 @@ def main() -> None:
         finally:
             Ledger.__enter__, Ledger.__exit__ = enter, exit_
 
+    def hooks_and_allocations():
+        with native.AllocationRecorder():
+            hooks_only()
+
+    import torch.autograd as autograd
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    engine = autograd._engine_run_backward
+
+    def engine_without_ledger(*a, **k):
+        if isinstance(_get_current_dispatch_mode(), Ledger):
+            with _pop_mode_temporarily():
+                return engine(*a, **k)
+        return engine(*a, **k)
+
+    def backward_outside_mode():
+        autograd._engine_run_backward = engine_without_ledger
+        try:
+            with_memprof()
+        finally:
+            autograd._engine_run_backward = engine
+
     conditions = {"plain": step, "empty mode fw/bw": empty_mode_fw_bw, "C++ op tracer": op_tracer,
                   "C++ allocations": allocations, "profiler": profiler, "memprof": with_memprof,
-                  "memprof hooks only": hooks_only}
+                  "memprof hooks only": hooks_only, "memprof hooks + C++ allocations": hooks_and_allocations,
+                  "memprof, backward outside its mode": backward_outside_mode}
     step()
     step()
     for fn in conditions.values():
@@ -135,7 +163,7 @@ def main() -> None:
     print(f"wrote {path}")
     for k in conditions:
         extra = "" if k == "plain" else f" +-{result['ratio_stderr'][k]:.3f}  ({result['extra_ms_per_step'][k]:+.1f} ms)"
-        print(f"  {k:18s} {result['median_step_seconds'][k]:.3f} s  x{ratios[k]:.4f}{extra}")
+        print(f"  {k:34s} {result['median_step_seconds'][k]:.3f} s  x{ratios[k]:.4f}{extra}")
 
 
 if __name__ == "__main__":
