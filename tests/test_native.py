@@ -124,6 +124,24 @@ def test_cannot_start_under_torch_profiler_nor_twice():
         rec.stop()
 
 
+def test_inside_a_recorder_torch_says_no_profiler_runs_and_refuses_to_start_one():
+    """torch reads the thread's profiler slot as a profiler state (``_profiler_enabled``, a profiler starting):
+    the recorder must read as a disabled one, not as memory of another type."""
+    from torch.profiler import ProfilerActivity, profile
+
+    assert not torch.autograd._profiler_enabled()
+    with native.AllocationRecorder() as rec:
+        torch.empty(10)
+        assert not torch.autograd._profiler_enabled()
+        with pytest.raises(RuntimeError, match="already enabled"):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+                pass
+        torch.empty(20)
+    assert [s for _, s, _ in rec.events()] == [40, -40, 80, -80]
+    assert not torch.autograd._profiler_enabled()
+    assert 1200 in [s for _, s in _profiler_allocations(lambda: torch.empty(300))]
+
+
 def _conv_backward():
     x = torch.randn(4, 32, 48, 48)
     w = torch.randn(32, 32, 3, 3)

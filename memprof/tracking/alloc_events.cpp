@@ -6,11 +6,18 @@
 // device) for each report to its buffer: no Python runs per allocation. Autograd's worker threads inherit
 // the slot from the thread that started backward, as torch.profiler's state does.
 //
-// Plain C functions (loaded with ctypes): no pybind11, so the file builds in about a second against the
+// The Recorder is a ProfilerStateBase (with a disabled profiler config), not a bare MemoryReportingInfoBase:
+// torch reads that slot as a ProfilerStateBase wherever it asks whether a profiler runs on this thread
+// (torch.autograd._profiler_enabled(), torch.profiler starting), and a bare reporter there would be read as
+// the wrong type. As a disabled profiler state it answers "no profiler is enabled", and torch.profiler asked
+// to start inside it refuses with its usual "Profiler is already enabled on this thread".
+//
+// Plain C functions (loaded with ctypes): no pybind11, so the file builds in a few seconds against the
 // installed torch's headers. No C++ exception crosses them: failures are negative return values.
 
 #include <c10/core/Allocator.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -20,7 +27,10 @@
 
 namespace {
 
-struct Recorder : public c10::MemoryReportingInfoBase {
+namespace prof = torch::profiler::impl;
+
+struct Recorder : public prof::ProfilerStateBase {
+  Recorder() : prof::ProfilerStateBase(prof::ProfilerConfig(prof::ProfilerState::Disabled)) {}
   std::vector<int64_t> buf;  // three int64 per event: pointer, bytes (negative on free), device
   std::mutex mu;             // autograd worker threads report too
   void reportMemoryUsage(void* ptr, int64_t alloc_size, size_t, size_t, c10::Device device) override {
@@ -30,6 +40,7 @@ struct Recorder : public c10::MemoryReportingInfoBase {
     buf.push_back(static_cast<int64_t>(device.type()) * 65536 + static_cast<int64_t>(device.index()) + 1);
   }
   bool memoryProfilingEnabled() const override { return true; }
+  prof::ActiveProfilerType profilerType() override { return prof::ActiveProfilerType::NONE; }
 };
 
 using Handle = std::shared_ptr<Recorder>;

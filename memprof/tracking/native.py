@@ -7,7 +7,7 @@ that slot, which appends ``(pointer, bytes, device)`` per report: on the GPT-2-s
 dispatch mode around forward and backward cost 1.016× and torch.profiler 1.029× (results/floors.json).
 
 The C++ file is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++`` or ``g++``)
-against the installed torch's headers, in about a second, and cached per torch build under
+against the installed torch's headers, in a few seconds, and cached per torch build under
 ``$MEMPROF_CACHE_DIR`` (default ``$XDG_CACHE_HOME/memprof`` or ``~/.cache/memprof``). Where that fails (no
 compiler, no headers, not Linux/macOS) or ``MEMPROF_NATIVE=0`` is set, :func:`available` is False and
 callers use their pure-Python path; :func:`unavailable_reason` says why.
@@ -61,7 +61,7 @@ def _compiler() -> str | None:
     return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def build(out_dir: Path | None = None, source: Path = _SOURCE, libs: tuple[str, ...] = ("c10",)) -> Path:
+def build(out_dir: Path | None = None, source: Path = _SOURCE, libs: tuple[str, ...] = ("c10", "torch_cpu")) -> Path:
     """Compile ``alloc_events.cpp`` (or another ``source`` linked with torch's ``libs``) for the installed
     torch, or find it already built; the library's path.
 
