@@ -91,6 +91,26 @@ def allocator_step_peak(case, model, opt, **kw):
     return peak
 
 
+def _profiler_can_start() -> bool:
+    """Whether torch.profiler can start on this thread (nothing left in its thread-local slot)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU]):
+            pass
+    except RuntimeError:
+        return False
+    return True
+
+
+def _c10_log_level():
+    import ctypes
+
+    from memprof.tracking import native
+
+    return ctypes.c_int.in_dll(native._load(), "FLAGS_caffe2_log_level").value if native.available() else None
+
+
 def hook_registries(model=None, opt=None):
     """Every hook registry the tracker could touch, as comparable plain data."""
     from torch.nn.modules import module as m
@@ -105,6 +125,9 @@ def hook_registries(model=None, opt=None):
         "global_optimizer": [dict(o._global_optimizer_pre_hooks), dict(o._global_optimizer_post_hooks)],
         "dispatch_modes": torch._C._len_torch_dispatch_stack(),
         "storage_resize_patched": "resize_" in torch.UntypedStorage.__dict__,
+        "autograd_engine_entry": torch.autograd._engine_run_backward,
+        "profiler_slot_free": not torch.autograd._profiler_enabled() and _profiler_can_start(),
+        "c10_log_level": _c10_log_level(),
     }
     if model is not None:
         state["modules"] = [

@@ -15,6 +15,10 @@ How bytes are counted
     * Memory an op allocates and frees inside itself (oneDNN scratch, matmul packing buffers) is invisible
       to dispatch; :mod:`memprof.tracking.scratch` measures it from the allocator and the ledger records it as
       a momentary ``temporary`` spike at that op.
+    * Backward on the host can be taken from the C++ allocation recorder instead of ops (the tracker pops
+      this mode while autograd's engine runs; see :meth:`Ledger.start_recording`): every allocation and
+      free the allocator reports, op scratch included, logged at module boundaries, with the storages a
+      tensor claims later (gradients) followed from their birth.
 
 Memory found already live is counted too: parameters, buffers, optimizer state and root-module inputs
 (found by the tracker's hooks) from the start of the step; storages an op reads or aliases that the ledger
@@ -32,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from .categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
+from .native import device_name as _native_device_name
 
 __all__ = ["StorageRecord", "ModuleNode", "PatternRun", "Ledger", "expand_pattern_runs", "real_tensors"]
 
@@ -215,6 +220,13 @@ class Ledger(TorchDispatchMode):
         self._kind: dict = {}  # op -> (kind, callable): see _classify
         self._opname: dict = {}
         self._on_free = self._free  # one bound method for every storage's weakref (dropped by detach_all)
+        # Backward on the allocation recorder (see start_recording): the recorder, how many of its events
+        # were read, and the records of allocations it reported, by pointer, until a tensor claims one.
+        self.recorder = None
+        self._read = 0
+        self.anon: dict[int, StorageRecord] = {}
+        self.unfollowed = 0  # bytes born on the recorder that outlived it unclaimed (counted, frees unseen)
+        self.entering_backward = False  # set by the tracker while it enters the backward phase
 
     # ------------------------------------------------------------------------------------------ per op --
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -416,8 +428,14 @@ class Ledger(TorchDispatchMode):
 
         Parameters, buffers, optimizer state and a root module's inputs are found by hooks and were live
         before the step. Storages first met as an op's input are counted from that op (``now``): they are as
-        often made outside the dispatcher just then (``torch.tensor(...)``) as they are old.
+        often made outside the dispatcher just then (``torch.tensor(...)``) as they are old. A storage the
+        allocation recorder saw born (a gradient made in backward) is claimed instead: its record, counted
+        from its birth, gets the storage's category, name, shape and free.
         """
+        if self.recorder is not None:
+            rec = self.claim(s, t.shape, t.dtype, cat, label, node)
+            if rec is not None:
+                return rec
         rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op, label)
         rec.phase = OTHER_PHASE
         rec.phase_id = -1
@@ -455,6 +473,8 @@ class Ledger(TorchDispatchMode):
 
     def _free(self, ref) -> None:
         t_in = perf_counter()
+        if self.recorder is not None:  # what the recorder saw before this free comes first in the log
+            self.drain()
         rec = self.live.pop(ref.key, None)
         if rec is None:
             return
@@ -495,6 +515,8 @@ class Ledger(TorchDispatchMode):
         self.events.append((PatternRun(pattern, self.phase, self.phase_id, devices), 0))
 
     def mark(self, kind: str, node: ModuleNode | None = None) -> None:
+        if self.recorder is not None:
+            self.drain()
         self.marks.append((len(self.events), kind, node, self.timer(), self.phase, self.cur))
 
     def own_time(self, method):
@@ -545,7 +567,111 @@ class Ledger(TorchDispatchMode):
         for rec in self.live.values():
             rec.ref = None
         self.live.clear()
+        self.anon.clear()
         self._on_free = None
+
+    # ------------------------------------------------------------------- backward on the recorder --
+    def start_recording(self, recorder) -> None:
+        """Take allocations from ``recorder`` (a started :class:`.native.AllocationRecorder`) instead of ops
+        until :meth:`stop_recording`: the tracker does this while autograd's engine runs with this mode
+        popped, where the per-op path would cost more than everything else (results/floors.json).
+
+        Each allocation the recorder reports becomes a record of the current phase and module, with no
+        shape or op, logged when the recorder is drained: at every mark (module and phase boundaries), at
+        every free of a storage the ledger follows (so the log keeps the allocator's order) and when a
+        storage is claimed. A record is claimed by the first tensor found on its memory (:meth:`found`): a
+        parameter's gradient gets its category, name, shape and weakref there. Frees the recorder reports
+        for memory it did not see born are the ledger's followed storages (their weakrefs log them) or
+        older memory, and are skipped.
+        """
+        self.recorder = recorder
+        self._read = recorder.count()
+
+    def stop_recording(self) -> None:
+        """Stop reading the recorder (the caller stops it). Records it saw born that no tensor claimed stay
+        counted, their frees unseen: the tracker notes their bytes (:attr:`unfollowed`)."""
+        if self.recorder is None:
+            return
+        try:
+            self.drain(switch=False)
+        finally:
+            self.recorder = None
+            self._read = 0
+            for rec in self.anon.values():
+                self.unfollowed += rec.nbytes
+            self.anon.clear()
+
+    def drain(self, switch: bool = True) -> None:
+        """Log the allocations and frees the recorder reported since the last drain. With ``switch``, a
+        drain inside a running backward that finds the ledger not yet in its backward phase enters it
+        first (unless the tracker is entering it now), as the per-op path does at the first backward op."""
+        recorder = self.recorder
+        raw = recorder.raw(self._read)
+        if not raw:
+            return
+        self._read += len(raw) // 3
+        if switch and self.phase != BACKWARD and not self.entering_backward and _graph_task_id() != -1:
+            self.on_backward()  # events already read are logged below, after its phase mark
+        anon, events = self.anon, self.events
+        phase, pid, node = self.phase, self.phase_id, self.cur
+        cat = self.new_category()
+        devices = {}
+        it = iter(raw)
+        for ptr, nb, code in zip(it, it, it):
+            if nb > 0:
+                dev = devices.get(code)
+                if dev is None:
+                    dev = devices[code] = self._device_named(_native_device_name(code))
+                rec = StorageRecord(nb, cat, node, phase, pid, None, (), None, dev, "")
+                rec.t = self.op_clock
+                anon[ptr] = rec
+                self.total += nb
+                if dev >= 0:
+                    self.host += nb
+                events.append((rec, nb))
+            elif nb < 0:
+                rec = anon.pop(ptr, None)
+                if rec is None:  # a followed storage (its weakref logs it) or memory older than the recorder
+                    continue
+                n = rec.nbytes
+                self.total -= n
+                if rec.device >= 0:
+                    self.host -= n
+                events.append((rec, -n))
+
+    def new_category(self) -> str:
+        """The category of a storage made now: an activation in forward, else a temporary (other outside
+        the step's phases)."""
+        phase = self.phase
+        return ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
+
+    def skip_recorded(self) -> None:
+        """Leave the recorder's events so far unlogged (a resize of a followed storage: :meth:`storage_resized`
+        logs it)."""
+        self._read = self.recorder.count()
+
+    def claim(self, s, shape, dtype, cat, label="", node=None):
+        """The record the recorder made for storage ``s``'s memory, now followed as ``s`` (None if none)."""
+        if self.recorder is not None:
+            self.drain()
+        if not self.anon:
+            return None
+        rec = self.anon.pop(s.data_ptr(), None)
+        if rec is None:
+            return None
+        nb = s.nbytes()
+        if rec.device < 0 and nb:
+            nb = (nb + 511) // 512 * 512
+        if nb != rec.nbytes:
+            self._resized(rec, nb)
+        rec.cat, rec.label, rec.shape, rec.dtype = cat, label, shape, dtype
+        if node is not None:
+            rec.node = node
+        key = id(s)
+        ref = rec.ref = _FreeRef(s, self._on_free)
+        ref.key = key
+        self.live[key] = rec
+        return rec
 
 
 if _skip_code is not None:

@@ -163,12 +163,43 @@ def _reset_for_tests() -> None:
 _DEVICE_TYPES = {0: "cpu", 1: "cuda", 12: "xpu", 13: "mps"}  # c10::DeviceType values
 
 
-def _device_name(code: int) -> str:
+def device_name(code: int) -> str:
     """``'cpu'``, ``'cuda:0'``: the device a recorded event's code stands for (type * 65536 + index + 1)."""
     dtype, index = divmod(code, 65536)
     index -= 1
     name = _DEVICE_TYPES.get(dtype) or f"device{dtype}"
     return name if index < 0 else f"{name}:{index}"
+
+
+class quiet_allocator_log:
+    """While it lasts, c10's log shows errors only (it normally shows warnings too).
+
+    The CPU allocator logs "Memory block of unknown size was allocated before the profiling started" when
+    memory allocated before a recorder started is freed under it (every thousandth time): in a backward
+    recorded by the tracker that is every activation the forward saved, and the message, written for
+    torch.profiler, means nothing to a memprof user. c10's log level is process-wide: other C++ warnings
+    logged meanwhile are hidden too (Python warnings are not affected).
+    """
+
+    __slots__ = ("_flag", "_old")
+
+    def __init__(self) -> None:
+        lib = _load()
+        try:
+            self._flag = ctypes.c_int.in_dll(lib, "FLAGS_caffe2_log_level") if lib is not None else None
+        except ValueError:  # a torch built with glog: its own flag, left alone
+            self._flag = None
+        self._old = None
+
+    def __enter__(self):
+        if self._flag is not None:
+            self._old = self._flag.value
+            self._flag.value = max(self._old, 2)  # c10's ERROR
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._flag is not None and self._old is not None:
+            self._flag.value = self._old
 
 
 class AllocationRecorder:
@@ -228,9 +259,24 @@ class AllocationRecorder:
             ptr, size, dev = buf[3 * i], buf[3 * i + 1], buf[3 * i + 2]
             name = names.get(dev)
             if name is None:
-                name = names[dev] = _device_name(dev)
+                name = names[dev] = device_name(dev)
             out.append((ptr, size, name))
         return out
+
+    def raw(self, first: int) -> list[int]:
+        """Events from index ``first`` on, flat: ``[pointer, bytes, device code, pointer, ...]`` (the hot path
+        of a ledger draining the recorder; :meth:`events` gives them as tuples with device names)."""
+        lib, h = self._lib, self._h
+        n = lib.memprof_rec_count(h) - first
+        if n <= 0:
+            return []
+        buf = (ctypes.c_int64 * (3 * n))()
+        got = lib.memprof_rec_read(h, first, n, buf)
+        return buf[:3 * got]
+
+    def count(self) -> int:
+        """How many events were recorded so far."""
+        return self._lib.memprof_rec_count(self._h)
 
     def peak(self) -> tuple[int, int]:
         if not self._h:
