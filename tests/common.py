@@ -124,6 +124,9 @@ def hook_registries(model=None, opt=None):
         ],
         "global_optimizer": [dict(o._global_optimizer_pre_hooks), dict(o._global_optimizer_post_hooks)],
         "dispatch_modes": torch._C._len_torch_dispatch_stack(),
+        "in_dispatch_mode_flags": [getattr(torch.utils._python_dispatch, f, None) for f in (
+            "_is_in_torch_dispatch_mode", "_is_in_non_infra_torch_dispatch_mode",
+            "_is_in_any_mode_without_ignore_compile_internals")],
         "storage_resize_patched": "resize_" in torch.UntypedStorage.__dict__,
         "autograd_engine_entry": torch.autograd._engine_run_backward,
         "profiler_slot_free": not torch.autograd._profiler_enabled() and _profiler_can_start(),

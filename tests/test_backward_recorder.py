@@ -166,3 +166,29 @@ def test_an_error_in_backward_leaves_no_trace(recorded):
             loss.backward()
     assert len(recorded) == 1
     assert hook_registries(model, opt) == before  # engine entry, profiler slot and c10 log level included
+
+
+def test_tracking_that_stops_inside_backward_leaves_no_trace(recorded):
+    """An optimizer stepped from a gradient hook (optimizer in backward) ends the last tracked step, so the
+    tracker stops while autograd's engine runs with its mode popped."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = hook_registries(model)
+
+    def step_now(_p):
+        opt.step()
+        opt.zero_grad()
+
+    handles = [model[0].weight.register_post_accumulate_grad_hook(step_now)]  # its grad is among the last
+    x = torch.randn(16, 32)
+    tracker = memprof.track(model, opt, steps=1)
+    with tracker:
+        model(x).sum().backward()
+        assert not tracker.active  # it stopped inside that backward
+        model(x).sum().backward()
+    for h in handles:
+        h.remove()
+    assert len(recorded) == 1
+    assert hook_registries(model) == before
+    assert tracker.profile.steps

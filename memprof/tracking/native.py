@@ -12,8 +12,11 @@ against the installed torch's headers, in a few seconds, and cached per torch bu
 compiler, no headers, not Linux/macOS) or ``MEMPROF_NATIVE=0`` is set, :func:`available` is False and
 callers use their pure-Python path; :func:`unavailable_reason` says why.
 
-Used by :mod:`.scratch` to measure an op's internal working memory (about a microsecond, where a profiler
-session costs a millisecond and its first one a second). Known limits: only the thread that starts a
+Used by the tracker to take backward on the host from the allocator instead of dispatching its ops
+(:meth:`.ledger.Ledger.start_recording`), and by :mod:`.scratch` to measure an op's internal working memory
+(about a microsecond, where a profiler session costs a millisecond and its first one a second). The
+recorder sits in the slot as a disabled profiler state: torch sees no profiler running, and
+torch.profiler cannot start on the thread while it records. Known limits: only the thread that starts a
 recorder is seen, and autograd's worker threads that inherit its state (collective worker threads are
 not); a recorder cannot start while torch.profiler runs on the thread, as both need the same slot; frees
 of memory allocated before the recorder started are not reported by the CPU allocator (it keeps sizes only of

@@ -446,8 +446,11 @@ class Tracker:
                 with native.quiet_allocator_log():
                     result = engine(*args, **kwargs)
             finally:
-                if self._state == _RUNNING:  # not if tracking stopped inside backward
-                    _push_mode(mode)
+                _push_mode(mode)
+                if self._state != _RUNNING and _get_current_dispatch_mode() is mode:
+                    # Tracking stopped or paused inside backward (an optimizer step run from a gradient
+                    # hook), when the mode was not on the stack to be removed: remove it now.
+                    mode.__exit__(None, None, None)
         finally:
             try:
                 if self._state == _RUNNING and led.recorder is not None:
