@@ -227,6 +227,7 @@ class Ledger(TorchDispatchMode):
         self.anon: dict[int, StorageRecord] = {}
         self.unfollowed = 0  # bytes born on the recorder that outlived it unclaimed (counted, frees unseen)
         self.entering_backward = False  # set by the tracker while it enters the backward phase
+        self._pending: list = []  # (recorder's event count then, record): frees of followed storages to log
 
     # ------------------------------------------------------------------------------------------ per op --
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -473,12 +474,24 @@ class Ledger(TorchDispatchMode):
 
     def _free(self, ref) -> None:
         t_in = perf_counter()
-        if self.recorder is not None:  # what the recorder saw before this free comes first in the log
-            self.drain()
+        recorder = self.recorder
+        if recorder is not None:
+            if self.phase != BACKWARD and _graph_task_id() != -1:
+                self.drain()  # the first free in a backward enters its phase, with this storage still live
+            rec = self.live.pop(ref.key, None)
+            if rec is not None:  # logged at the next drain, after what the recorder saw before it
+                rec.ref = None
+                self._pending.append((recorder.n.value, rec))
+            self.overhead += perf_counter() - t_in
+            return
         rec = self.live.pop(ref.key, None)
         if rec is None:
             return
         rec.ref = None
+        self._log_free(rec)
+        self.overhead += perf_counter() - t_in
+
+    def _log_free(self, rec) -> None:
         n = rec.nbytes
         if n:
             self.total -= n
@@ -487,7 +500,6 @@ class Ledger(TorchDispatchMode):
             self.events.append((rec, -n))
         if rec.phase_id == self.phase_id and (rec.cat == ACTIVATION or rec.cat == OTHER):
             rec.cat = TEMPORARY
-        self.overhead += perf_counter() - t_in
 
     def _spike(self, excess, func, device) -> None:
         """Memory an op used inside itself: up and down again at this op."""
@@ -595,6 +607,9 @@ class Ledger(TorchDispatchMode):
         try:
             self.drain(switch=False)
         finally:
+            for _, rec in self._pending:  # only if draining failed
+                self._log_free(rec)
+            self._pending = []
             self.recorder = None
             self._read = 0
             for rec in self.anon.values():
@@ -606,16 +621,34 @@ class Ledger(TorchDispatchMode):
         drain inside a running backward that finds the ledger not yet in its backward phase enters it
         first (unless the tracker is entering it now), as the per-op path does at the first backward op."""
         recorder = self.recorder
-        raw = recorder.raw(self._read)
-        if not raw:
+        first = self._read
+        if recorder.n.value == first and not self._pending:
             return
+        raw = recorder.raw(first)
         self._read += len(raw) // 3
         if switch and self.phase != BACKWARD and not self.entering_backward and _graph_task_id() != -1:
             self.on_backward()  # events already read are logged below, after its phase mark
-        anon, events = self.anon, self.events
-        phase, pid, node = self.phase, self.phase_id, self.cur
+        pending = self._pending
+        if pending:  # frees of followed storages, each at the recorder's count when it happened
+            self._pending = []
+            self._log_recorded(raw[:3 * max(0, pending[0][0] - first)])
+            for i, (at, rec) in enumerate(pending):
+                self._log_free(rec)
+                upto = pending[i + 1][0] if i + 1 < len(pending) else self._read
+                self._log_recorded(raw[3 * max(0, at - first):3 * max(0, upto - first)])
+        else:
+            self._log_recorded(raw)
+
+    def _log_recorded(self, raw: list) -> None:
+        """Log recorder events (flat: pointer, bytes, device code, ...). The hot path of a recorded backward
+        (thousands of events a step): totals kept in locals, one device lookup per code."""
+        if not raw:
+            return
+        anon, append, pop = self.anon, self.events.append, self.anon.pop
+        phase, pid, node, clock = self.phase, self.phase_id, self.cur, self.op_clock
         cat = self.new_category()
-        devices = {}
+        devices: dict = {}
+        total = host = 0
         it = iter(raw)
         for ptr, nb, code in zip(it, it, it):
             if nb > 0:
@@ -623,27 +656,33 @@ class Ledger(TorchDispatchMode):
                 if dev is None:
                     dev = devices[code] = self._device_named(_native_device_name(code))
                 rec = StorageRecord(nb, cat, node, phase, pid, None, (), None, dev, "")
-                rec.t = self.op_clock
+                rec.t = clock
                 anon[ptr] = rec
-                self.total += nb
+                total += nb
                 if dev >= 0:
-                    self.host += nb
-                events.append((rec, nb))
+                    host += nb
+                append((rec, nb))
             elif nb < 0:
-                rec = anon.pop(ptr, None)
+                rec = pop(ptr, None)
                 if rec is None:  # a followed storage (its weakref logs it) or memory older than the recorder
                     continue
                 n = rec.nbytes
-                self.total -= n
+                total -= n
                 if rec.device >= 0:
-                    self.host -= n
-                events.append((rec, -n))
+                    host -= n
+                append((rec, -n))
+        self.total += total
+        self.host += host
 
     def new_category(self) -> str:
         """The category of a storage made now: an activation in forward, else a temporary (other outside
         the step's phases)."""
         phase = self.phase
         return ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
+
+    def undrained(self) -> bool:
+        """Whether the recorder has events, or followed storages frees, not logged yet."""
+        return self.recorder is not None and (self.recorder.n.value > self._read or bool(self._pending))
 
     def skip_recorded(self) -> None:
         """Leave the recorder's events so far unlogged (a resize of a followed storage: :meth:`storage_resized`

@@ -137,6 +137,8 @@ def _load():
     lib.memprof_rec_stop.argtypes = [vp]
     lib.memprof_rec_count.restype = i64
     lib.memprof_rec_count.argtypes = [vp]
+    lib.memprof_rec_count_address.restype = vp
+    lib.memprof_rec_count_address.argtypes = [vp]
     lib.memprof_rec_read.restype = i64
     lib.memprof_rec_read.argtypes = [vp, i64, i64, ctypes.POINTER(i64)]
     lib.memprof_rec_peak.restype = None
@@ -205,6 +207,9 @@ class quiet_allocator_log:
             self._flag.value = self._old
 
 
+_CHUNK = 4096  # events read per call by AllocationRecorder.raw
+
+
 class AllocationRecorder:
     """Records the allocations and frees the calling thread's allocators report, until :meth:`stop`.
 
@@ -214,10 +219,12 @@ class AllocationRecorder:
     cannot be built here or the thread's slot is taken (torch.profiler is running).
     """
 
-    __slots__ = ("_h", "_lib", "_running")
+    __slots__ = ("_h", "_lib", "_running", "n", "_buf")
 
     def __init__(self) -> None:
         self._h = None
+        self._buf = None
+        self.n = None  # once started: a c_int64 over the recorder's event count (``n.value``, no call)
         self._running = False
         self._lib = _load()
         if self._lib is None:
@@ -231,6 +238,7 @@ class AllocationRecorder:
             raise NativeUnavailable("cannot record allocations now: torch.profiler or another recorder is "
                                     "running on this thread")
         self._h = h
+        self.n = ctypes.c_int64.from_address(self._lib.memprof_rec_count_address(h))
         self._running = True
         return self
 
@@ -269,17 +277,25 @@ class AllocationRecorder:
     def raw(self, first: int) -> list[int]:
         """Events from index ``first`` on, flat: ``[pointer, bytes, device code, pointer, ...]`` (the hot path
         of a ledger draining the recorder; :meth:`events` gives them as tuples with device names)."""
-        lib, h = self._lib, self._h
-        n = lib.memprof_rec_count(h) - first
+        n = self.n.value - first
         if n <= 0:
             return []
-        buf = (ctypes.c_int64 * (3 * n))()
-        got = lib.memprof_rec_read(h, first, n, buf)
-        return buf[:3 * got]
+        buf = self._buf
+        if buf is None:  # one buffer, reused: a ctypes array type per length would cost more than the read
+            buf = self._buf = (ctypes.c_int64 * (3 * _CHUNK))()
+        out: list = []
+        while n > 0:
+            got = self._lib.memprof_rec_read(self._h, first, min(n, _CHUNK), buf)
+            if got <= 0:
+                break
+            out += buf[:3 * got]
+            first += got
+            n -= got
+        return out
 
     def count(self) -> int:
         """How many events were recorded so far."""
-        return self._lib.memprof_rec_count(self._h)
+        return self.n.value
 
     def peak(self) -> tuple[int, int]:
         if not self._h:

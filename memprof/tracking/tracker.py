@@ -454,7 +454,7 @@ class Tracker:
         finally:
             try:
                 if self._state == _RUNNING and led.recorder is not None:
-                    closing = led.phase_id == phase_id and rec.count() > led._read
+                    closing = led.phase_id == phase_id and led.undrained()
                     if closing:  # nothing in this backward drained: no module, no followed storage freed
                         self._enter_backward(queue=False)
                     led.drain(switch=False)
