@@ -71,6 +71,18 @@ def test_recorder_sees_every_allocation_and_free_the_profiler_sees(gpt_step):
     assert not live
 
 
+def test_raw_reads_match_the_events_in_chunks_and_from_any_index(gpt_step, monkeypatch):
+    monkeypatch.setattr(native, "_CHUNK", 7)  # several reads per call
+    with native.AllocationRecorder() as rec:
+        gpt_step()
+    events = rec.events()
+    assert rec.count() == len(events) > 100
+    for first in (0, 1, len(events) - 5, len(events)):
+        raw = rec.raw(first)
+        flat = [(raw[i], raw[i + 1], native.device_name(raw[i + 2])) for i in range(0, len(raw), 3)]
+        assert flat == events[first:]
+
+
 def test_peak_equals_the_allocators_peak(gpt_step):
     expected, _ = allocator_peak(gpt_step)
     with native.AllocationRecorder() as rec:

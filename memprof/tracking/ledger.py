@@ -228,6 +228,7 @@ class Ledger(TorchDispatchMode):
         self.unfollowed = 0  # bytes born on the recorder that outlived it unclaimed (counted, frees unseen)
         self.entering_backward = False  # set by the tracker while it enters the backward phase
         self._pending: list = []  # (recorder's event count then, record): frees of followed storages to log
+        self.closed_task = None  # the graph task whose backward phase the tracker closed last
 
     # ------------------------------------------------------------------------------------------ per op --
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -476,7 +477,7 @@ class Ledger(TorchDispatchMode):
         t_in = perf_counter()
         recorder = self.recorder
         if recorder is not None:
-            if self.phase != BACKWARD and _graph_task_id() != -1:
+            if self.phase != BACKWARD and not self.entering_backward and self._in_open_backward():
                 self.drain()  # the first free in a backward enters its phase, with this storage still live
             rec = self.live.pop(ref.key, None)
             if rec is not None:  # logged at the next drain, after what the recorder saw before it
@@ -528,7 +529,7 @@ class Ledger(TorchDispatchMode):
 
     def mark(self, kind: str, node: ModuleNode | None = None) -> None:
         if self.recorder is not None:
-            self.drain()
+            self.drain(switch=False)  # marks come from the tracker, which enters backward itself
         self.marks.append((len(self.events), kind, node, self.timer(), self.phase, self.cur))
 
     def own_time(self, method):
@@ -622,12 +623,13 @@ class Ledger(TorchDispatchMode):
         first (unless the tracker is entering it now), as the per-op path does at the first backward op."""
         recorder = self.recorder
         first = self._read
-        if recorder.n.value == first and not self._pending:
-            return
-        raw = recorder.raw(first)
-        self._read += len(raw) // 3
-        if switch and self.phase != BACKWARD and not self.entering_backward and _graph_task_id() != -1:
+        raw = recorder.raw(first) if recorder.n.value != first else []
+        if raw:
+            self._read += len(raw) // 3
+        if switch and self.phase != BACKWARD and not self.entering_backward and self._in_open_backward():
             self.on_backward()  # events already read are logged below, after its phase mark
+        if not raw and not self._pending:
+            return
         pending = self._pending
         if pending:  # frees of followed storages, each at the recorder's count when it happened
             self._pending = []
@@ -679,6 +681,12 @@ class Ledger(TorchDispatchMode):
         the step's phases)."""
         phase = self.phase
         return ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
+
+    def _in_open_backward(self) -> bool:
+        """Inside a graph task whose backward phase the tracker has not closed yet (its end callback runs
+        inside the task: what follows it must not open another)."""
+        task = _graph_task_id()
+        return task != -1 and task != self.closed_task
 
     def undrained(self) -> bool:
         """Whether the recorder has events, or followed storages frees, not logged yet."""

@@ -769,6 +769,7 @@ class Tracker:
             led.cur = self._cur()
             led.mark("B-", node)
         led.cur = self._cur()
+        led.closed_task = _graph_task_id()
         self._set_phase(OTHER_PHASE)
 
     def _add_optimizer(self, opt) -> None:
