@@ -86,6 +86,21 @@ def twin(case, opt_name):
     return model, make_optimizer(opt_name, model.parameters())
 
 
+def gpt_adamw_step(cfg: GPTConfig, batch_size: int = 2):
+    """A GPT of ``cfg`` (seeded), its AdamW and a training step on one batch (grads set to None after)."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = gpt_batch(cfg, batch_size)
+
+    def step():
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, opt, step
+
+
 def allocator_step_peak(case, model, opt, **kw):
     peak, _ = allocator_peak(lambda: train_step(case, model, opt, **kw), live_before_step(case, model, opt))
     return peak

@@ -8,7 +8,7 @@ from memprof.tracking import native
 from memprof.tracking.groundtruth import allocator_peak
 from memprof.tracking.ledger import Ledger
 from memprof.zoo import GPT, GPTConfig, gpt_batch
-from tests.common import hook_registries
+from tests.common import gpt_adamw_step, hook_registries
 
 if not native.available():
     pytest.skip(f"the allocation recorder is unavailable here: {native.unavailable_reason()}",
@@ -31,20 +31,6 @@ def recorded(monkeypatch):
     return runs
 
 
-def _gpt():
-    torch.manual_seed(0)
-    model = GPT(SMALL)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = gpt_batch(SMALL, 2)
-
-    def step():
-        model(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return model, opt, step
-
-
 def _profile(step, model, opt, steps=2):
     with memprof.track(model, opt) as tracker:
         for _ in range(steps):
@@ -64,7 +50,7 @@ def _per_op(monkeypatch, fn):
 
 
 def test_backward_from_the_recorder_gives_the_per_op_paths_profile(monkeypatch, recorded):
-    model, opt, step = _gpt()
+    model, opt, step = gpt_adamw_step(SMALL)
     step()
     step()
     fast = _profile(step, model, opt)
@@ -140,7 +126,7 @@ def test_memory_outliving_backward_in_no_followed_tensor_is_noted_and_later_back
 def test_under_a_running_torch_profiler_backward_is_tracked_per_op(recorded):
     from torch.profiler import ProfilerActivity, profile
 
-    model, opt, step = _gpt()
+    model, opt, step = gpt_adamw_step(SMALL)
     step()
     step()
     fast = _profile(step, model, opt, steps=1)
@@ -151,7 +137,7 @@ def test_under_a_running_torch_profiler_backward_is_tracked_per_op(recorded):
 
 
 def test_an_error_in_backward_leaves_no_trace(recorded):
-    model, opt, step = _gpt()
+    model, opt, step = gpt_adamw_step(SMALL)
     step()
     before = hook_registries(model, opt)
     x, y = gpt_batch(SMALL, 2)

@@ -8,7 +8,8 @@ import torch
 from memprof.errors import MemprofError
 from memprof.tracking import native, scratch
 from memprof.tracking.groundtruth import allocator_peak
-from memprof.zoo import GPT, GPTConfig, gpt_batch
+from memprof.zoo import GPTConfig
+from tests.common import gpt_adamw_step
 
 if native._compiler() is None:
     pytest.skip("no C++ compiler on this machine: the recorder cannot be built", allow_module_level=True)
@@ -33,15 +34,7 @@ def _profiler_allocations(fn):
 
 @pytest.fixture
 def gpt_step():
-    model = GPT(SMALL)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = gpt_batch(SMALL, 2)
-
-    def step():
-        model(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, _, step = gpt_adamw_step(SMALL)
     step()
     step()
     return step
