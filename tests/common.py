@@ -119,11 +119,10 @@ def _profiler_can_start() -> bool:
 
 
 def _c10_log_level():
-    import ctypes
-
     from memprof.tracking import native
 
-    return ctypes.c_int.in_dll(native._load(), "FLAGS_caffe2_log_level").value if native.available() else None
+    flag = native.log_level_flag()
+    return None if flag is None else flag.value
 
 
 def hook_registries(model=None, opt=None):

@@ -163,6 +163,7 @@ def unavailable_reason() -> str | None:
 def _reset_for_tests() -> None:
     global _lib, _reason, _tried
     _lib, _reason, _tried = None, None, False
+    _LOG_FLAG.clear()
 
 
 _DEVICE_TYPES = {0: "cpu", 1: "cuda", 12: "xpu", 13: "mps"}  # c10::DeviceType values
@@ -174,6 +175,21 @@ def device_name(code: int) -> str:
     index -= 1
     name = _DEVICE_TYPES.get(dtype) or f"device{dtype}"
     return name if index < 0 else f"{name}:{index}"
+
+
+_LOG_FLAG: list = []  # the looked-up flag (or None), once
+
+
+def log_level_flag():
+    """c10's log level (``FLAGS_caffe2_log_level``) as a ctypes int, or None where the recorder is unavailable
+    or torch logs through glog (its own flag, left alone)."""
+    if not _LOG_FLAG:
+        lib = _load()
+        try:
+            _LOG_FLAG.append(ctypes.c_int.in_dll(lib, "FLAGS_caffe2_log_level") if lib is not None else None)
+        except ValueError:
+            _LOG_FLAG.append(None)
+    return _LOG_FLAG[0]
 
 
 class quiet_allocator_log:
@@ -189,11 +205,7 @@ class quiet_allocator_log:
     __slots__ = ("_flag", "_old")
 
     def __init__(self) -> None:
-        lib = _load()
-        try:
-            self._flag = ctypes.c_int.in_dll(lib, "FLAGS_caffe2_log_level") if lib is not None else None
-        except ValueError:  # a torch built with glog: its own flag, left alone
-            self._flag = None
+        self._flag = log_level_flag()
         self._old = None
 
     def __enter__(self):
