@@ -227,7 +227,11 @@ class Ledger(TorchDispatchMode):
         self.anon: dict[int, StorageRecord] = {}
         self.unfollowed = 0  # bytes born on the recorder that outlived it unclaimed (counted, frees unseen)
         self.entering_backward = False  # set by the tracker while it enters the backward phase
-        self._pending: list = []  # (recorder's event count then, record): frees of followed storages to log
+        # What the next drain logs among the recorder's events, each at the recorder's count when it happened:
+        # (count, record) for a free of a followed storage, (count, mark) for a deferred mark (defer_mark).
+        self._pending: list = []
+        self._seg = None  # (phase, phase id, module, op clock) of recorder events not logged yet
+        self._switching = False  # a drain is entering the backward phase
         self.closed_task = None  # the graph task whose backward phase the tracker closed last
 
     # ------------------------------------------------------------------------------------------ per op --
@@ -529,8 +533,20 @@ class Ledger(TorchDispatchMode):
 
     def mark(self, kind: str, node: ModuleNode | None = None) -> None:
         if self.recorder is not None:
-            self.drain(switch=False)  # marks come from the tracker, which enters backward itself
+            if not (self._switching or self.entering_backward):
+                self.drain(switch=False)  # marks come from the tracker, which enters backward itself
+            # Entering backward, what the recorder saw since the last drain is logged after this mark.
+            self._seg = (self.phase, self.phase_id, self.cur, self.op_clock)
         self.marks.append((len(self.events), kind, node, self.timer(), self.phase, self.cur))
+
+    def defer_mark(self, kind: str, node: ModuleNode | None = None) -> None:
+        """A mark inside a recorded backward, placed among the recorder's events at the next drain (a
+        module's backward boundaries: a drain at each cost more than all else in a recorded backward)."""
+        if self.recorder is None or self._switching or self.entering_backward:
+            self.mark(kind, node)
+            return
+        self._pending.append((self.recorder.n.value, (kind, node, self.timer(), self.phase, self.cur,
+                                                       self.phase_id, self.op_clock)))
 
     def own_time(self, method):
         """Wrap a hook so the time it takes counts as memprof's overhead (left out of recorded times)."""
@@ -599,6 +615,7 @@ class Ledger(TorchDispatchMode):
         """
         self.recorder = recorder
         self._read = recorder.count()
+        self._seg = (self.phase, self.phase_id, self.cur, self.op_clock)
 
     def stop_recording(self) -> None:
         """Stop reading the recorder (the caller stops it). Records it saw born that no tensor claimed stay
@@ -609,7 +626,10 @@ class Ledger(TorchDispatchMode):
             self.drain(switch=False)
         finally:
             for _, rec in self._pending:  # only if draining failed
-                self._log_free(rec)
+                if type(rec) is tuple:
+                    self.marks.append((len(self.events), *rec[:5]))
+                else:
+                    self._log_free(rec)
             self._pending = []
             self.recorder = None
             self._read = 0
@@ -627,28 +647,37 @@ class Ledger(TorchDispatchMode):
         if raw:
             self._read += len(raw) // 3
         if switch and self.phase != BACKWARD and not self.entering_backward and self._in_open_backward():
-            self.on_backward()  # events already read are logged below, after its phase mark
+            self._switching = True
+            try:
+                self.on_backward()  # events already read are logged below, after its phase mark
+            finally:
+                self._switching = False
         if not raw and not self._pending:
             return
         pending = self._pending
-        if pending:  # frees of followed storages, each at the recorder's count when it happened
+        if pending:  # frees of followed storages and deferred marks, each at the recorder's count then
             self._pending = []
             self._log_recorded(raw[:3 * max(0, pending[0][0] - first)])
             for i, (at, rec) in enumerate(pending):
-                self._log_free(rec)
+                if type(rec) is tuple:
+                    self.marks.append((len(self.events), *rec[:5]))
+                    self._seg = (rec[3], rec[5], rec[4], rec[6])
+                else:
+                    self._log_free(rec)
                 upto = pending[i + 1][0] if i + 1 < len(pending) else self._read
                 self._log_recorded(raw[3 * max(0, at - first):3 * max(0, upto - first)])
         else:
             self._log_recorded(raw)
 
     def _log_recorded(self, raw: list) -> None:
-        """Log recorder events (flat: pointer, bytes, device code, ...). The hot path of a recorded backward
-        (thousands of events a step): totals kept in locals, one device lookup per code."""
+        """Log recorder events (flat: pointer, bytes, device code, ...) in the phase and module they
+        happened in (:attr:`_seg`). The hot path of a recorded backward (thousands of events a step): totals
+        kept in locals, one device lookup per code."""
         if not raw:
             return
         anon, append, pop = self.anon, self.events.append, self.anon.pop
-        phase, pid, node, clock = self.phase, self.phase_id, self.cur, self.op_clock
-        cat = self.new_category()
+        phase, pid, node, clock = self._seg
+        cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
         devices: dict = {}
         total = host = 0
         it = iter(raw)

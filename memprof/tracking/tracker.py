@@ -34,6 +34,7 @@ import datetime
 import platform
 import sys
 import threading
+import weakref
 from functools import partial
 from time import perf_counter
 
@@ -260,6 +261,8 @@ class Tracker:
         self._owner: dict = {}  # parameter -> (node, name)
         self._known_optimizers: list = []
         self._handles: list = []  # per-run hook handles (grad-accumulate, multi-grad)
+        self._unhooked: list = []  # parameters whose gradients _run_backward labels (no accumulate hook)
+        self._grad_hooks: dict = {}  # id(tensor) -> _GradHooks, for the forward running now
         self._fstack: list = []
         self._bstack: list = []
         self._after_opt = False
@@ -327,6 +330,8 @@ class Tracker:
                 self.ledger.detach_all()
                 self._nodes.clear()
                 self._owner.clear()
+                self._unhooked.clear()
+                self._grad_hooks.clear()
                 self._roots.clear()
                 self._known_optimizers.clear()
                 self._models, self._optimizers = [], []  # a finished tracker keeps none of the user's objects
@@ -430,13 +435,20 @@ class Tracker:
         checkpointing), or the recorder cannot start (torch.profiler runs on this thread).
         """
         led = self.ledger
-        if (not self._backward_on_recorder or self._state != _RUNNING or led.recorder is not None
-                or _get_current_dispatch_mode() is not led or len(_get_current_dispatch_mode_stack()) != 1):
+        if led.recorder is not None or self._state != _RUNNING:  # nested in a recorded backward, or paused
             return engine(*args, **kwargs)
-        try:
-            rec = native.AllocationRecorder().start()
-        except MemprofError:
-            return engine(*args, **kwargs)
+        rec = None
+        if self._backward_on_recorder and _get_current_dispatch_mode() is led \
+                and len(_get_current_dispatch_mode_stack()) == 1:
+            try:
+                rec = native.AllocationRecorder().start()
+            except MemprofError:
+                pass
+        if rec is None:  # per op
+            result = engine(*args, **kwargs)
+            if self._state == _RUNNING:
+                self._label_grads()
+            return result
         result = None
         phase_id = led.phase_id
         led.start_recording(rec)
@@ -458,8 +470,7 @@ class Tracker:
                     if closing:  # nothing in this backward drained: no module, no followed storage freed
                         self._enter_backward(queue=False)
                     led.drain(switch=False)
-                    if led.anon:
-                        self._claim_survivors(result)
+                    self._claim_survivors(result)
                     if closing:
                         self._end_backward()
             finally:
@@ -474,19 +485,35 @@ class Tracker:
                         "counted until tracking stopped (their frees unseen); later backwards were tracked per op")
         return result
 
-    def _claim_survivors(self, result) -> None:
-        """Give the recorder's records still live after backward to the tensors holding them: parameters'
-        gradients (an FSDP or DDP gradient set after the accumulate hooks ran) and what
-        ``torch.autograd.grad`` returned."""
-        led = self.ledger
-        for p, (node, name) in self._owner.items():
+    def _label_grads(self) -> None:
+        """Label the gradients of the parameters that have no accumulate hook (:attr:`_unhooked`), after a
+        backward: in a recorded one this claims the record the recorder made for each."""
+        live, owner = self.ledger.live, self._owner
+        for p in self._unhooked:
             g = p.grad
             if g is None:
                 continue
-            for rt in real_tensors(g):
-                s = rt.untyped_storage()
-                if id(s) not in led.live:
-                    led.claim(s, rt.shape, rt.dtype, GRAD, f"{name}.grad", node)
+            if type(g) is _Tensor:
+                rec = live.get(id(g.untyped_storage()))
+                if rec is not None and rec.cat == GRAD:
+                    continue
+            node, name = owner.get(p, (None, ""))
+            self._relabel(g, GRAD, f"{name}.grad", node)
+
+    def _claim_survivors(self, result) -> None:
+        """Give the recorder's records still live after backward to the tensors holding them: parameters'
+        gradients and what ``torch.autograd.grad`` returned."""
+        led = self.ledger
+        self._label_grads()
+        if led.anon:  # a hooked parameter's gradient set after its hook ran (FSDP, DDP)
+            for p, (node, name) in self._owner.items():
+                g = p.grad
+                if g is None:
+                    continue
+                for rt in real_tensors(g):
+                    s = rt.untyped_storage()
+                    if id(s) not in led.live:
+                        led.claim(s, rt.shape, rt.dtype, GRAD, f"{name}.grad", node)
         if led.anon and isinstance(result, tuple):
             for t in result:
                 if isinstance(t, torch.Tensor):
@@ -530,6 +557,7 @@ class Tracker:
     def _add_params(self, modules, prefix, walk) -> None:
         led = self.ledger
         seen_storage = set()
+        grads = []  # parameters that get gradients
         for pname, p in _members(modules, "_parameters"):
             owner = walk.get(pname.rpartition(".")[0]) or walk[""]
             full = f"{prefix}.{pname}" if prefix else pname
@@ -547,7 +575,7 @@ class Tracker:
             if p.grad is not None:
                 self._label_grad(p)
             if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook_grad))
+                grads.append(p)
             if type(p) is not _Parameter and (type(p).__name__ == "FlatParameter" or is_traceable_wrapper_subclass(p)):
                 # FSDP and DTensor keep collective buffers made in backward past it, which no tensor the
                 # tracker can reach holds: backward is tracked per op (see _run_backward).
@@ -565,6 +593,12 @@ class Tracker:
                     led.found(s, t, BUFFER, label=full, node=owner)
                 elif rec.cat != PARAM:
                     rec.cat, rec.label, rec.node = BUFFER, full, owner
+        if self._backward_on_recorder:
+            # Gradients are labelled after each backward (_run_backward), not by a hook per parameter: in a
+            # recorded backward the hooks were a third of memprof's cost (a claim and a drain each).
+            self._unhooked.extend(grads)
+        else:
+            self._handles.extend(p.register_post_accumulate_grad_hook(self._hook_grad) for p in grads)
 
     def _relabel(self, t, cat, label, node, only_from=None) -> None:
         led = self.ledger
@@ -655,10 +689,25 @@ class Tracker:
             return
         outs = [t for t in leaves if t.requires_grad]
         if outs:
-            self._handles.append(_on_grads(outs, partial(self._hook_bw_pre, node), "any"))
+            self._on_grads(outs, partial(self._hook_bw_pre, node), "any")
             ins = [t for t in (inputs if inputs is not None else _tensors((args, kwargs))) if t.requires_grad]
             if ins:
-                self._handles.append(_on_grads(ins, partial(self._hook_bw_post, node), "all"))
+                self._on_grads(ins, partial(self._hook_bw_post, node), "all")
+
+    def _on_grads(self, tensors, call, mode: str) -> None:
+        """Call ``call`` when the gradient of one of ``tensors`` (mode "any") or of all of them ("all") is
+        computed. One tensor's calls share one hook (:class:`_GradHooks`): one module's output is usually
+        the next one's input, and a module's input its first child's."""
+        if len(tensors) != 1:
+            self._handles.append(_on_grads(tensors, call, mode))
+            return
+        t = tensors[0]
+        hooks = self._grad_hooks.get(id(t))
+        if hooks is None or hooks.ref() is not t or hooks.version != t._version:
+            hooks = self._grad_hooks[id(t)] = _GradHooks(t)
+            node = t.grad_fn
+            self._handles.append(t.register_hook(hooks) if node is None else node.register_prehook(hooks))
+        hooks.calls.append(call)
 
     def _note_output_bytes(self, node, tensors) -> None:
         """Bytes of the outputs this forward made (what a checkpoint of the module keeps)."""
@@ -682,22 +731,23 @@ class Tracker:
     def _bw_pre(self, node, _grad):
         if self._state != _RUNNING:
             return
-        mod = node.module() if node.module is not None else None
-        if mod is not None and mod._parameters:
-            self._check_params(mod, node)
         led = self.ledger
+        if led.recorder is None:  # a recorded backward has no FSDP-swapped parameters (see _add_params)
+            mod = node.module() if node.module is not None else None
+            if mod is not None and mod._parameters:
+                self._check_params(mod, node)
         if led.phase != BACKWARD:
             self._enter_backward()
         self._bstack.append(node)
         led.cur = self._cur()
-        led.mark("B+", node)
+        led.defer_mark("B+", node)
 
     def _bw_post(self, node, _grads):
         if self._state != _RUNNING or not _pop(self._bstack, node):
             return
         led = self.ledger
         led.cur = self._cur()
-        led.mark("B-", node)
+        led.defer_mark("B-", node)
 
     # ------------------------------------------------------------------------------------------ phases --
     def _set_phase(self, phase, payload=None) -> None:
@@ -712,6 +762,7 @@ class Tracker:
                 self.stop()
                 return
             self._end_step()
+        self._grad_hooks.clear()
         self._set_phase(FORWARD)
 
     def _enter_backward(self, queue: bool = True) -> None:
@@ -1223,6 +1274,23 @@ def _on_grads(tensors, fn, mode: str):
     if mode == "all":
         return _on_all_grads(tensors, fn)
     return register_multi_grad_hook(tensors, fn, mode=mode)
+
+
+class _GradHooks:
+    """The tracker's calls for one tensor's gradient, run in the order they were added by one hook: on the
+    node that made the tensor (a pre-hook), or on the tensor if it is a leaf. The engine calls Python once
+    for it instead of once per module boundary at that tensor."""
+
+    __slots__ = ("calls", "ref", "version")
+
+    def __init__(self, t) -> None:
+        self.calls: list = []
+        self.ref = weakref.ref(t)  # the tensor it is for; a later tensor with the same id gets its own
+        self.version = t._version  # an in-place op since gives the tensor another node
+
+    def __call__(self, _grad):
+        for call in self.calls:
+            call(_grad)
 
 
 class _Handles:
