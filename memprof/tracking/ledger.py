@@ -605,10 +605,11 @@ class Ledger(TorchDispatchMode):
         until :meth:`stop_recording`: the tracker does this while autograd's engine runs with this mode
         popped, where the per-op path would cost more than everything else (results/floors.json).
 
-        Each allocation the recorder reports becomes a record of the current phase and module, with no
-        shape or op, logged when the recorder is drained: at every mark (module and phase boundaries) and
-        when a storage is claimed. Frees of storages the ledger follows (their weakrefs) are logged then
-        too, each at the recorder's count when it happened, so the log keeps the allocator's order. A record is claimed by the first tensor found on its memory (:meth:`found`): a
+        Each allocation the recorder reports becomes a record of the phase and module it happened in, with
+        no shape or op, logged when the recorder is drained: at phase marks, when a storage is claimed and
+        when backward ends. Module boundaries inside backward (:meth:`defer_mark`) and frees of storages
+        the ledger follows (their weakrefs) wait for the drain, each placed at the recorder's count when it
+        happened, so the log keeps the allocator's order. A record is claimed by the first tensor found on its memory (:meth:`found`): a
         parameter's gradient gets its category, name, shape and weakref there. Frees the recorder reports
         for memory it did not see born are the ledger's followed storages (their weakrefs log them) or
         older memory, and are skipped.

@@ -5,21 +5,23 @@ It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and
 
 * global module forward pre/post hooks (or only the given model's modules) keep a forward module stack;
 * gradient hooks on each module's outputs ("any") and inputs ("all") mark its backward (for one tensor, a
-  pre-hook on the node that made it; see ``_on_grads``), which unlike ``register_full_backward_hook`` is
-  right for modules whose inputs need no grad; modules whose backward never closes (embeddings, the first
-  layer) are closed when the graph task ends;
+  pre-hook on the node that made it, shared by every module boundary at that tensor; see
+  ``Tracker._on_grads``), which unlike ``register_full_backward_hook`` is right for modules whose inputs
+  need no grad; modules whose backward never closes (embeddings, the first layer) are closed when the graph
+  task ends;
 * backward is detected per op from the autograd engine (``_current_graph_task_id``), so a loss computed
   outside any module is attributed correctly;
 * on the host, backward runs with the ledger's mode popped and the C++ allocation recorder on
   (``_run_backward``, patching ``torch.autograd._engine_run_backward`` while tracking): no Python per
   backward op, every byte the allocator hands out (op scratch included) logged at module boundaries, the
-  gradients claimed by their parameters. Backward is dispatched per op instead on CUDA, with sharded
+  gradients claimed by their parameters after the engine returns. Backward is dispatched per op instead on CUDA, with sharded
   parameters (FSDP, DTensor), under torch.profiler or another mode, with a device-memory limit, in the
   estimator, and after a backward whose memory outlived it in tensors the tracker cannot reach (noted);
 * global optimizer step pre/post hooks delimit the optimizer phase; a step ends at its optimizer step and
   the next one starts at the next forward;
-* ``register_post_accumulate_grad_hook`` relabels a parameter's ``.grad`` (born as a backward temporary)
-  as ``grad``; after each optimizer step its state tensors are relabelled ``optimizer``.
+* a parameter's ``.grad`` (born as a backward temporary) is relabelled ``grad`` after each backward
+  (``_label_grads``), or by a ``register_post_accumulate_grad_hook`` where backward runs per op from the
+  start; after each optimizer step its state tensors are relabelled ``optimizer``.
 
 Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` patch and every
 storage weakref are removed when tracking stops, also when the tracked block raises (including out of
