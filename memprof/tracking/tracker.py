@@ -449,7 +449,7 @@ class Tracker:
         if rec is None:  # per op
             result = engine(*args, **kwargs)
             if self._state == _RUNNING:
-                self._label_grads()
+                self._label_grads(self._unhooked)
             return result
         result = None
         phase_id = led.phase_id
@@ -487,11 +487,11 @@ class Tracker:
                         "counted until tracking stopped (their frees unseen); later backwards were tracked per op")
         return result
 
-    def _label_grads(self) -> None:
-        """Label the gradients of the parameters that have no accumulate hook (:attr:`_unhooked`), after a
-        backward: in a recorded one this claims the record the recorder made for each."""
+    def _label_grads(self, params) -> None:
+        """Label the gradients of ``params`` after a backward: in a recorded one this claims the record the
+        recorder made for each."""
         live, owner = self.ledger.live, self._owner
-        for p in self._unhooked:
+        for p in params:
             g = p.grad
             if g is None:
                 continue
@@ -504,18 +504,10 @@ class Tracker:
 
     def _claim_survivors(self, result) -> None:
         """Give the recorder's records still live after backward to the tensors holding them: parameters'
-        gradients and what ``torch.autograd.grad`` returned."""
+        gradients (every parameter's: none has an accumulate hook in a recorded backward) and what
+        ``torch.autograd.grad`` returned."""
         led = self.ledger
-        self._label_grads()
-        if led.anon:  # a hooked parameter's gradient set after its hook ran (FSDP, DDP)
-            for p, (node, name) in self._owner.items():
-                g = p.grad
-                if g is None:
-                    continue
-                for rt in real_tensors(g):
-                    s = rt.untyped_storage()
-                    if id(s) not in led.live:
-                        led.claim(s, rt.shape, rt.dtype, GRAD, f"{name}.grad", node)
+        self._label_grads(self._owner)
         if led.anon and isinstance(result, tuple):
             for t in result:
                 if isinstance(t, torch.Tensor):
