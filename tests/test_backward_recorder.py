@@ -134,6 +134,10 @@ def test_under_a_running_torch_profiler_backward_is_tracked_per_op(recorded):
         slow = _profile(step, model, opt, steps=1)
     assert len(recorded) == 1
     assert slow.peak_bytes == fast.peak_bytes
+    # No accumulate hooks (the tracker expected the recorder): gradients are labelled after the engine.
+    assert slow.peak.by_category["grad"] == fast.peak.by_category["grad"] > 0
+    for name, m in fast.modules.items():
+        assert slow.modules[name].grad_bytes == m.grad_bytes, name
 
 
 def test_an_error_in_backward_leaves_no_trace(recorded):
