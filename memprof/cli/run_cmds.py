@@ -151,8 +151,12 @@ def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, a
     if policy_path and budget:
         raise click.UsageError("give --policy or --budget, not both", ctx=ctx)
     extra, applied = _plan_options(policy_path, budget, levers, out, plan_out)
-    result = runner.run(target[0], list(target[1:]), module=as_module, steps=steps, out=out,
-                        device_memory=limit, **extra)
+    try:
+        result = runner.run(target[0], list(target[1:]), module=as_module, steps=steps, out=out,
+                            device_memory=limit, **extra)
+    finally:
+        if applied.get("auto") is not None:
+            applied["auto"].close()
     sys.stdout.flush()  # the script's output first
     code = result.exit_code
     if result.error is not None:
@@ -166,6 +170,8 @@ def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, a
                 _echo(_verification(applied["plan"], result.profile))
             if applied.get("auto") is not None:
                 _echo(f"memprof: {applied['auto'].action}; plan written to {plan_out}")
+                if applied["auto"].verification is not None:
+                    _echo(_live_verification(applied["auto"].verification))
     if result.save_error is not None:
         e = result.save_error
         _echo(f"memprof: error: could not write the profile: {e.strerror or e}: {e.filename or out}")
@@ -211,12 +217,13 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
         _, budget_bytes = resolve_capacity(budget)
         if not budget_bytes:
             raise MemprofError(f"--budget must be a positive size or a device name, got {budget!r}")
-        session = AutoSession(budget_bytes, lever_list, "adamw", None, plan_out,
+        session = AutoSession(budget_bytes, lever_list, "adamw", out, plan_out,
                               notify=lambda message: _echo(f"memprof: {message}"))
         applied["auto"] = session
 
         def attach(tracking):
             session.tracker = tracking.tracker
+            session.watch_steps()
 
         return {"on_root_forward": session.first_forward, "on_stop": session.first_steps_done,
                 "session_hook": attach, "grad_forward_only": True}, applied
@@ -239,6 +246,35 @@ def _verification(the_plan, prof) -> str:
     verdict = "within" if prof.peak_bytes <= the_plan.budget_bytes else "OVER"
     return (f"Plan verified ({verdict} the budget of {fmt_bytes(the_plan.budget_bytes)}):\n"
             + tabulate(rows, ["", "predicted", "measured", "difference"]))
+
+
+def _live_verification(r) -> str:
+    """The applied plan's predicted and measured peak and step time, as the live check measured them."""
+    from tabulate import tabulate
+
+    if r.measured_peak_bytes is None:
+        return "memprof: the plan was not verified: the script ended before its applied steps were measured"
+    rows = [("peak (tracked)", fmt_bytes(r.predicted_peak_bytes), fmt_bytes(r.measured_peak_bytes),
+             f"{100 * (r.measured_peak_bytes / r.predicted_peak_bytes - 1):+.2f}%" if r.predicted_peak_bytes else "")]
+    if r.measured_overhead is not None:
+        how = (f"untracked, {r.timed_pairs} pairs with plain steps" if r.interleaved
+               else f"untracked, {r.timed_pairs} steps vs the plan's baseline")
+        err = f" ± {r.overhead_stderr:.1%}" if r.overhead_stderr is not None else ""
+        rows.append((f"step-time overhead ({how})", f"{r.predicted_overhead:+.1%}",
+                     f"{r.measured_overhead:+.1%}{err}", f"{100 * (r.measured_overhead - r.predicted_overhead):+.1f} pts"))
+    if r.planned_step_ms is not None:
+        plain = f"{r.plain_step_ms:.1f} ms plain, " if r.plain_step_ms is not None else ""
+        rows.append(("step time (untracked, median)", "", f"{plain}{r.planned_step_ms:.1f} ms planned", ""))
+    if r.reverted:
+        verdict = "no plan held; the plain step was restored"
+    elif not r.finished:
+        verdict = "unfinished: the script ended during the check"
+    else:
+        verdict = "within" if r.within_budget() else "OVER"
+        verdict = f"{verdict} the budget of {fmt_bytes(r.budget_bytes)}"
+    moves = "".join(f"\n  {m}" for m in r.moves)
+    return (f"Applied plan checked in the running script ({verdict}):\n"
+            + tabulate(rows, ["", "predicted", "measured", "difference"]) + (f"\nMoves:{moves}" if moves else ""))
 
 
 COMMANDS = [run]

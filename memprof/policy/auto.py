@@ -8,7 +8,14 @@
    the estimate and applies the plan right away, so the first step does not run out of memory;
 2. otherwise it tracks the first two steps for real (the second is steady: optimizer state exists), plans
    from the measured profile, and applies the plan (if anything needs to change) before the third step;
-3. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did.
+3. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did;
+4. once a plan is applied, checks it in the running loop (:class:`memprof.policy.live_check.LiveCheck`):
+   the applied steps' peak (tracked) and step time (untracked, interleaved with plain steps where those may
+   run), and moves to another plan, or back to the plain step, when it is over budget or slower than
+   predicted; the figures go into the plan file and :attr:`AutoSession.verification`.
+
+Before a plan may change precision, the model's forward is timed in each candidate precision on this device
+(:mod:`memprof.policy.precision_timing`): a CPU without bf16 units never gets a "faster" bf16 plan.
 
 Estimating and planning save and restore every global random generator (:mod:`memprof.rng`): with nothing
 to apply, the training function computes what it computes without memprof. When the estimate before the
@@ -101,17 +108,46 @@ class AutoSession:
         self.source = None
         self._first = None
         self.failed = False
+        self.precision_timing = None  # measured at the first forward when the precision lever is on
+        self.base_precision = "fp32"
+        self.check = None  # the LiveCheck of the applied plan
+        self.verification = None  # its LiveResult once finished (or when the loop ended)
+        self.optimizer_seen = None
+        self._step_watch = None
+        self.replan_refusal = ""  # why the last replan found nothing (the planner's words)
 
     def start(self) -> None:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
         from ..tracking.tracker import Tracker
 
         self._first = FirstRootForward(self.first_forward, grad_only=True).install()
+        self.watch_steps()
         # Two steps: the second is steady (optimizer state exists), which is what the plan must fit.
         self.tracker = Tracker(steps=2, on_stop=lambda tracker: self.first_steps_done(tracker.profile))
         self.tracker.start()
 
+    def watch_steps(self) -> None:
+        """Note the first optimizer that steps (the loop's pace for the live check); before the loop runs."""
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        def seen(opt, args, kwargs):
+            if self.optimizer_seen is None and not _estimators(opt):
+                self.optimizer_seen = opt
+
+        self._step_watch = register_optimizer_step_pre_hook(seen)
+
+    def close(self) -> None:
+        """After the loop: remove the step watch and the live check's wrapper (the plan stays applied)."""
+        if self._step_watch is not None:
+            self._step_watch.remove()
+            self._step_watch = None
+        if self.check is not None:
+            if not self.check.done:
+                self.verification = self.check.result
+            self.check.remove()
+
     def finish(self, quiet: bool = False) -> None:
+        self.close()
         if self._first is not None:
             self._first.remove()
         if self.tracker is not None:
@@ -139,6 +175,8 @@ class AutoSession:
         finally:
             if self.tracker is not None:
                 self.tracker.resume()
+        if "precision" in self.levers:
+            self._time_precisions(model, args, kwargs)
         if self.estimate.peak_bytes <= self.budget_bytes:
             return None
         try:
@@ -164,32 +202,126 @@ class AutoSession:
             else:
                 self.plan = self._plan(self.profile)
                 self._apply(f"measured {_gib(self.profile.peak_bytes)} > budget: applied from step 3")
+        if self.plan is not None and self.handle is not None:
+            self._check_live(peak_known=self.profile.peak_bytes if self.estimate_applied else None)
         if self.plan is not None and self.plan_path:
             self.plan.save(self.plan_path)
         log.info("memprof.auto: %s; plan %s, predicted peak %s, %+.1f%% step time; profile %s", self.action,
                  self.plan_path or "-", _gib(self.plan.predicted_peak_bytes) if self.plan else "-",
                  100 * (self.plan.predicted_overhead if self.plan else 0.0), self.profile_path or "-")
 
-    def _plan(self, prof):
+    def _time_precisions(self, model, args, kwargs) -> None:
+        from .precision_timing import measure_precision_ratios
+
+        running = self.tracker is not None and self.tracker.active
+        if running:
+            self.tracker.pause()
+        try:
+            self.precision_timing = measure_precision_ratios(model, args, kwargs, base=self.base_precision,
+                                                             precisions=_AUTOCAST)
+        except Exception as e:  # an untimed precision is not weighed: never a guess on this device
+            self.notify(f"could not time other precisions on this device ({type(e).__name__}: {e}); "
+                        "planning in fp32 only")
+            self.levers = tuple(lv for lv in self.levers if lv != "precision")
+        finally:
+            if running:
+                self.tracker.resume()
+
+    def _plan(self, prof, budget_bytes: int | None = None, precisions=None, without_modes=()):
+        from .chain import MODES
         from .engine import plan
 
         running = self.tracker is not None and self.tracker.active
         if running:
             self.tracker.pause()  # estimating other precisions runs fake ops
         try:
-            return plan(prof, self.budget_bytes, levers=self.levers, precisions=_AUTOCAST, source=self.source)
+            return plan(prof, budget_bytes or self.budget_bytes, levers=self.levers,
+                        precisions=precisions or _AUTOCAST, source=self.source,
+                        precision_timing=self.precision_timing,
+                        modes=tuple(m for m in MODES if m not in without_modes))
         finally:
             if running:
                 self.tracker.resume()
 
-    def _apply(self, action: str):
-        from .apply import apply
+    @property
+    def estimate_applied(self) -> bool:
+        """Whether the plan was applied before the first step (so the tracked steps ran with it)."""
+        return self.action.startswith("estimated")
 
-        self.handle = apply(self.model, self.plan)
+    def _apply(self, action: str):
+        self.apply_plan(self.plan)
         modes = [c.mode for c in self.plan.checkpoint]
         self.action = (f"{action} ({modes.count('full')} full, {modes.count('selective')} selective checkpoints, "
                        f"{self.plan.precision})")
         return first_call_context(self.plan, self.model)
+
+    # -- the live check's side ------------------------------------------------------------------------------
+    def apply_plan(self, plan) -> None:
+        from .apply import apply
+
+        self.handle = apply(self.model, plan)
+
+    def remove_plan(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def replan(self, budget_bytes: int, precisions, without_modes=()):
+        """A plan for a lower budget, fewer precisions or checkpoint modes, from what the plan was made from;
+        None if none fits."""
+        from .engine import InfeasibleBudgetError
+
+        base = self.estimate if self.estimate_applied else self.profile
+        if budget_bytes <= 0:
+            return None
+        try:
+            return self._plan(base, budget_bytes, precisions, without_modes)
+        except InfeasibleBudgetError as e:
+            self.replan_refusal = str(e)
+            return None
+
+    def _check_live(self, peak_known: int | None) -> None:
+        from .live_check import LiveCheck
+
+        if self.optimizer_seen is None:
+            return
+        plain_peak = self.estimate.peak_bytes if self.estimate_applied else self.profile.peak_bytes
+        capacity = self.profile.capacity_bytes
+        on_cpu = self.profile.environment.device == "cpu"
+        plain_may_run = (capacity is not None and plain_peak <= capacity) or (capacity is None and on_cpu)
+        self.check = LiveCheck(self, self.optimizer_seen, notify=self.notify, plain_may_run=plain_may_run,
+                               peak_known=peak_known, tracked_step_ms=self.plan.baseline_step_ms).install()
+
+    def verified(self, result) -> None:
+        """The live check is done: keep its figures, in the plan file too."""
+        import dataclasses
+
+        self.verification = result
+        if self.profile is not None and self.profile_path:
+            self.profile = dataclasses.replace(self.profile, assumptions={**self.profile.assumptions,
+                                                                          "plan_verified": result.describe()})
+            try:
+                self.profile.save(self.profile_path)
+            except OSError as e:
+                self.notify(f"could not write the profile to {self.profile_path}: {e.strerror or e}")
+        if self.plan is not None:
+            self.plan = dataclasses.replace(self.plan, assumptions={**self.plan.assumptions,
+                                                                    "verified": result.describe()})
+            if self.plan_path:
+                try:
+                    self.plan.save(self.plan_path)
+                except OSError as e:
+                    self.notify(f"could not write the plan to {self.plan_path}: {e.strerror or e}")
+
+
+def _estimators(opt) -> bool:
+    """Whether ``opt`` is the estimator's (its parameters are fake tensors), not the loop's."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            return isinstance(p, FakeTensor)
+    return False
 
 
 _AUTOCAST = ("fp32", "bf16-autocast")  # fp16 needs the optimizer for loss scaling; bf16 params break its state

@@ -150,7 +150,7 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
          source=None, precision: str | None = None, modes=MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
-         precisions: tuple[str, ...] | None = None, costs=None) -> Plan:
+         precisions: tuple[str, ...] | None = None, costs=None, precision_timing=None) -> Plan:
     """The configuration with the least predicted step time whose predicted peak fits ``budget``.
 
     Args:
@@ -167,6 +167,9 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         precisions: the precisions the precision lever may choose from (default: all).
         costs: measured option costs for the given configuration (:func:`memprof.policy.timing.measure_costs`);
             they replace the modelled recompute times and the profile's (tracked) step time.
+        precision_timing: measured step-time ratios of precisions on this device
+            (:func:`memprof.policy.precision_timing.measure_precision_ratios`); they replace the modelled ratio
+            of each precision they name. Without them other precisions' times are modelled, and the plan says so.
     """
     levers = tuple(levers)
     for lever in levers:
@@ -240,8 +243,14 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 scale = 1.0
             else:
                 ratio = _steady_step_ms(ps) / modelled_base if modelled_base else 1.0
+                measured_ratio = precision_timing.ratios.get(p) if precision_timing is not None else None
+                if measured_ratio is not None and modelled_base:  # this device's precision cost, not the model's
+                    unsharded = _steady_step_ms(source.profile(p, "none", 1)) if s != "none" or o else 0.0
+                    ratio = measured_ratio * (_steady_step_ms(ps) / unsharded if unsharded else 1.0)
+                    scale = base_measured_ms * ratio / _steady_step_ms(ps) if _steady_step_ms(ps) else 1.0
+                else:
+                    scale = base_measured_ms / modelled_base if modelled_base else 1.0
                 base_ms = base_measured_ms * ratio
-                scale = base_measured_ms / modelled_base if modelled_base else 1.0
             params, grads = _travelling_bytes(fp32_params, p)
             exposed = comm_ms(s, world_size, params, grads, base_ms, comm, shard_group_size)
             copies = cpu_step = 0.0
@@ -279,6 +288,15 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     if not feasible:
         raise _infeasible(candidates, budget_bytes, levers, world_size)
     best, best_model = min(feasible, key=lambda cm: (cm[0].step_ms, cm[0].peak_bytes))
+    others = [p for p in precisions if p != base_precision]
+    if others:
+        timed = [p for p in others if precision_timing is not None and p in precision_timing.ratios]
+        if timed:
+            notes.append("precision time " + precision_timing.describe())
+        untimed = [p for p in others if p not in timed]
+        if untimed:
+            notes.append(f"precision time of {', '.join(untimed)} modelled (roofline of the estimate's device), "
+                         "not measured on this device")
     baseline = _baseline(candidates, base_precision)
     return _make_plan(prof, best, best_model, baseline, budget_bytes, device, world_size, levers,
                       frontier_points, candidates, comm, notes, shard_group_size, costs)

@@ -1187,7 +1187,7 @@ class Tracker:
         for n in sorted(nodes, key=lambda n: _sort_key(n.name)):
             st = n.stats
             owned, ops, made = subtree(n)
-            per_call = max(1, max(st.calls) if st.calls else 1)
+            per_call = max(1.0, _steady_mean(st.calls))  # calls in the steps ``made`` is averaged over
             out[n.name] = ModuleStats(
                 name=n.name, type=n.type, param_bytes=owned[PARAM], buffer_bytes=owned[BUFFER],
                 grad_bytes=owned[GRAD], optimizer_bytes=owned[OPTIMIZER], activation_bytes=st.act,
