@@ -18,7 +18,8 @@ real one is megabytes) aborts the process. :func:`decide` sorts each op:
 ``RNN_BACKWARD``  ``mkldnn_rnn_layer_backward``, measured another way: the real ``mkldnn_rnn_layer`` forward
                   runs on the made-up inputs and the backward on what it returned (output, states,
                   workspace), so every buffer the backward reads is consistent.
-``SKIP``          never run on made-up inputs: other kernels reading a forward's workspace or reserve buffer.
+``SKIP``          never run on made-up inputs: other kernels reading a forward's workspace or reserve buffer,
+                  or a packed weight that holds a pointer.
 
 The fake ``mkldnn_rnn_layer`` returns an empty workspace where the real one returns megabytes that autograd
 keeps for backward; :func:`rnn_workspace_bytes` reads the real size once per signature (it depends on shapes,
@@ -42,14 +43,18 @@ RNN_FORWARD = _aten.mkldnn_rnn_layer.default
 _RNN_BACKWARD = _aten.mkldnn_rnn_layer_backward.default
 _SAFE_NAMESPACES = frozenset({"aten", "prims", "prim"})
 
-# Kernels that read a buffer written by their forward kernel (workspace, reserve space, gate activations),
-# trusting its size and layout. Looked up by name: most exist only in CUDA/ROCm builds.
+# Kernels that read a buffer written by another kernel (a forward's workspace, reserve space or gate
+# activations; a packed weight), trusting its size and layout. Looked up by name: most exist only in CUDA/ROCm
+# builds.
 _FORWARD_MADE = frozenset({
     "_cudnn_rnn_backward", "miopen_rnn_backward", "_thnn_fused_lstm_cell_backward",
     "_thnn_fused_lstm_cell_backward_impl", "_thnn_fused_gru_cell_backward", "_cudnn_ctc_loss_backward",
     "miopen_ctc_loss_backward", "_efficient_attention_backward", "_flash_attention_backward",
     "_cudnn_attention_backward", "_scaled_dot_product_cudnn_attention_backward",
     "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_flash_attention_backward",
+    # packed weights that are a pointer stored in a uint8 tensor (fbgemm's dynamic quantization)
+    "fbgemm_linear_fp16_weight", "fbgemm_linear_fp16_weight_fp32_activation", "fbgemm_linear_int8_weight",
+    "fbgemm_linear_int8_weight_fp32_activation",
 })
 
 # ATen ops without a value tag whose output size or validity follows their inputs' values.
@@ -91,7 +96,7 @@ def decide(func) -> str:
 
 
 _REASONS = {
-    SKIP: "reads a buffer its forward kernel wrote",
+    SKIP: "reads a buffer another kernel wrote (a workspace, a packed weight)",
     NEEDS_VALUES: "its memory or validity follows input values the estimate does not have",
 }
 
@@ -224,11 +229,12 @@ _WORKSPACE: dict = {}  # signature -> workspace bytes of the real mkldnn_rnn_lay
 
 
 def rnn_workspace_bytes(key, real_args, real_kwargs) -> int:
-    """The real ``mkldnn_rnn_layer``'s workspace bytes for these real (made-up) inputs, cached under ``key``."""
+    """The real ``mkldnn_rnn_layer``'s workspace bytes for these real (made-up) inputs, cached under ``key``
+    and the grad mode (the kernel keeps a workspace only where gradients are wanted)."""
+    key = (key, torch.is_grad_enabled())
     hit = _WORKSPACE.get(key)
     if hit is None:
-        with torch.enable_grad():  # the kernel keeps a workspace only where gradients are wanted
-            ws = RNN_FORWARD(*real_args, **real_kwargs)[3]
+        ws = RNN_FORWARD(*real_args, **real_kwargs)[3]
         hit = 0 if ws is None else ws.untyped_storage().nbytes()
         _WORKSPACE[key] = hit
     return hit
