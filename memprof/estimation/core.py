@@ -10,7 +10,9 @@ What makes the estimate match a real run:
 
 * Op-internal scratch memory (invisible to dispatch) is measured on the real CPU kernels: each op
   signature met under fake tensors is run once on real tensors of the same shapes (when its inputs total at
-  most ``scratch_limit_bytes``), sharing the tracker's per-signature cache.
+  most ``scratch_limit_bytes``), sharing the tracker's per-signature cache; only where its memory cannot
+  depend on the made-up values (:mod:`memprof.estimation.scratch_safety`, which also sizes the CPU LSTM's
+  workspace from the real kernel).
 * Hugging Face ``transformers`` takes other code paths when it sees fake tensors (``is_tracing()``: an
   explicit causal mask is built where a real run drops an all-ones padding mask, +1.7% on a small Llama);
   the estimator makes it see a real run. The data-dependent reads a real run then makes
