@@ -46,7 +46,7 @@ _SAFE_NAMESPACES = frozenset({"aten", "prims", "prim"})
 # Kernels that read a buffer written by another kernel (a forward's workspace, reserve space or gate
 # activations; a packed weight), trusting its size and layout. Looked up by name: most exist only in CUDA/ROCm
 # builds.
-_FORWARD_MADE = frozenset({
+_TRUSTS_A_BUFFER = frozenset({
     "_cudnn_rnn_backward", "miopen_rnn_backward", "_thnn_fused_lstm_cell_backward",
     "_thnn_fused_lstm_cell_backward_impl", "_thnn_fused_gru_cell_backward", "_cudnn_ctc_loss_backward",
     "miopen_ctc_loss_backward", "_efficient_attention_backward", "_flash_attention_backward",
@@ -84,7 +84,7 @@ def decide(func) -> str:
     name = _base_name(func)
     if func is _RNN_BACKWARD:
         d = RNN_BACKWARD
-    elif name in _FORWARD_MADE:
+    elif name in _TRUSTS_A_BUFFER:
         d = SKIP
     elif func.namespace not in _SAFE_NAMESPACES or name in _VALUE_DEPENDENT \
             or any(t in func.tags for t in _VALUE_TAGS):
