@@ -10,7 +10,9 @@ What makes the estimate match a real run:
 
 * Op-internal scratch memory (invisible to dispatch) is measured on the real CPU kernels: each op
   signature met under fake tensors is run once on real tensors of the same shapes (when its inputs total at
-  most ``scratch_limit_bytes``), sharing the tracker's per-signature cache.
+  most ``scratch_limit_bytes``), sharing the tracker's per-signature cache; only where its memory cannot
+  depend on the made-up values (:mod:`memprof.estimation.scratch_safety`, which also sizes the CPU LSTM's
+  workspace from the real kernel).
 * Hugging Face ``transformers`` takes other code paths when it sees fake tensors (``is_tracing()``: an
   explicit causal mask is built where a real run drops an all-ones padding mask, +1.7% on a small Llama);
   the estimator makes it see a real run. The data-dependent reads a real run then makes
@@ -47,7 +49,7 @@ from ..errors import MemprofError
 from ..rng import preserved_rng
 from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
-from ..tracking.scratch import _CACHE, SKIP_NAMESPACES, _cpu_measure, signature
+from ..tracking.scratch import _CACHE, SKIP_NAMESPACES, signature
 from ..tracking.tracker import Tracker
 from ..training import (
     autocast,
@@ -60,6 +62,7 @@ from ..training import (
 )
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
 from .offload import HostSide, emulated_host_copies
+from .scratch_safety import RNN_FORWARD, MadeUpInputs
 
 __all__ = ["estimate", "EstimateError"]
 
@@ -116,6 +119,7 @@ class _FakeOpModel:
         self.flops = flop_registry
         self.measured = 0
         self.skipped_large = 0
+        self.safety = MadeUpInputs(scratch_limit_bytes)  # which real kernels may run on made-up inputs
         self._cpu = torch.device("cpu")
         self.device = torch.device(device)  # where the step's tensors are (fake)
 
@@ -129,6 +133,8 @@ class _FakeOpModel:
             with unset_fake_temporarily():
                 return func(*real[0], **real[1]), 0, None
         out = func(*args, **kwargs)
+        if func is RNN_FORWARD:  # its fake kernel leaves the workspace kept for backward empty
+            out = self.safety.rnn_workspace(signature(func, args, kwargs), args, kwargs, out, self._shadow_of)
         if real is None or not self._shadow_outputs(func, real, out):
             if func._schema.is_mutable:
                 self._drop_written(func, args, kwargs)
@@ -270,46 +276,25 @@ class _FakeOpModel:
         return max(flops / peak, moved / (self.spec.bandwidth_gbs * 1e9 * _BANDWIDTH_EFFICIENCY))
 
     def _measure(self, func, args, kwargs) -> int | None:
-        """Run ``func`` once on real CPU tensors shaped like the fake ones; None when it cannot."""
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
+        """Run ``func`` once on real CPU tensors shaped like the fake ones, where
+        :mod:`~memprof.estimation.scratch_safety` allows it; None when it cannot or may not."""
         fakes = list(_fake_tensors((args, tuple(kwargs.values()))))
-        if not fakes or any(t.device.type != "cpu" for t in fakes):
+        if not fakes or any(t.device.type != "cpu" or t.layout != torch.strided for t in fakes):
+            return None
+        if not self.safety.may_run(func, lambda: self._real_args(args, kwargs) is not None):
             return None
         if sum(t.untyped_storage().nbytes() for t in fakes) > self.limit:
             self.skipped_large += 1
             return None
-        with unset_fake_temporarily():
-            try:
-                reals: dict[int, torch.Tensor] = {}
-                r_args = _materialize(args, reals)
-                r_kwargs = {k: _materialize(v, reals) for k, v in kwargs.items()}
-                _, excess = _cpu_measure(func, r_args, r_kwargs)
-            except Exception:  # data-dependent kernels (indices out of range, ...) simply go unmeasured
-                return None
-        self.measured += 1
+        excess = self.safety.measure(func, args, kwargs, self._shadow_of)
+        if excess is not None:
+            self.measured += 1
         return excess
 
-
-def _materialize(x, reals: dict):
-    """A real CPU tensor with the fake one's dtype, shape, strides and offset (same storage -> same tensor)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if isinstance(x, FakeTensor):
-        key = id(x.untyped_storage())
-        base = reals.get(key)
-        if base is None:
-            n = max(1, x.untyped_storage().nbytes() // x.element_size())
-            if x.dtype.is_floating_point or x.dtype.is_complex:
-                base = torch.randn(n, dtype=torch.float32).to(x.dtype)
-            else:
-                base = torch.zeros(n, dtype=x.dtype)  # zeros: valid indices for embeddings and gathers
-            reals[key] = base
-        out = base.as_strided(x.shape, x.stride(), x.storage_offset())
-        return out.requires_grad_(x.requires_grad) if x.requires_grad and x.is_leaf else out
-    if isinstance(x, (list, tuple)):
-        return type(x)(_materialize(y, reals) for y in x)
-    return x
+    def _shadow_of(self, storage):
+        """The real storage shadowing a fake one, or None."""
+        entry = self._shadows.get(id(storage))
+        return None if entry is None or entry[0]() is not storage else entry[1]
 
 
 @contextlib.contextmanager
@@ -497,6 +482,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         extra["scratch"] = (f"op-internal scratch measured on the real CPU kernels for {op_model.measured} op "
                             f"signatures; {op_model.skipped_large} with inputs over {scratch_limit_bytes} bytes "
                             "assumed to need none")
+    extra.update(op_model.safety.assumptions())
     if host is not None:
         extra["host_bytes"] = str(host.resident_bytes)
         extra["host_peak_bytes"] = str(host.peak_bytes)
