@@ -164,10 +164,11 @@ class AutoSession:
 
         self.model = model
         self.source = live_source(model, args, kwargs, optimizer=self.optimizer)
+        self.base_precision = _script_precision(model)  # the script's own autocast is part of the baseline
         if self.tracker is not None:
             self.tracker.pause()
         try:
-            self.estimate = self.source.profile("fp32")
+            self.estimate = self.source.profile(self.base_precision)
         except Exception as e:  # cannot estimate: fall back to measuring the first step (never fail training)
             why = str(e) if isinstance(e, MemprofError) else f"{type(e).__name__}: {e}"
             self.notify(f"could not estimate the first step before it runs ({why}); measuring it unguarded")
@@ -175,15 +176,17 @@ class AutoSession:
         finally:
             if self.tracker is not None:
                 self.tracker.resume()
-        if "precision" in self.levers:
+        if "precision" in self.levers and self.base_precision == "fp32":
             self._time_precisions(model, args, kwargs)
         if self.estimate.peak_bytes <= self.budget_bytes:
             return None
+        from .engine import InfeasibleBudgetError
+
         try:
             self.plan = self._plan(self.estimate)
-        except MemprofError:
-            self.failed = True  # e.g. no plan fits: stop here, before the step runs out of memory
-            raise
+        except InfeasibleBudgetError as e:  # an estimate is no reason to refuse: measure what the script does
+            self.notify(f"by the estimate of the first step, {e}; measuring the first steps before deciding")
+            return None
         return self._apply(f"estimated {_gib(self.estimate.peak_bytes)} > budget: applied before the first step")
 
     # -- after the first step ----------------------------------------------------------------------------
@@ -235,9 +238,10 @@ class AutoSession:
         if running:
             self.tracker.pause()  # estimating other precisions runs fake ops
         try:
-            return plan(prof, budget_bytes or self.budget_bytes, levers=self.levers,
-                        precisions=precisions or _AUTOCAST, source=self.source,
-                        precision_timing=self.precision_timing,
+            allowed = precisions or (_AUTOCAST if self.base_precision == "fp32" else (self.base_precision,))
+            return plan(prof, budget_bytes or self.budget_bytes, levers=self.levers, precisions=allowed,
+                        source=self.source, precision=self.base_precision,
+                        precision_timing=self.precision_timing, applicable=("checkpoint", "precision"),
                         modes=tuple(m for m in MODES if m not in without_modes))
         finally:
             if running:
@@ -312,6 +316,17 @@ class AutoSession:
                     self.plan.save(self.plan_path)
                 except OSError as e:
                     self.notify(f"could not write the plan to {self.plan_path}: {e.strerror or e}")
+
+
+def _script_precision(model) -> str:
+    """The precision the script's own forward runs in: its autocast, when it is on at the first forward."""
+    import torch
+
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}.get(dtype, "fp32")
+    return "fp32"
 
 
 def _estimators(opt) -> bool:

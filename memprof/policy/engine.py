@@ -150,7 +150,8 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
          source=None, precision: str | None = None, modes=MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
-         precisions: tuple[str, ...] | None = None, costs=None, precision_timing=None) -> Plan:
+         precisions: tuple[str, ...] | None = None, costs=None, precision_timing=None,
+         applicable=LEVERS) -> Plan:
     """The configuration with the least predicted step time whose predicted peak fits ``budget``.
 
     Args:
@@ -170,6 +171,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         precision_timing: measured step-time ratios of precisions on this device
             (:func:`memprof.policy.precision_timing.measure_precision_ratios`); they replace the modelled ratio
             of each precision they name. Without them other precisions' times are modelled, and the plan says so.
+        applicable: the levers the caller can apply (a refusal suggests only those).
     """
     levers = tuple(levers)
     for lever in levers:
@@ -286,7 +288,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         raise MemprofError("nothing to plan: no profile for the allowed configurations")
     feasible = [(c, m) for ok, c, m in candidates if ok]
     if not feasible:
-        raise _infeasible(candidates, budget_bytes, levers, world_size)
+        raise _infeasible(candidates, budget_bytes, levers, world_size, applicable)
     best, best_model = min(feasible, key=lambda cm: (cm[0].step_ms, cm[0].peak_bytes))
     others = [p for p in precisions if p != base_precision]
     if others:
@@ -331,17 +333,17 @@ def _pareto(points: list[tuple[int, float, str]], limit: int = 40) -> list[tuple
     return out
 
 
-def _infeasible(candidates, budget_bytes, levers, world_size) -> InfeasibleBudgetError:
+def _infeasible(candidates, budget_bytes, levers, world_size, applicable=LEVERS) -> InfeasibleBudgetError:
     _, smallest, model = min(candidates, key=lambda c: c[1].peak_bytes)
     why = _dominant(smallest, model)
     hints = []
-    if "sharding" not in levers:
+    if "sharding" not in levers and "sharding" in applicable:
         hints.append("allow sharding (FSDP over more ranks, or CPU offload)")
-    elif world_size == 1:
+    elif world_size == 1 and "sharding" in applicable:
         hints.append("shard over more ranks")
-    if "precision" not in levers:
+    if "precision" not in levers and "precision" in applicable:
         hints.append("allow other precisions")
-    if "checkpoint" not in levers:
+    if "checkpoint" not in levers and "checkpoint" in applicable:
         hints.append("allow checkpointing")
     hint = ("; " + " or ".join(hints)) if hints else "; use a smaller batch or a lighter optimizer"
     return InfeasibleBudgetError(
@@ -359,9 +361,15 @@ def _dominant(c: Candidate, model) -> str:
     else:
         term = dominant_term(model.problem, c.solution.choices)
         where = term.describe()
-    cats = {k: v for k, v in prof.peak.by_category.items() if k in ("param", "grad", "optimizer")}
+    cats = {k: v for k, v in prof.peak.by_category.items() if v > 0}
+    if not cats:
+        return where
     big = max(cats, key=cats.get)
-    return f"{where}; of it, {'optimizer state' if big == 'optimizer' else big + 's'} {format_bytes(cats[big])}"
+    return f"{where}; of it, {_CATEGORY_WORDS.get(big, big)} {format_bytes(cats[big])} (the largest category)"
+
+
+_CATEGORY_WORDS = {"param": "parameters", "buffer": "buffers", "grad": "gradients", "optimizer": "optimizer state",
+                   "activation": "activations", "temporary": "temporaries", "input": "inputs", "other": "other memory"}
 
 
 def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, device, world_size, levers,
