@@ -55,6 +55,8 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
     text = prof.assumptions.get("source")
     if not text:
         return None
+    from ..estimation.finetune import finetuned_source
+
     kind, _, rest = text.partition(":")
     parts = dict(p.split("=", 1) for p in rest.split(":") if "=" in p)
     batch = int(parts.get("batch", 1))
@@ -65,13 +67,14 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
         from ..estimation import get_architecture
 
         arch = get_architecture(rest.split(":")[0])
-        return EstimateSource(arch.build_model, lambda: arch.make_batch(batch, seq), optimizer, device,
-                              device_memory, description=text)
+        build, make, step = finetuned_source(arch.build_model, lambda b: arch.make_batch(b, seq), batch, parts)
+        return EstimateSource(build, make, optimizer, device, device_memory, step=step, description=text)
     if kind == "factory":
         from ..cli.estimate_cmds import _import_attr
 
         names = rest.split(":")
         build = _import_attr(f"{names[0]}:{names[1]}", "model factory")
         make = _import_attr(f"{names[2]}:{names[3]}", "batch factory")
-        return EstimateSource(build, lambda: make(batch, seq), optimizer, device, device_memory, description=text)
+        build, make_one, step = finetuned_source(build, lambda b: make(b, seq), batch, parts)
+        return EstimateSource(build, make_one, optimizer, device, device_memory, step=step, description=text)
     raise MemprofError(f"unknown model source {text!r} in the profile")
