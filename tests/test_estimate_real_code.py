@@ -12,7 +12,7 @@ from memprof.estimation import estimate
 from memprof.estimation.finetune import finetune_source
 from memprof.tracking import scratch
 from memprof.training import CallArgs, default_step, find_loss, make_optimizer
-from tests.fixtures import nanogpt
+from tests.fixtures import nanogpt_model as nanogpt
 
 
 def _llama():
