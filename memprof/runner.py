@@ -208,19 +208,21 @@ class ScriptTracking:
     and optimizer the code uses; it stops itself from inside the ``steps``-th optimizer step, or at
     :meth:`stop`, and the profile is then written atomically to ``out`` (a failed write is kept in
     ``save_error``, never raised into the script). ``on_root_forward(model, args, kwargs)`` runs once, at the
-    first root-level forward, before the tracker sees it (see :class:`~memprof.tracking.first_forward.FirstRootForward`).
+    first root-level forward, before the tracker sees it (see :class:`~memprof.tracking.first_forward.FirstRootForward`);
+    with ``grad_forward_only`` at the first one run with gradients on (evaluation forwards are passed over).
     """
 
     def __init__(self, *, steps: int | None = 2, out: str | os.PathLike | None = None,
                  device_memory: int | None = None,
                  on_root_forward: Callable[[torch.nn.Module, tuple, dict], object] | None = None,
                  environment: Mapping[str, object] | None = None,
-                 on_stop: Callable[[Profile], None] | None = None) -> None:
+                 on_stop: Callable[[Profile], None] | None = None, grad_forward_only: bool = False) -> None:
         self.out = Path(out) if out is not None else None
         self.profile: Profile | None = None
         self.profile_path: Path | None = None
         self.save_error: OSError | None = None
-        self.hook = FirstRootForward(on_root_forward) if on_root_forward is not None else None
+        self.hook = (FirstRootForward(on_root_forward, grad_only=grad_forward_only)
+                     if on_root_forward is not None else None)
         self.on_stop = on_stop
         self.tracker = Tracker(steps=steps, device_memory=device_memory, on_stop=self._stopped,
                                environment=dict(environment or {}))
@@ -398,14 +400,16 @@ def run(target: str, args: Sequence[str] = (), *, module: bool = False, steps: i
         out: str | os.PathLike = "memprof.json", device_memory: int | None = None,
         on_root_forward: Callable[[torch.nn.Module, tuple, dict], object] | None = None,
         rank_timeout_s: float = 120.0, on_stop: Callable[[Profile], None] | None = None,
-        session_hook: Callable[[ScriptTracking], None] | None = None) -> RunResult:
+        session_hook: Callable[[ScriptTracking], None] | None = None,
+        grad_forward_only: bool = False) -> RunResult:
     """Run a script (or, with ``module=True``, a module) as Python would, tracking its first ``steps``
     optimizer steps; write the profile to ``out`` (``OUT.rankN.json`` under torchrun).
 
     Raises :class:`RunTargetError` when the target cannot be found, and whatever :class:`MemprofError`
     ``on_root_forward`` raises (after tracking stopped); everything the script does ends in the result.
     ``on_stop(profile)`` runs when tracking stops (the script may go on); ``session_hook`` sees the
-    :class:`ScriptTracking` before it starts.
+    :class:`ScriptTracking` before it starts; ``grad_forward_only``: ``on_root_forward`` waits for the first root
+    forward run with gradients on.
     """
     tgt = resolve_target(target, module=module)
     started = time.time()
@@ -417,7 +421,8 @@ def run(target: str, args: Sequence[str] = (), *, module: bool = False, steps: i
         path.unlink(missing_ok=True)  # a file left by an earlier launch must not pass for this one's
         environment = {"rank": ranks[0], "world_size": ranks[1]}
     session = ScriptTracking(steps=steps, out=path, device_memory=device_memory,
-                             on_root_forward=on_root_forward, environment=environment, on_stop=on_stop)
+                             on_root_forward=on_root_forward, environment=environment, on_stop=on_stop,
+                             grad_forward_only=grad_forward_only)
     if session_hook is not None:
         session_hook(session)
     code, text, error = _execute(tgt, args, session)

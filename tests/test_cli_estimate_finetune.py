@@ -108,14 +108,22 @@ def test_dpo_from_the_cli_estimates_within_half_a_percent_of_the_dpo_step_run(tm
     assert prof.assumptions["loss"].startswith("the DPO loss")
 
 
-def test_the_planner_re_estimates_the_same_fine_tuning_method(tmp_path):
+@pytest.mark.slow
+def test_the_planner_re_estimates_the_same_fine_tuning_method_of_a_catalog_model(tmp_path):
     pytest.importorskip("peft")
     from memprof.policy.sources import source_from_profile
 
-    prof = _saved(tmp_path, "--model", NANOGPT, "--lora", "8", "--lora-targets", "c_attn", "--method", "dpo")
-    assert ":lora=8:lora_targets=c_attn:method=dpo" in prof.assumptions["source"]
+    prof = _saved(tmp_path, "--hf", "gpt2", "--seq-len", "8", "--lora", "8")  # GPT-2's Conv1D attention
+    assert prof.assumptions["source"].endswith(":lora=8")
     again = source_from_profile(prof).profile("fp32")
     assert again.peak_bytes == prof.peak_bytes
+    from memprof.estimation import get_architecture
+    from memprof.estimation.finetune import lora_factory
+
+    with torch.device("meta"):  # the hand count: the adapters' parameters are the only ones with gradients
+        model = lora_factory(get_architecture("gpt2").build_model, 8)()
+    trained = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert prof.modules[""].grad_bytes == sum(4 * p.numel() for p in trained) == 12 * 4 * 8 * (768 + 2304)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -192,8 +192,12 @@ def test_cli_estimates_offload_and_plans_it_on_one_gpu(source, tmp_path):
 
     est = tmp_path / "est.json"
     assert CliRunner().invoke(main, ["estimate", *model, "--out", str(est)]).exit_code == 0
+    # the profile names its factory, but memprof never imports code named in a file: the model is named again
     r = CliRunner().invoke(main, ["plan", str(est), "--budget", str(off.peak_bytes), "--levers", "sharding",
                                   "--out", str(tmp_path / "p.toml")])
+    assert r.exit_code == 2 and "never imports code named in a file" in r.output
+    r = CliRunner().invoke(main, ["plan", str(est), "--budget", str(off.peak_bytes), "--levers", "sharding",
+                                  *model, "--out", str(tmp_path / "p.toml")])
     assert r.exit_code == 0, r.output
     assert "sharding full + CPU offload (parameter shards, gradients, optimizer state on the host)" in r.output
     assert "CPU offload (FSDP2 CPUOffloadPolicy" in r.output and "FSDP full + CPU offload" in r.output

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ProfileFormatError
+from ..errors import MemprofError, ProfileFormatError
 from .common import echo_json, fmt_bytes
 
 __all__ = ["COMMANDS", "plan_cmd"]
@@ -32,15 +32,23 @@ def _levers(text: str) -> tuple[str, ...]:
               help="Units to checkpoint: class name or FQN glob (default: the repeated blocks).")
 @click.option("--precision", "current_precision", default=None, help="The precision the profile was taken in.")
 @click.option("--hf", metavar="NAME|CONFIG.json", help="The model, to estimate other precisions/sharding.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="With --hf.")
-@click.option("--seq-len", type=click.IntRange(min=1), help="With --hf.")
+@click.option("--model", "model_spec", metavar="PKG.MODULE:FACTORY",
+              help="Or your model's factory, to estimate other precisions/sharding.")
+@click.option("--batch", "batch_spec", metavar="PKG.MODULE:FUNC",
+              help="With --model: FUNC(batch_size, seq_len) returns a batch (default: make_batch beside it).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="With --hf/--model.")
+@click.option("--seq-len", type=click.IntRange(min=1), help="With --hf/--model.")
 @click.option("--shard-group-size", type=click.IntRange(min=1), help="Consider hybrid sharding with groups of N.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan (TOML), e.g. policies/x.toml.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Frontier figure (PNG).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precision, hf, batch_size, seq_len,
-             shard_group_size, out, plot_path, fmt):
+def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precision, hf, model_spec, batch_spec,
+             batch_size, seq_len, shard_group_size, out, plot_path, fmt):
     """Plan checkpointing (and precision, sharding) so that a step fits a memory budget, for the least time.
+
+    Other precisions and sharding are weighed on estimates of the same model: name it with --hf or --model
+    (a profile made by `memprof estimate --hf NAME` names its catalog model already). Code named inside a
+    profile file is never imported; a lever that cannot be weighed is refused, with the reason.
 
     \b
     Examples:
@@ -51,7 +59,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
       memprof plan prof.json --budget 16GiB --levers checkpoint,precision --hf llama-3.2-1b --seq-len 2048
     """
     from .. import load
-    from ..policy.engine import plan
+    from ..policy.engine import UnweighableLeverError, plan
     from ..policy.sources import EstimateSource, source_from_profile
     from ..profiles import Profile
 
@@ -60,17 +68,26 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
         raise ProfileFormatError(profile, f"is a {type(prof).__name__}, not a profile")
     lever_list = _levers(levers)
     source = None
-    if hf:
-        from ..estimation import get_architecture
+    if batch_spec and not model_spec:
+        raise click.UsageError("--batch goes with --model")
+    if hf or model_spec:
+        from .estimate_cmds import _source
 
-        arch = get_architecture(hf)
-        source = EstimateSource(arch.build_model, lambda: arch.make_batch(batch_size, seq_len),
-                                prof.assumptions.get("optimizer", "adamw"),
-                                "cpu" if prof.environment.device == "cpu" else "cuda", budget, description=hf)
+        build, make, description, _ = _source(model_spec, hf, batch_spec, seq_len)
+        source = EstimateSource(build, lambda: make(batch_size), prof.assumptions.get("optimizer", "adamw"),
+                                "cpu" if prof.environment.device == "cpu" else "cuda", budget,
+                                description=description)
     elif "precision" in lever_list or "sharding" in lever_list:
         source = source_from_profile(prof, device_memory=budget)
-    result = plan(prof, budget, world_size=world_size, levers=lever_list, units=list(unit_patterns) or None,
-                  source=source, precision=current_precision, shard_group_size=shard_group_size)
+    try:
+        result = plan(prof, budget, world_size=world_size, levers=lever_list, units=list(unit_patterns) or None,
+                      source=source, precision=current_precision, shard_group_size=shard_group_size)
+    except UnweighableLeverError as e:
+        raise MemprofError(
+            f"--levers {','.join(e.levers)} cannot be weighed from {profile} alone ({e.configurations[0]} and "
+            "others need an estimate of the model): name the model with --hf NAME|CONFIG.json or --model "
+            "PKG.MODULE:FACTORY (with the profile's --batch-size and --seq-len), or plan with --levers checkpoint"
+        ) from None
     if out is not None:
         result.save(out)
     if plot_path is not None:

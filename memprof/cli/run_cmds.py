@@ -211,14 +211,15 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
         _, budget_bytes = resolve_capacity(budget)
         if not budget_bytes:
             raise MemprofError(f"--budget must be a positive size or a device name, got {budget!r}")
-        session = AutoSession(budget_bytes, lever_list, "adamw", None, plan_out)
+        session = AutoSession(budget_bytes, lever_list, "adamw", None, plan_out,
+                              notify=lambda message: _echo(f"memprof: {message}"))
         applied["auto"] = session
 
         def attach(tracking):
             session.tracker = tracking.tracker
 
         return {"on_root_forward": session.first_forward, "on_stop": session.first_steps_done,
-                "session_hook": attach}, applied
+                "session_hook": attach, "grad_forward_only": True}, applied
     return {}, applied
 
 

@@ -44,6 +44,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import MemprofError
+from ..rng import preserved_rng
 from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
 from ..tracking.scratch import _CACHE, SKIP_NAMESPACES, _cpu_measure, signature
@@ -367,6 +368,7 @@ def _cuda_built() -> bool:
     return torch.backends.cuda.is_built() and torch.cuda.is_available()
 
 
+@preserved_rng()
 def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[], object], *, step=None,
              optimizer: str = "adamw", precision: str = "fp32", device: str = "cuda", world_size: int = 1,
              sharding: str | None = None, steps: int = 2, device_memory=None, units: list[str] | None = None,

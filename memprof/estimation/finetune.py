@@ -62,8 +62,9 @@ def lora_factory(build_model: Callable[[], nn.Module], r: int, targets: list[str
     def build():
         peft = require_peft()
         model = build_model()
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout,
-                              target_modules=list(targets) if targets else default_targets(model))
+        names = list(targets) if targets else default_targets(model)
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=dropout, target_modules=names,
+                              fan_in_fan_out=_transposed(model, names))
         try:
             return peft.get_peft_model(model, cfg)
         except ValueError as e:
@@ -85,6 +86,11 @@ def default_targets(model: nn.Module) -> list[str]:
                            f"{f' (model_type {model_type!r})' if model_type else ''}; name the modules to adapt "
                            "(--lora-targets q_proj,v_proj, or targets=[...])")
     return [names] if isinstance(names, str) else list(names)
+
+
+def _transposed(model: nn.Module, names: list[str]) -> bool:
+    """Whether the targets are GPT-2-style ``Conv1D`` layers (weights stored transposed: PEFT's fan_in_fan_out)."""
+    return any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names)
 
 
 def _is_peft(model) -> bool:
@@ -262,3 +268,4 @@ def finetuned_source(build_model, make_batch, batch_size: int, parts: dict):
                                                 method=parts.get("method", "sft"),
                                                 dpo_reference=parts.get("dpo_reference", "model"))
     return build, (lambda: batch_for(batch_size)), step
+

@@ -2,12 +2,18 @@
 
 ``@memprof.auto(budget="24GiB")`` on a training function:
 
-1. at the root model's first forward, estimates the step on fake tensors from the real model and batch
+1. at the root model's first forward with gradients on (evaluation forwards under ``no_grad`` are passed
+   over), estimates the step on fake tensors from the real model and batch
    (:func:`memprof.estimation.live.estimate_live`); when the estimate does not fit the budget, it plans from
    the estimate and applies the plan right away, so the first step does not run out of memory;
 2. otherwise it tracks the first two steps for real (the second is steady: optimizer state exists), plans
    from the measured profile, and applies the plan (if anything needs to change) before the third step;
 3. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did.
+
+Estimating and planning save and restore every global random generator (:mod:`memprof.rng`): with nothing
+to apply, the training function computes what it computes without memprof. When the estimate before the
+first step cannot run, ``notify`` (a warning on logger ``memprof`` by default; ``memprof run`` prints it on
+stderr) says why, and the first step is measured unguarded.
 
 Training goes on in the same function call. Levers are checkpointing and autocast precision: sharding and
 bf16 parameters change the parameters the user's optimizer already holds, so they are not applied
@@ -78,7 +84,8 @@ def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str 
 class AutoSession:
     """One auto-planning run: estimate at the first forward, track the first step, plan, apply, report."""
 
-    def __init__(self, budget_bytes: int, levers, optimizer: str, profile_path, plan_path) -> None:
+    def __init__(self, budget_bytes: int, levers, optimizer: str, profile_path, plan_path, notify=None) -> None:
+        self.notify = notify or (lambda message: log.warning("memprof.auto: %s", message))
         self.budget_bytes = budget_bytes
         self.levers = levers
         self.optimizer = optimizer
@@ -99,7 +106,7 @@ class AutoSession:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
         from ..tracking.tracker import Tracker
 
-        self._first = FirstRootForward(self.first_forward).install()
+        self._first = FirstRootForward(self.first_forward, grad_only=True).install()
         # Two steps: the second is steady (optimizer state exists), which is what the plan must fit.
         self.tracker = Tracker(steps=2, on_stop=lambda tracker: self.first_steps_done(tracker.profile))
         self.tracker.start()
@@ -125,8 +132,9 @@ class AutoSession:
             self.tracker.pause()
         try:
             self.estimate = self.source.profile("fp32")
-        except MemprofError as e:  # cannot estimate: fall back to measuring the first step
-            log.info("memprof.auto: could not estimate the first step (%s); measuring it", e)
+        except Exception as e:  # cannot estimate: fall back to measuring the first step (never fail training)
+            why = str(e) if isinstance(e, MemprofError) else f"{type(e).__name__}: {e}"
+            self.notify(f"could not estimate the first step before it runs ({why}); measuring it unguarded")
             return None
         finally:
             if self.tracker is not None:

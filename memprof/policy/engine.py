@@ -36,10 +36,29 @@ from .solver import (
     solve_with_surcharges,
 )
 
-__all__ = ["plan", "InfeasibleBudgetError", "Candidate", "LEVERS"]
+__all__ = ["plan", "InfeasibleBudgetError", "UnweighableLeverError", "Candidate", "LEVERS"]
 
 LEVERS = ("checkpoint", "precision", "sharding")
 _PRECISION_ORDER = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
+_AUTOCAST = ("bf16-autocast", "fp16-autocast")
+# Under autocast a selectively checkpointed step measured 0.4-9.1% above the chain model's peak (a GPT, 1 to
+# 6 of 6 blocks; the forward peak rises, not the retained bytes): not weighed until it is modelled right.
+_SELECTIVE_AUTOCAST_NOTE = ("selective checkpointing not weighed under autocast: its forward peak is not "
+                            "modelled right yet (measured up to 9% above prediction)")
+
+
+class UnweighableLeverError(MemprofError):
+    """A lever was asked for whose configurations cannot be priced from what was given (no model to estimate
+    them, no measured profile of them). ``levers``: the levers concerned; ``configurations``: in words."""
+
+    def __init__(self, levers: tuple[str, ...], configurations: tuple[str, ...]):
+        self.levers = levers
+        self.configurations = configurations
+        shown = ", ".join(configurations[:3]) + (", ..." if len(configurations) > 3 else "")
+        super().__init__(
+            f"lever {' and '.join(levers)} cannot be weighed from this profile alone: its configurations "
+            f"({shown}) need the model to estimate them (source=EstimateSource(...)) or measured profiles of "
+            "them (profiles=); or plan with levers=('checkpoint',)")
 
 
 class InfeasibleBudgetError(MemprofError):
@@ -181,10 +200,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     if ("precision" in levers or "sharding" in levers) and source is None:
         missing = [k for k in [(p, s, o) for p in precisions for s, o in configs] if k not in profiles]
         if missing:
-            notes.append("precision/sharding alternatives need the model (source=): planned with what was given")
-            precisions = sorted({p for p, _, _ in profiles}, key=_PRECISION_ORDER.index)
-            configs = sorted({(s, o) for _, s, o in profiles},
-                             key=lambda c: (c[1], ["none", "full", "shard-grad-op", "hybrid"].index(c[0])))
+            raise UnweighableLeverError(tuple(lv for lv in ("precision", "sharding") if lv in levers),
+                                        tuple(_describe_config(*k) for k in missing))
     if "sharding" in levers and prof.environment.device == "cpu" and not any(o for _, o in configs):
         notes.append("CPU offload not weighed: on a CPU the host's memory is the device's")
 
@@ -208,7 +225,12 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 ps = source.profile(p, s, world_size if s != "none" else 1, shard_group_size, offload=o)
             names = find_units(ps, unit_names) if unit_names else find_units(ps)
             measured = costs if (costs is not None and ps is prof) else None
-            model = chain_model(ps, budget_bytes, names, modes if "checkpoint" in levers else ("keep",),
+            unit_modes = modes if "checkpoint" in levers else ("keep",)
+            if p in _AUTOCAST and "selective" in unit_modes:
+                unit_modes = tuple(m for m in unit_modes if m != "selective")
+                if _SELECTIVE_AUTOCAST_NOTE not in notes:
+                    notes.append(_SELECTIVE_AUTOCAST_NOTE)
+            model = chain_model(ps, budget_bytes, names, unit_modes,
                                 extra_ms=measured.extra_ms if measured else None)
             # Step time without recomputation: measured for given profiles, else scaled from the model.
             if measured is not None:
@@ -260,6 +282,10 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     baseline = _baseline(candidates, base_precision)
     return _make_plan(prof, best, best_model, baseline, budget_bytes, device, world_size, levers,
                       frontier_points, candidates, comm, notes, shard_group_size, costs)
+
+
+def _describe_config(precision: str, sharding: str, offload: bool) -> str:
+    return f"{precision} with {_sharding_words(sharding, offload)}"
 
 
 def _describe(precision: str, sharding: str, choices, offload: bool = False) -> str:

@@ -3,7 +3,10 @@
 A measured profile fixes one precision and one world size. To weigh other precisions or sharding, the
 planner needs the model itself: an :class:`EstimateSource` wraps ``build_model``/``make_batch`` (or a catalog
 architecture) and estimates any configuration, caching each one. ``memprof estimate --hf/--model`` records
-its source in the profile's assumptions, so ``memprof plan`` can rebuild it from the file.
+its source in the profile's assumptions for people to read; ``memprof plan`` rebuilds a catalog model from it
+(a name looked up in :data:`memprof.estimation.CATALOG`: data, not code). A profile is a data file that people
+share: a source naming a factory (``factory:PKG.MOD:NAME:...``) is never imported or called; the user names the
+model again on the command line.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MemprofError
 
-__all__ = ["EstimateSource", "source_from_profile", "describe_hf", "describe_factory"]
+__all__ = ["EstimateSource", "SourceNotRebuilt", "source_from_profile", "describe_hf", "describe_factory"]
 
 
 @dataclass
@@ -50,8 +53,15 @@ def describe_factory(model_spec: str, batch_spec: str, batch_size: int, seq_len:
     return f"factory:{model_spec}:{batch_spec}:batch={batch_size}:seq={seq_len or ''}"
 
 
+class SourceNotRebuilt(MemprofError):
+    """The profile names a model memprof will not rebuild from a file (a factory: that would run its code)."""
+
+
 def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
-    """Rebuild the source recorded by ``memprof estimate`` (assumption ``source``), or None."""
+    """Rebuild a catalog model recorded by ``memprof estimate`` (assumption ``source``), or None.
+
+    Raises :class:`SourceNotRebuilt` for a factory source: nothing named in a file is imported.
+    """
     text = prof.assumptions.get("source")
     if not text:
         return None
@@ -59,8 +69,12 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
 
     kind, _, rest = text.partition(":")
     parts = dict(p.split("=", 1) for p in rest.split(":") if "=" in p)
-    batch = int(parts.get("batch", 1))
-    seq = int(parts["seq"]) if parts.get("seq") else None
+    try:
+        batch = int(parts.get("batch", 1))
+        seq = int(parts["seq"]) if parts.get("seq") else None
+    except ValueError:
+        raise MemprofError(f"the profile's model source {text!r} has a batch size or sequence length that is "
+                           "not an integer") from None
     optimizer = prof.assumptions.get("optimizer", "adamw")
     device = "cpu" if prof.environment.device == "cpu" else "cuda"
     if kind == "hf":
@@ -70,11 +84,11 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
         build, make, step = finetuned_source(arch.build_model, lambda b: arch.make_batch(b, seq), batch, parts)
         return EstimateSource(build, make, optimizer, device, device_memory, step=step, description=text)
     if kind == "factory":
-        from ..cli.estimate_cmds import _import_attr
-
         names = rest.split(":")
-        build = _import_attr(f"{names[0]}:{names[1]}", "model factory")
-        make = _import_attr(f"{names[2]}:{names[3]}", "batch factory")
-        build, make_one, step = finetuned_source(build, lambda b: make(b, seq), batch, parts)
-        return EstimateSource(build, make_one, optimizer, device, device_memory, step=step, description=text)
+        model = ":".join(names[:2]) if len(names) >= 2 else rest
+        batch_fn = ":".join(names[2:4]) if len(names) >= 4 else "?"
+        raise SourceNotRebuilt(
+            f"the profile was estimated from the factory {model!r}; memprof never imports code named in a file: "
+            f"name the model on the command line (--model {model} --batch {batch_fn} --batch-size {batch}"
+            + (f" --seq-len {seq}" if seq else "") + ")")
     raise MemprofError(f"unknown model source {text!r} in the profile")

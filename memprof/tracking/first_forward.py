@@ -7,6 +7,9 @@ tracker's hooks, it runs before the tracker sees that forward, so what the callb
 measured. The root's own ``forward`` was already looked up when its hooks run: a callback that needs the
 first call to run differently (a plan's autocast) returns a context manager, entered for that call and left
 by the matching post-hook. The hooks are removed at the next module call after it (or by ``remove()``).
+With ``grad_only=True`` root forwards run while gradients are off (``torch.no_grad``, ``inference_mode``:
+an evaluation before training, as nanoGPT's ``estimate_loss`` at iteration 0) are passed over, so the
+callback sees the first forward of a training step.
 
 Known limits: the first call's keyword arguments are read from ``torch.nn.Module._call_impl``'s frame
 (global pre-hooks get positional arguments only); wrappers (DDP, ``torch.compile``) are passed as they are;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch.nn.modules import module as _nn_module
 
 __all__ = ["FirstRootForward"]
@@ -41,8 +45,9 @@ class FirstRootForward:
     The callback may return a context manager, entered for that forward and exited after it.
     """
 
-    def __init__(self, callback) -> None:
+    def __init__(self, callback, grad_only: bool = False) -> None:
         self.callback = callback
+        self.grad_only = grad_only
         self.done = False
         self._finished = False
         self.error: BaseException | None = None
@@ -69,6 +74,8 @@ class FirstRootForward:
         self._depth += 1
         if self.done or self._depth != 1:
             return
+        if self.grad_only and not torch.is_grad_enabled():
+            return  # an evaluation forward: wait for one that builds a graph
         self.done = True
         kwargs = _caller_kwargs()
         try:
