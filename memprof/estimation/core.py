@@ -378,14 +378,12 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
 
     Args:
         build_model: returns the model (called under fake tensors: build from a config, do not load weights;
-            ``.to()``, ``.cuda()``, PEFT wrappers, frozen parameters and ``torch.compile`` are fine: see
-            :mod:`memprof.estimation.factories`).
+            it may move, cast, freeze, wrap or compile the model: :mod:`memprof.estimation.factories`).
         make_batch: returns the batch: a tensor, a tuple (positional arguments) or a dict (keyword arguments).
         step: ``step(model, batch, optimizer)``, one training step, run under the precision's autocast (with
             fp16-autocast, loss scaling is then the step's business); default: forward under autocast, the
-            model's own loss (``.loss``, or a scalar in a returned tuple) else ``output.sum()``
-            (:func:`memprof.training.find_loss`; ``assumptions["loss"]`` says which), backward (through a
-            GradScaler for fp16), optimizer step, ``zero_grad``.
+            model's own loss else ``output.sum()`` (:func:`~memprof.training.find_loss`; assumption ``loss``),
+            backward (through a GradScaler for fp16), optimizer step, ``zero_grad``.
         optimizer: one of :data:`memprof.training.OPTIMIZERS`.
         precision: one of :data:`memprof.training.PRECISIONS`.
         device: ``"cuda"`` (the caching allocator's view) or ``"cpu"``.
