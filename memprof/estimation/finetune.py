@@ -4,12 +4,14 @@
   modules are PEFT's defaults for the model's family, the attention projections, unless given). Only the
   adapters train: gradients and optimizer state are theirs; the frozen base weights stay as parameters.
 * DPO: :class:`DPOPair` holds the policy beside its reference, and :func:`dpo_step` is one step of the DPO
-  loss on chosen/rejected pairs, the way TRL computes it by default: chosen and rejected sequences in one
-  concatenated forward (``2 x pairs`` sequences, chosen first), per-sequence log-probabilities from
-  ``log_softmax`` and ``gather``, the reference's under ``no_grad``, then
-  ``-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).mean()``. The reference is a frozen copy of the
-  policy in eval mode (``reference="model"``; with LoRA the policy itself with its adapters disabled, as TRL
-  does, so no second copy), or log-probabilities precomputed into the batch (``reference="precomputed"``).
+  loss on chosen/rejected pairs in the classic recipe (TRL's DPOTrainer before its fused LM head): chosen and
+  rejected sequences in one concatenated forward (``2 x pairs`` sequences, chosen first), per-sequence
+  log-probabilities from the logits by ``log_softmax`` and ``gather``, the reference's under ``no_grad``,
+  then ``-logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))).mean()``. The reference is a frozen copy of
+  the policy in eval mode (``reference="model"``; with LoRA the policy itself with its adapters disabled, as
+  TRL does, so no second copy), or log-probabilities precomputed into the batch (``reference="precomputed"``).
+  TRL 1.16 computes the log-probabilities in a fused LM head without the full logits: for it this step's
+  estimate is an upper bound (the logits and their ``log_softmax`` are what it saves).
 
 The batch of a DPO step is :func:`dpo_batch`: the model's ordinary batch for ``2 x pairs`` sequences (without
 ``labels``: DPO computes its own loss from the logits), plus ``reference_logps`` when precomputed.
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 from ..errors import MemprofError
 from ..training import call_model
 
-__all__ = ["METHODS", "DPO_REFERENCES", "require_peft", "default_targets", "lora_factory", "DPOPair", "dpo_factory", "dpo_batch",
-           "dpo_step", "finetune_source", "finetune_spec", "finetuned_source", "parse_targets"]
+__all__ = ["METHODS", "DPO_REFERENCES", "require_peft", "default_targets", "lora_factory", "DPOPair", "dpo_factory",
+           "dpo_batch", "dpo_step", "finetune_source", "finetune_spec", "finetuned_source", "parse_targets"]
 
 METHODS = ("sft", "dpo")
 PEFT_DEFAULTS = "PEFT's default targets for the family (its attention projections)"
