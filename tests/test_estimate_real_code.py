@@ -145,8 +145,12 @@ def test_a_factory_that_calls_cuda_is_estimated_on_the_estimates_device():
     assert moved.peak_bytes == plain.peak_bytes
     assert "moves to CUDA" in moved.assumptions["cuda_moves"]
     if not torch.cuda.is_available():  # CUDA emulated on the CPU kernels: the same moves are kept on the CPU
-        emulated = estimate(nanogpt.build_cuda, nanogpt.make_batch, device="cuda")
+        def to_cuda_batch():
+            return tuple(t.to("cuda:0", non_blocking=True) for t in nanogpt.make_batch())
+
+        emulated = estimate(lambda: nanogpt.build().to(torch.device("cuda")), to_cuda_batch, device="cuda")
         assert emulated.peak_bytes == estimate(nanogpt.build, nanogpt.make_batch, device="cuda").peak_bytes
+        assert "moves to CUDA" in emulated.assumptions["cuda_moves"]
 
 
 def test_a_torch_compile_wrapper_is_estimated_as_its_eager_module():
