@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -30,7 +31,10 @@ __all__ = [
     "make_optimizer",
     "cast_floating",
     "default_step",
+    "find_loss",
     "loss_of",
+    "call_model",
+    "CallArgs",
 ]
 
 PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
@@ -100,21 +104,53 @@ def make_optimizer(name: str, params, lr: float = 1e-4):
     return cls(params, lr=lr, **kwargs)
 
 
-def loss_of(output) -> torch.Tensor:
-    """The model's loss when it returns one (a scalar, or an object with ``.loss``), else ``output.sum()``."""
+class CallArgs(NamedTuple):
+    """A batch that is positional and keyword arguments together: ``model(*args, **kwargs)``."""
+
+    args: tuple
+    kwargs: dict
+
+
+def find_loss(output) -> tuple[torch.Tensor, str]:
+    """The loss to backpropagate from a model's output, and which one it is (said in an estimate's assumptions).
+
+    The model's own loss when its output carries one: a ``loss`` attribute or key (Hugging Face outputs), or
+    a scalar (0-dim) tensor among the elements of a returned tuple or list (nanoGPT's ``(logits, loss)``),
+    the first such; a scalar output is its own loss. Otherwise the sum of the output (of its first tensor),
+    as a stand-in with the same backward through the model but none of a real loss head's memory.
+    """
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
-        return loss
+        return loss, "output.loss (the model's own loss)"
     if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
-        return output["loss"]
-    if isinstance(output, (tuple, list)):
-        output = output[0]
+        return output["loss"], "output['loss'] (the model's own loss)"
     if isinstance(output, torch.Tensor):
-        return output if output.dim() == 0 else output.float().sum()
-    raise MemprofError(f"cannot find a loss in the model's output of type {type(output).__name__}; pass step=")
+        if output.dim() == 0:
+            return output, "the model's output (a scalar: its own loss)"
+        return output.float().sum(), "output.sum() (the model returned no loss)"
+    if isinstance(output, (tuple, list)):
+        for i, x in enumerate(output):
+            if isinstance(x, torch.Tensor) and x.dim() == 0:
+                return x, f"the model's own loss (element {i} of its output {type(output).__name__})"
+        for i, x in enumerate(output):
+            if isinstance(x, torch.Tensor):
+                return x.float().sum(), f"output[{i}].sum() (the model returned no loss)"
+    if isinstance(output, Mapping):
+        for k, x in output.items():
+            if isinstance(x, torch.Tensor):
+                return x.float().sum(), f"output[{k!r}].sum() (the model returned no loss)"
+    raise MemprofError(f"cannot find a loss in the model's output of type {type(output).__name__}; pass step= "
+                       "(a function that runs one training step)")
+
+
+def loss_of(output) -> torch.Tensor:
+    """The loss :func:`find_loss` picks from a model's output."""
+    return find_loss(output)[0]
 
 
 def call_model(model, batch):
+    if isinstance(batch, CallArgs):
+        return model(*batch.args, **batch.kwargs)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -122,10 +158,11 @@ def call_model(model, batch):
     return model(batch)
 
 
-def default_step(model, batch, optimizer, precision: str = "fp32", scaler=None, device_type: str = "cpu") -> None:
-    """Forward (under the precision's autocast), the loss, backward, optimizer step, ``zero_grad``."""
+def default_step(model, batch, optimizer, precision: str = "fp32", scaler=None, device_type: str = "cpu") -> str:
+    """Forward (under the precision's autocast), the loss (:func:`find_loss`), backward, optimizer step,
+    ``zero_grad``. Returns which loss it backpropagated."""
     with autocast(precision, device_type):
-        loss = loss_of(call_model(model, batch))
+        loss, which = find_loss(call_model(model, batch))
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -134,3 +171,4 @@ def default_step(model, batch, optimizer, precision: str = "fp32", scaler=None, 
         loss.backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return which

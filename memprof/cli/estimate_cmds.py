@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import MemprofError
+from ..estimation.finetune import DPO_REFERENCES, METHODS, finetune_source, finetune_spec, parse_targets
 from ..sharding import STRATEGIES
 from ..training import OPTIMIZERS, PRECISIONS
 from .common import FORMAT, UNITS, echo_json, fmt_bytes
@@ -91,16 +92,29 @@ def _parse_sweep(sweep: str | None):
 @click.option("--offload", is_flag=True,
               help="FSDP2 CPU offload of parameter shards, gradients and optimizer state (with --sharding; at "
                    "--world-size 1 use --sharding full).")
-@click.option("--device", "device_name", metavar="NAME", help="A GPU (H100-80GB, A100-40GB, L4-24GB, ...) or cpu.")
+@click.option("--device", "device_name", metavar="NAME",
+              help="A GPU (H100-80GB, A100-40GB, L4-24GB, ...) or cpu. Default: a CUDA GPU, times modelled for "
+                   "an H100-80GB, no capacity checked; without CUDA here, CUDA is emulated on this machine's CPU "
+                   "kernels (the output's first line says which device was assumed).")
 @click.option("--device-memory", metavar="SIZE", help="Capacity to check against, e.g. 24GiB.")
 @click.option("--sweep", metavar="batch-size=1,2,4,8", help="Estimate each batch size; report the largest that fits.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the estimated profile here.")
 @click.option("--format", "fmt", type=FORMAT, default="table", show_default=True)
 @click.option("--units", type=UNITS, default="auto", show_default=True)
 @click.option("--depth", type=click.IntRange(min=0), default=2, show_default=True, help="Module table depth.")
+@click.option("--lora", type=click.IntRange(min=1), metavar="R",
+              help="Fine-tune with PEFT LoRA of rank R (on the attention projections: PEFT's defaults per family).")
+@click.option("--lora-targets", metavar="NAME,NAME", help="Modules LoRA adapts (with --lora), e.g. q_proj,v_proj.")
+@click.option("--method", type=click.Choice(METHODS), default="sft", show_default=True,
+              help="sft: the model's own loss (else output.sum()); dpo: DPO on chosen/rejected pairs "
+                   "(--batch-size pairs), a frozen reference model's forward beside the policy's.")
+@click.option("--dpo-reference", type=click.Choice(DPO_REFERENCES), default="model", show_default=True,
+              help="DPO's reference: a model forward (with --lora: the base model, adapters disabled) or "
+                   "log-probs precomputed into the batch.")
 @click.option("--list-models", is_flag=True, help="List the catalog of architectures and exit.")
 def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, optimizer, world_size, sharding,
-                 shard_group_size, offload, device_name, device_memory, sweep, out, fmt, units, depth, list_models):
+                 shard_group_size, offload, device_name, device_memory, sweep, out, fmt, units, depth, lora,
+                 lora_targets, method, dpo_reference, list_models):
     """Estimate a training step's memory on fake tensors: does it fit, with what headroom, and why.
 
     \b
@@ -110,6 +124,8 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
       memprof estimate --hf llama-3-70b --world-size 8 --sharding full --device H100-80GB
       memprof estimate --hf llama-2-7b --sharding full --offload --device H100-80GB
       memprof estimate --hf gpt2 --device L4-24GB --sweep batch-size=1,2,4,8,16
+      memprof estimate --hf llama-3-8b --lora 16 --precision bf16-autocast --device A100-80GB
+      memprof estimate --hf llama-3-8b --method dpo --seq-len 2048 --device H100-80GB
       memprof estimate --model mypkg.models:build --batch mypkg.data:make_batch --device-memory 24GiB
     """
     from ..estimation import CATALOG, estimate
@@ -130,22 +146,32 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
     device = "cpu" if (device_name or "").lower() == "cpu" else "cuda"
     capacity = device_memory or (device_name if device == "cuda" else None)
     build, batch_for, description, source_for = _source(model_spec, hf, batch_spec, seq_len)
+    if dpo_reference != "model" and method != "dpo":
+        raise click.UsageError("--dpo-reference goes with --method dpo")
+    targets = parse_targets(lora_targets)
+    build, batch_for, step, tuning = finetune_source(build, batch_for, lora=lora, lora_targets=targets,
+                                                     method=method, dpo_reference=dpo_reference)
+    tuned = finetune_spec(lora, targets, method, dpo_reference)
+    if tuning:
+        description = f"{description}, {tuning}"
     sizes = _parse_sweep(sweep) or [batch_size]
     results = []
     with click.progressbar(sizes, label="estimating", file=click.get_text_stream("stderr"),
                            item_show_func=lambda b: f"batch size {b}" if b else "") as bar:
         for b in bar:
-            prof = estimate(build, lambda b=b: batch_for(b), optimizer=optimizer, precision=precision,
+            src = source_for(b)
+            prof = estimate(build, lambda b=b: batch_for(b), step=step, optimizer=optimizer, precision=precision,
                             device=device, world_size=world_size, sharding=sharding,
                             shard_group_size=shard_group_size, device_memory=capacity, offload=offload,
-                            description=f"{description}, batch {b}", source=source_for(b))
+                            description=f"{description}, batch {b}", source=src + tuned if src else "")
             results.append((b, prof))
+    said = device_said(results[0][1], device_name, device_memory)
     if sweep:
-        _echo_sweep(results, fmt, units)
+        _echo_sweep(results, fmt, units, said)
         prof = results[-1][1]
     else:
         prof = results[0][1]
-        _echo_estimate(prof, fmt, units, depth)
+        _echo_estimate(prof, fmt, units, depth, said)
     if out is not None:
         prof.save(out)
         click.echo(f"wrote {out}", err=True)
@@ -160,7 +186,22 @@ def _fits(prof) -> str:
     return f"{verdict}: peak {fmt_bytes(prof.peak_bytes)} of {fmt_bytes(cap)} ({'headroom' if head >= 0 else 'short by'} {fmt_bytes(abs(head))})"
 
 
-def _echo_estimate(prof, fmt, units, depth) -> None:
+def device_said(prof, device_name, device_memory) -> str:
+    """The first line of an estimate's output: the device it assumed, and whether CUDA was emulated."""
+    if prof.environment.device == "cpu":
+        return "Device: cpu (this machine's CPU and its kernels; times modelled from its measured speed)"
+    emulated = prof.assumptions.get("device", "").startswith("cuda, emulated")
+    how = "CUDA emulated on this machine's CPU kernels" if emulated else "CUDA on this machine's PyTorch build"
+    if device_name:
+        return f"Device: {prof.environment.device_name} ({how})"
+    if device_memory:
+        return (f"Device: a CUDA GPU of {fmt_bytes(prof.capacity_bytes)} (--device-memory; times modelled for an "
+                f"H100-80GB; {how}; pass --device NAME)")
+    return (f"Device: a CUDA GPU, times modelled for an H100-80GB (the default: no capacity checked; {how} — "
+            "pass --device cpu or --device NAME)")
+
+
+def _echo_estimate(prof, fmt, units, depth, said="") -> None:
     from ..report import render
 
     if fmt == "json":
@@ -168,8 +209,11 @@ def _echo_estimate(prof, fmt, units, depth) -> None:
 
         data = json.loads(render(prof, format="json", units=units, depth=depth))
         data["fits"] = None if prof.capacity_bytes is None else prof.peak_bytes <= prof.capacity_bytes
+        data["device_assumed"] = said
         echo_json(data)
         return
+    if said:
+        click.echo(said)
     click.echo(f"Estimated (fake tensors) per rank: {_fits(prof)}")
     if "host_bytes" in prof.assumptions:
         click.echo(f"CPU offload: {fmt_bytes(int(prof.assumptions['host_peak_bytes']))} of host memory per rank "
@@ -180,17 +224,20 @@ def _echo_estimate(prof, fmt, units, depth) -> None:
                nl=False)
 
 
-def _echo_sweep(results, fmt, units) -> None:
+def _echo_sweep(results, fmt, units, said="") -> None:
     cap = results[0][1].capacity_bytes
     rows = [(b, p.peak_bytes, None if cap is None else p.peak_bytes <= cap) for b, p in results]
     fitting = [b for b, _, ok in rows if ok]
     if fmt == "json":
-        echo_json({"capacity_bytes": cap, "largest_fitting_batch_size": max(fitting) if fitting else None,
+        echo_json({"device_assumed": said, "capacity_bytes": cap,
+                   "largest_fitting_batch_size": max(fitting) if fitting else None,
                    "batch_sizes": [{"batch_size": b, "peak_bytes": pk, "fits": ok} for b, pk, ok in rows]})
         return
     from tabulate import tabulate
 
     table = [(b, fmt_bytes(pk, units), "-" if ok is None else ("yes" if ok else "no")) for b, pk, ok in rows]
+    if said:
+        click.echo(said)
     click.echo(tabulate(table, ["batch size", "peak per rank", "fits"], tablefmt="github" if fmt == "markdown" else "simple"))
     if cap is None:
         click.echo("\nno capacity given: pass --device or --device-memory to know what fits")

@@ -61,6 +61,7 @@ from ..training import (
     make_scaler,
 )
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
+from .factories import factory_notes, unwrap_compiled, user_code
 from .offload import HostSide, emulated_host_copies
 from .scratch_safety import RNN_FORWARD, MadeUpInputs
 
@@ -361,12 +362,13 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
     """Predict a training step's memory without allocating it; returns an estimated :class:`Profile`.
 
     Args:
-        build_model: returns the model (called under fake tensors: build from a config, do not load weights).
+        build_model: returns the model (called under fake tensors: build from a config, do not load weights;
+            it may move, cast, freeze, wrap or compile the model: :mod:`memprof.estimation.factories`).
         make_batch: returns the batch: a tensor, a tuple (positional arguments) or a dict (keyword arguments).
         step: ``step(model, batch, optimizer)``, one training step, run under the precision's autocast (with
             fp16-autocast, loss scaling is then the step's business); default: forward under autocast, the
-            model's loss or ``output.sum()``, backward (through a GradScaler for fp16), optimizer step,
-            ``zero_grad``.
+            model's own loss else ``output.sum()`` (:func:`~memprof.training.find_loss`; assumption ``loss``),
+            backward (through a GradScaler for fp16), optimizer step, ``zero_grad``.
         optimizer: one of :data:`memprof.training.OPTIMIZERS`.
         precision: one of :data:`memprof.training.PRECISIONS`.
         device: ``"cuda"`` (the caching allocator's view) or ``"cpu"``.
@@ -445,7 +447,10 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
         stack.enter_context(torch.device(fake_device))
         real_paths = stack.enter_context(_real_code_paths()) if hf_real_paths else False
-        model = _call("build_model", build_model)
+        cuda_to_cpu = fake_device == "cpu"  # the user's .cuda() stays on the estimate's device
+        with user_code(cuda_to_cpu) as moves:
+            model = _call("build_model", build_model)
+        model, compiled = unwrap_compiled(model)
         if not isinstance(model, torch.nn.Module):
             raise EstimateError(f"build_model must return an nn.Module, got {type(model).__name__}")
         model.train()
@@ -469,15 +474,18 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
                 host.bind(tracker)
             # The batch is made under the tracker so that its small tensors (masks, ids) get shadows; real
             # tensors it returns (a live batch) become fake ones with their data as shadows.
-            batch = op_model.fake_batch(_call("make_batch", make_batch))
+            with user_code(cuda_to_cpu) as batch_moves:
+                batch = op_model.fake_batch(_call("make_batch", make_batch))
             for _ in range(steps):
                 if step is None:
-                    _call("the training step", default_step, model, batch, opt, precision, scaler, fake_device)
+                    loss = _call("the training step", default_step, model, batch, opt, precision, scaler,
+                                 fake_device)
                 else:
-                    with autocast(precision, fake_device):
+                    with autocast(precision, fake_device), user_code(cuda_to_cpu) as step_moves:
                         _call("step", step, model, batch, opt)
     prof = tracker.profile
-    extra = {"estimate_seconds": f"{time.perf_counter() - t_start:.2f}"}
+    extra = {"estimate_seconds": f"{time.perf_counter() - t_start:.2f}",
+             "loss": loss if step is None else getattr(step, "loss_said", "the given step's own (step=)")}
     if device == "cpu":
         extra["scratch"] = (f"op-internal scratch measured on the real CPU kernels for {op_model.measured} op "
                             f"signatures; {op_model.skipped_large} with inputs over {scratch_limit_bytes} bytes "
@@ -492,6 +500,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
                          f"{host.peak_bytes} at the highest, inside the step")
         prof = dataclasses.replace(prof, devices=tuple(
             dataclasses.replace(d, peak_bytes=host.peak_bytes) if d.device == "cpu" else d for d in prof.devices))
+    extra.update(factory_notes(compiled, moves, batch_moves, step_moves if step is not None else None,
+                               device=fake_device))
     if real_paths:
         extra["transformers"] = "fake-tensor code paths disabled: attention and masks as in a real run"
 

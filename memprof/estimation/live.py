@@ -44,30 +44,26 @@ def fake_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _batch_and_step(args, kwargs):
+def _batch(args, kwargs):
+    """The default step's batch for these forward arguments."""
+    from ..training import CallArgs
+
     kwargs = dict(kwargs or {})
     if not kwargs:
-        return tuple(args), None
+        return tuple(args)
     if not args:
-        return kwargs, None
-
-    def step(m, b, opt):  # positional and keyword arguments together
-        from ..training import loss_of
-
-        loss_of(m(*b[0], **b[1])).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return (tuple(args), kwargs), step
+        return kwargs
+    return CallArgs(tuple(args), kwargs)
 
 
 def live_source(model: nn.Module, args=(), kwargs=None, *, optimizer: str = "adamw", device_memory=None):
     """An :class:`~memprof.policy.sources.EstimateSource` for this live model and batch (any precision)."""
     from ..policy.sources import EstimateSource
 
-    batch, step = _batch_and_step(args, kwargs)
+    batch = _batch(args, kwargs)
     device = "cuda" if any(p.device.type == "cuda" for p in model.parameters()) else "cpu"
     return EstimateSource(lambda: fake_copy(model), lambda: batch, optimizer=optimizer, device=device,
-                          device_memory=device_memory, step=step, description=f"live {type(model).__name__}")
+                          device_memory=device_memory, description=f"live {type(model).__name__}")
 
 
 def estimate_live(model: nn.Module, args=(), kwargs=None, *, optimizer: str = "adamw", precision: str = "fp32",

@@ -65,6 +65,8 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
     text = prof.assumptions.get("source")
     if not text:
         return None
+    from ..estimation.finetune import finetuned_source
+
     kind, _, rest = text.partition(":")
     parts = dict(p.split("=", 1) for p in rest.split(":") if "=" in p)
     try:
@@ -79,8 +81,8 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
         from ..estimation import get_architecture
 
         arch = get_architecture(rest.split(":")[0])
-        return EstimateSource(arch.build_model, lambda: arch.make_batch(batch, seq), optimizer, device,
-                              device_memory, description=text)
+        build, make, step = finetuned_source(arch.build_model, lambda b: arch.make_batch(b, seq), batch, parts)
+        return EstimateSource(build, make, optimizer, device, device_memory, step=step, description=text)
     if kind == "factory":
         names = rest.split(":")
         model = ":".join(names[:2]) if len(names) >= 2 else rest
