@@ -160,9 +160,15 @@ def call_model(model, batch):
 
 def default_step(model, batch, optimizer, precision: str = "fp32", scaler=None, device_type: str = "cpu") -> str:
     """Forward (under the precision's autocast), the loss (:func:`find_loss`), backward, optimizer step,
-    ``zero_grad``. Returns which loss it backpropagated."""
+    ``zero_grad``. Returns which loss it backpropagated.
+
+    The model's whole output stays referenced until the step ends, as in training scripts that keep it
+    (nanoGPT's ``logits, loss = model(X, Y)``, Hugging Face's ``outputs = model(**batch)``): the logits are
+    then live through backward, which is where a language model's peak usually is.
+    """
     with autocast(precision, device_type):
-        loss, which = find_loss(call_model(model, batch))
+        output = call_model(model, batch)
+        loss, which = find_loss(output)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -171,4 +177,5 @@ def default_step(model, batch, optimizer, precision: str = "fp32", scaler=None, 
         loss.backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    del output, loss
     return which
