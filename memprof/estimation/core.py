@@ -13,7 +13,7 @@ What makes the estimate match a real run:
   most ``scratch_limit_bytes``), sharing the tracker's per-signature cache.
 * Hugging Face ``transformers`` takes other code paths when it sees fake tensors (``is_tracing()``: an
   explicit causal mask is built where a real run drops an all-ones padding mask, +1.7% on a small Llama);
-  the estimator makes it see a real run. The data-dependent reads a real run then makes
+  the estimator makes it see a real run (:mod:`.hf_paths`). The data-dependent reads a real run then makes
   (``torch.all(mask == 1)``) are answered from *shadows*: small tensors (at most 64 Ki elements) get real
   storage beside their fake one, computed by running each op whose inputs all have shadows for real.
 * World size and sharding use FSDP2 on a fake process group (``torch.testing._internal.distributed.fake_pg``)
@@ -58,6 +58,7 @@ from ..training import (
     make_scaler,
 )
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
+from .hf_paths import RealCodePaths
 from .offload import HostSide, emulated_host_copies
 
 __all__ = ["estimate", "EstimateError"]
@@ -330,23 +331,6 @@ def _fake_process_group(world_size: int, needed: bool = True):
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _real_code_paths():
-    """Make ``transformers`` take the code paths of a real run (it branches on ``is_fake_tensor``)."""
-    import sys
-
-    iu = sys.modules.get("transformers.utils.import_utils")
-    if iu is None or not hasattr(iu, "is_fake_tensor"):
-        yield False
-        return
-    original = iu.is_fake_tensor
-    iu.is_fake_tensor = lambda x: False
-    try:
-        yield True
-    finally:
-        iu.is_fake_tensor = original
-
-
 def _call(what: str, fn: Callable, *args):
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
@@ -457,7 +441,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         mesh = build_mesh(fake_device, world_size, strategy, shard_group_size) if strategy != "none" else None
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
         stack.enter_context(torch.device(fake_device))
-        real_paths = stack.enter_context(_real_code_paths()) if hf_real_paths else False
+        real_paths = stack.enter_context(RealCodePaths()) if hf_real_paths else None
         model = _call("build_model", build_model)
         if not isinstance(model, torch.nn.Module):
             raise EstimateError(f"build_model must return an nn.Module, got {type(model).__name__}")
@@ -483,6 +467,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
             # The batch is made under the tracker so that its small tensors (masks, ids) get shadows; real
             # tensors it returns (a live batch) become fake ones with their data as shadows.
             batch = op_model.fake_batch(_call("make_batch", make_batch))
+            if real_paths is not None:
+                real_paths.refresh()  # transformers may have been imported by the factories
             for _ in range(steps):
                 if step is None:
                     _call("the training step", default_step, model, batch, opt, precision, scaler, fake_device)
