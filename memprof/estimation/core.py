@@ -58,6 +58,7 @@ from ..training import (
     make_scaler,
 )
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
+from .fake_dtypes import OutputDtypes
 from .hf_paths import RealCodePaths
 from .offload import HostSide, emulated_host_copies
 
@@ -118,6 +119,7 @@ class _FakeOpModel:
         self.skipped_large = 0
         self._cpu = torch.device("cpu")
         self.device = torch.device(device)  # where the step's tensors are (fake)
+        self.dtypes = OutputDtypes()  # outputs whose real CPU kernel has another dtype than the fake one
 
     def call(self, func, args, kwargs):
         real = self._real_args(args, kwargs)
@@ -143,12 +145,12 @@ class _FakeOpModel:
         except TypeError:
             return out, 0, None
         if hit is not None:
-            return out, hit[0], hit[1]
-        excess = self._measure(func, args, kwargs)
+            return self.dtypes.fix(key, out), hit[0], hit[1]
+        excess = self._measure(func, args, kwargs, key, out)
         if excess is None:
             return out, 0, None
         _CACHE[key] = (excess, self._cpu)
-        return out, excess, self._cpu
+        return self.dtypes.fix(key, out), excess, self._cpu
 
     # -- shadows ---------------------------------------------------------------------------------------
     def fake_batch(self, batch):
@@ -269,8 +271,9 @@ class _FakeOpModel:
         peak = (self.spec.bf16_tflops if low else self.spec.fp32_tflops) * 1e12 * _MATMUL_EFFICIENCY
         return max(flops / peak, moved / (self.spec.bandwidth_gbs * 1e9 * _BANDWIDTH_EFFICIENCY))
 
-    def _measure(self, func, args, kwargs) -> int | None:
-        """Run ``func`` once on real CPU tensors shaped like the fake ones; None when it cannot."""
+    def _measure(self, func, args, kwargs, key=None, out=None) -> int | None:
+        """Run ``func`` once on real CPU tensors shaped like the fake ones; None when it cannot. The real
+        outputs' dtypes are compared with the fake ``out``'s (see :mod:`.fake_dtypes`)."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         fakes = list(_fake_tensors((args, tuple(kwargs.values()))))
@@ -284,10 +287,12 @@ class _FakeOpModel:
                 reals: dict[int, torch.Tensor] = {}
                 r_args = _materialize(args, reals)
                 r_kwargs = {k: _materialize(v, reals) for k, v in kwargs.items()}
-                _, excess = _cpu_measure(func, r_args, r_kwargs)
+                r_out, excess = _cpu_measure(func, r_args, r_kwargs)
             except Exception:  # data-dependent kernels (indices out of range, ...) simply go unmeasured
                 return None
         self.measured += 1
+        if key is not None:
+            self.dtypes.learn(key, out, r_out)
         return excess
 
 
@@ -481,6 +486,9 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         extra["scratch"] = (f"op-internal scratch measured on the real CPU kernels for {op_model.measured} op "
                             f"signatures; {op_model.skipped_large} with inputs over {scratch_limit_bytes} bytes "
                             "assumed to need none")
+        if len(op_model.dtypes):
+            extra["fake_dtypes"] = (f"{len(op_model.dtypes)} op signatures given the real CPU kernel's output "
+                                    "dtypes, where the fake kernel's differ")
     if host is not None:
         extra["host_bytes"] = str(host.resident_bytes)
         extra["host_peak_bytes"] = str(host.peak_bytes)
