@@ -3,8 +3,10 @@
 ``transformers`` asks ``is_tracing(tensor)`` (true for a ``FakeTensor``, through
 ``transformers.utils.import_utils.is_fake_tensor``) before it reads a tensor's values, and takes a
 trace-safe path when it is: ``masking_utils`` then builds an explicit 4-D attention mask where a real run
-finds the padding mask all ones and passes none to SDPA (+1.7% on a small Llama, +0.6% on a small GPT-NeoX
-in fp32). The estimator answers such reads from its shadows (small real tensors beside the fake ones), so
+finds the padding mask all ones and passes none to SDPA. On tiny models with an all-ones padding mask, in
+fp32 (results/estimate-matrix.json): Llama, Qwen2, Gemma, Phi-3 +1.7-1.9%; Phi, GPT-NeoX, OPT +0.5-0.7%;
+GPT-2, Falcon, BERT and a Mistral whose sliding window is shorter than the sequence use the same memory on
+either path. The estimator answers such reads from its shadows (small real tensors beside the fake ones), so
 it can let ``transformers`` believe no tensor is fake.
 
 The check lives in ``import_utils``'s globals, which every caller reaches through ``is_tracing``; patching
