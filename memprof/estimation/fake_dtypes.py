@@ -33,7 +33,11 @@ class OutputDtypes:
         self._fixes: dict = {}  # signature -> ((output index, real dtype), ...)
 
     def learn(self, key, fake_out, real_out) -> None:
-        """Compare an op's fake outputs with its real ones (same inputs' shapes) and remember differences."""
+        """Compare an op's fake outputs with its real ones (same inputs' shapes) and remember differences.
+        ``key`` is the op's signature (the op first); ops that write or alias their inputs are left alone."""
+        schema = getattr(key[0], "_schema", None)
+        if schema is None or schema.is_mutable or any(r.alias_info is not None for r in schema.returns):
+            return
         fixes = []
         for i, (f, r) in enumerate(zip(_flat(fake_out), _flat(real_out))):
             if (isinstance(f, torch.Tensor) and isinstance(r, torch.Tensor) and f.dtype != r.dtype
