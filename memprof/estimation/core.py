@@ -15,7 +15,7 @@ What makes the estimate match a real run:
   workspace from the real kernel).
 * Hugging Face ``transformers`` takes other code paths when it sees fake tensors (``is_tracing()``: an
   explicit causal mask is built where a real run drops an all-ones padding mask, +1.7% on a small Llama);
-  the estimator makes it see a real run. The data-dependent reads a real run then makes
+  the estimator makes it see a real run (:mod:`.hf_paths`). The data-dependent reads a real run then makes
   (``torch.all(mask == 1)``) are answered from *shadows*: small tensors (at most 64 Ki elements) get real
   storage beside their fake one, computed by running each op whose inputs all have shadows for real.
 * World size and sharding use FSDP2 on a fake process group (``torch.testing._internal.distributed.fake_pg``)
@@ -62,6 +62,8 @@ from ..training import (
 )
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
 from .factories import factory_notes, unwrap_compiled, user_code
+from .fake_dtypes import OutputDtypes
+from .hf_paths import RealCodePaths
 from .offload import HostSide, emulated_host_copies
 from .scratch_safety import RNN_FORWARD, MadeUpInputs
 
@@ -123,6 +125,7 @@ class _FakeOpModel:
         self.safety = MadeUpInputs(scratch_limit_bytes)  # which real kernels may run on made-up inputs
         self._cpu = torch.device("cpu")
         self.device = torch.device(device)  # where the step's tensors are (fake)
+        self.dtypes = OutputDtypes()  # outputs whose real CPU kernel has another dtype than the fake one
 
     def call(self, func, args, kwargs):
         real = self._real_args(args, kwargs)
@@ -150,12 +153,12 @@ class _FakeOpModel:
         except TypeError:
             return out, 0, None
         if hit is not None:
-            return out, hit[0], hit[1]
-        excess = self._measure(func, args, kwargs)
+            return self.dtypes.fix(key, out), hit[0], hit[1]
+        excess = self._measure(func, args, kwargs, key, out)
         if excess is None:
             return out, 0, None
         _CACHE[key] = (excess, self._cpu)
-        return out, excess, self._cpu
+        return self.dtypes.fix(key, out), excess, self._cpu
 
     # -- shadows ---------------------------------------------------------------------------------------
     def fake_batch(self, batch):
@@ -276,9 +279,10 @@ class _FakeOpModel:
         peak = (self.spec.bf16_tflops if low else self.spec.fp32_tflops) * 1e12 * _MATMUL_EFFICIENCY
         return max(flops / peak, moved / (self.spec.bandwidth_gbs * 1e9 * _BANDWIDTH_EFFICIENCY))
 
-    def _measure(self, func, args, kwargs) -> int | None:
+    def _measure(self, func, args, kwargs, key=None, out=None) -> int | None:
         """Run ``func`` once on real CPU tensors shaped like the fake ones, where
-        :mod:`~memprof.estimation.scratch_safety` allows it; None when it cannot or may not."""
+        :mod:`~memprof.estimation.scratch_safety` allows it; None when it cannot or may not. The real
+        outputs' dtypes are compared with the fake ``out``'s (see :mod:`.fake_dtypes`)."""
         fakes = list(_fake_tensors((args, tuple(kwargs.values()))))
         if not fakes or any(t.device.type != "cpu" or t.layout != torch.strided for t in fakes):
             return None
@@ -287,7 +291,8 @@ class _FakeOpModel:
         if sum(t.untyped_storage().nbytes() for t in fakes) > self.limit:
             self.skipped_large += 1
             return None
-        excess = self.safety.measure(func, args, kwargs, self._shadow_of)
+        seen = (lambda r_out: self.dtypes.learn(key, out, r_out)) if key is not None else None
+        excess = self.safety.measure(func, args, kwargs, self._shadow_of, seen)
         if excess is not None:
             self.measured += 1
         return excess
@@ -315,23 +320,6 @@ def _fake_process_group(world_size: int, needed: bool = True):
         yield
     finally:
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def _real_code_paths():
-    """Make ``transformers`` take the code paths of a real run (it branches on ``is_fake_tensor``)."""
-    import sys
-
-    iu = sys.modules.get("transformers.utils.import_utils")
-    if iu is None or not hasattr(iu, "is_fake_tensor"):
-        yield False
-        return
-    original = iu.is_fake_tensor
-    iu.is_fake_tensor = lambda x: False
-    try:
-        yield True
-    finally:
-        iu.is_fake_tensor = original
 
 
 def _call(what: str, fn: Callable, *args):
@@ -446,7 +434,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         mesh = build_mesh(fake_device, world_size, strategy, shard_group_size) if strategy != "none" else None
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
         stack.enter_context(torch.device(fake_device))
-        real_paths = stack.enter_context(_real_code_paths()) if hf_real_paths else False
+        real_paths = stack.enter_context(RealCodePaths()) if hf_real_paths else None
         cuda_to_cpu = fake_device == "cpu"  # the user's .cuda() stays on the estimate's device
         with user_code(cuda_to_cpu) as moves:
             model = _call("build_model", build_model)
@@ -476,6 +464,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
             # tensors it returns (a live batch) become fake ones with their data as shadows.
             with user_code(cuda_to_cpu) as batch_moves:
                 batch = op_model.fake_batch(_call("make_batch", make_batch))
+            if real_paths is not None:
+                real_paths.refresh()  # transformers may have been imported by the factories
             for _ in range(steps):
                 if step is None:
                     loss = _call("the training step", default_step, model, batch, opt, precision, scaler,
@@ -490,6 +480,9 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         extra["scratch"] = (f"op-internal scratch measured on the real CPU kernels for {op_model.measured} op "
                             f"signatures; {op_model.skipped_large} with inputs over {scratch_limit_bytes} bytes "
                             "assumed to need none")
+        if len(op_model.dtypes):
+            extra["fake_dtypes"] = (f"{len(op_model.dtypes)} op signatures given the real CPU kernel's output "
+                                    "dtypes, where the fake kernel's differ")
     extra.update(op_model.safety.assumptions())
     if host is not None:
         extra["host_bytes"] = str(host.resident_bytes)

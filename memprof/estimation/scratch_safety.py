@@ -120,9 +120,10 @@ class MadeUpInputs:
             return False
         return True
 
-    def measure(self, func, args, kwargs, shadow_of) -> int | None:
+    def measure(self, func, args, kwargs, shadow_of, seen=None) -> int | None:
         """``func``'s scratch bytes on real tensors shaped like the fake ``args``; None if its kernel
-        refused them."""
+        refused them. ``seen(real_output)`` is called with the real kernel's output (not for the RNN
+        backward, measured another way)."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         from ..tracking.scratch import _cpu_measure
@@ -135,7 +136,10 @@ class MadeUpInputs:
                     self.other_way.setdefault(str(func), "measured on the output, states and workspace of a "
                                               "real forward on the same inputs")
                     return excess
-                return _cpu_measure(func, r_args, r_kwargs)[1]
+                r_out, excess = _cpu_measure(func, r_args, r_kwargs)
+                if seen is not None:
+                    seen(r_out)
+                return excess
             except Exception:  # a kernel that rejects the made-up values simply goes unmeasured
                 return None
 
