@@ -101,7 +101,7 @@ def test_when_no_other_plan_fits_the_plain_step_is_restored_and_the_reason_given
     _drive(check, session, lambda p: 0.02 if p is None else 0.08)
     check.remove()
     r = session.verifications[-1]
-    assert r.reverted and session.handle is None and session.plan is None
+    assert r.reverted and session.handle is None and session.plan is slow  # kept as the record, not applied
     assert "reverted to the plain step" in notes[-1] and "smallest achievable peak" in notes[-1]
 
 
@@ -138,3 +138,18 @@ def test_run_budget_on_a_nanogpt_script_measures_the_applied_steps_and_prints_bo
     assert measured <= budget
     assert abs(measured - plan.predicted_peak_bytes) <= 0.01 * plan.predicted_peak_bytes
     assert "plan_verified" in memprof.load(out).assumptions
+
+
+@pytest.mark.slow
+def test_a_precision_plan_slower_than_it_predicted_is_dropped_on_the_users_path(tmp_path):
+    # Only bf16 autocast (with every block checkpointed) reaches 12 MiB on this script; its head's backward
+    # then sleeps 1.5 s in bf16, as on a CPU without bf16 units: the forward timed before planning cannot see it
+    plan_out = tmp_path / "plan.toml"
+    r = CliRunner().invoke(main, ["run", "--budget", "12MiB", "--out", str(tmp_path / "p.json"), "--plan-out",
+                                  str(plan_out), str(NANOGPT), "--max_iters=24", "--bf16_backward_delay=1.5"])
+    assert r.exit_code == 0, r.output
+    assert "bf16-autocast is slow on this device" in r.stderr
+    # no fp32 plan reaches the budget: the plain step is restored, and the smallest peak without bf16 is named
+    assert "reverted to the plain step" in r.stderr and "the smallest achievable peak is" in r.stderr
+    assert "no plan held" in r.stderr
+    assert "no plan held: plain step restored" in memprof.load(plan_out).assumptions["verified"]

@@ -284,8 +284,7 @@ class LiveCheck:
             self._keep_fastest(why, held_only=precision_failed)
             return
         if new is None:
-            self.session.remove_plan()
-            self.session.plan = None
+            self.session.remove_plan()  # session.plan stays: the record of what was tried, marked reverted
             refusal = getattr(self.session, "replan_refusal", "")
             r.moves.append(f"{why}; no other plan fits ({refusal or 'no attempts left'}): reverted to the plain "
                            "step")
