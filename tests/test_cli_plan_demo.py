@@ -75,6 +75,8 @@ def test_demo_measures_plans_applies_and_measures_again(tmp_path):
     for name in ("timeline.png", "timeline-after.png", "modules.png", "frontier.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 0
     assert "measured peak vs prediction" in r.output
+    # the time row is the verification's: untracked steps, plain and planned in pairs (not tracked times)
+    assert "step time (untracked, median of 5 pairs)" in r.output and "tracked, fastest" not in r.output
 
 
 def test_every_command_has_help_with_examples():

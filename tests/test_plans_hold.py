@@ -178,3 +178,32 @@ def test_plan_never_imports_a_factory_named_in_a_profile(measured_profile, tmp_p
     assert r.exit_code == 2
     assert "never imports code named in a file" in r.output and "--model pwn:build" in r.output
     assert not marker.exists() and "pwn" not in sys.modules
+
+
+AUTOCAST_SCRIPT = '''
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randn(256, 256)
+for _ in range(4):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the script's own precision, as TRL's bf16 default
+        loss = model(x).float().square().mean()
+    loss.backward(); opt.step(); opt.zero_grad()
+print("done")
+'''
+
+
+def test_a_budget_the_script_already_meets_with_its_own_autocast_is_never_refused(tmp_path):
+    script = tmp_path / "amp.py"
+    script.write_text(AUTOCAST_SCRIPT)
+    measured = CliRunner().invoke(main, ["run", "--out", str(tmp_path / "m.json"), str(script)])
+    assert measured.exit_code == 0, measured.output
+    peak = memprof.load(tmp_path / "m.json").peak_bytes
+    budget = str(int(peak * 1.01))  # what the script already meets in bf16 autocast (an fp32 estimate would not)
+    r = CliRunner().invoke(main, ["run", "--budget", budget, "--out", str(tmp_path / "p.json"), "--plan-out",
+                                  str(tmp_path / "plan.toml"), str(script)])
+    assert r.exit_code == 0, r.output
+    assert "done" in r.stdout and "nothing to change" in r.stderr
+    plan = memprof.load(tmp_path / "plan.toml")
+    assert plan.precision == "bf16-autocast" and all(c.mode == "keep" for c in plan.checkpoint)

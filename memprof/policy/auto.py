@@ -200,7 +200,7 @@ class AutoSession:
             return  # the first step did not complete: nothing to plan from
         if self.plan is None and self.model is not None:
             if self.profile.peak_bytes <= self.budget_bytes:  # it fits: change nothing (no precision switch)
-                self.plan = plan(self.profile, self.budget_bytes, levers=("checkpoint",))
+                self.plan = plan(self.profile, self.budget_bytes, levers=("checkpoint",), precision=self.base_precision)
                 self.action = f"measured {_gib(self.profile.peak_bytes)}: fits {_gib(self.budget_bytes)}, nothing to change"
             else:
                 self.plan = self._plan(self.profile)
