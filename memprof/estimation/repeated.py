@@ -30,6 +30,7 @@ layer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import time
 
@@ -93,29 +94,24 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
                 return model  # the estimator says what is wrong
             if "blocks" not in found:
                 found["blocks"] = repeated_blocks(model)
-                if found["blocks"] is not None:  # the structure of what holds the blocks, uncut
-                    hashes = structure_hashes(model)
-                    prefix = found["blocks"][0]
-                    found["structure"] = {n: hashes[id(m)] for n, m in model.named_modules()
-                                          if n == "" or prefix == n or prefix.startswith(n + ".")}
             rep = found["blocks"]
             if rep is None:
                 return model
             fqn, n, p = rep
             if n // p < (MIN_UNITS_AUTO if blocks == "auto" else 5):
                 return model
-            found["cut"] = True
+            found["cut"] = model  # the last one cut: its structure (as tracked) gives the full model's
             del model.get_submodule(fqn)[units * p:]
             return model
         return build
 
     first = core.estimate(cut(_SHORT[0]), make_batch, **kwargs)
-    if not found.get("cut"):
+    if "cut" not in found:
         return first  # nothing to count: that run was the full one
     second = core.estimate(cut(_SHORT[1]), make_batch, **kwargs)
     fqn, n, p = found["blocks"]
     try:
-        prof = _combine(first, second, fqn, n // p, p, found["structure"])
+        prof = _combine(first, second, fqn, n // p, p, _full_structure(found.pop("cut"), fqn, n, p))
     except _Mismatch as e:
         full = core.estimate(build_model, make_batch, **kwargs)
         return dataclasses.replace(full, notes=full.notes + (f"every layer run: repeated blocks not counted ({e})",))
@@ -125,6 +121,41 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
         "blocks": (f"{n} repeated blocks in {fqn} ({p} kind{'s' if p > 1 else ''}, period {p}): the step run with "
                    f"{_SHORT[0] * p} and {_SHORT[1] * p} of them, the rest counted (memory is affine in the number "
                    "of blocks; maxima taken over the counted timeline)")})
+
+
+def _own_hash(m, named_children):
+    """:func:`memprof.structure.structure_hashes`' hash of ``m`` with the given (name, hash) children."""
+    h = hashlib.sha1(type(m).__qualname__.encode())
+    for name, t in m.named_parameters(recurse=False):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad}".encode())
+    for name, b in m.named_buffers(recurse=False):
+        h.update(f"{name}:{tuple(b.shape)}:{b.dtype}".encode())
+    for name, ch in named_children:
+        h.update(f"{name}={ch}".encode())
+    return h.hexdigest()[:12]
+
+
+def _full_structure(cut_model, prefix: str, n: int, p: int) -> dict:
+    """Structure hashes, by name, of the modules holding the blocks as the uncut model has them: the cut
+    model as it was tracked (sharded, cast) with its block list grown back to ``n`` blocks of the same kinds."""
+    hashes = structure_hashes(cut_model)
+    out: dict = {}
+
+    def visit(m, name):
+        if name == prefix:
+            kids = list(m)
+            children = [(str(j), hashes[id(kids[j % p])]) for j in range(n)]
+        else:
+            children = []
+            for cname, c in m.named_children():
+                full = f"{name}.{cname}" if name else cname
+                inside = full == prefix or prefix.startswith(full + ".")
+                children.append((cname, visit(c, full) if inside else hashes[id(c)]))
+        out[name] = _own_hash(m, children)
+        return out[name]
+
+    visit(cut_model, "")
+    return out
 
 
 # -- combining the two short runs ------------------------------------------------------------------------
