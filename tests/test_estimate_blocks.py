@@ -37,6 +37,10 @@ def assert_same_profile(every, counted) -> None:
     assert len(counted.timeline) == len(every.timeline)
     for a, b in zip(every.timeline, counted.timeline):
         assert _same(a.to_dict(), b.to_dict()), (a, b)
+    # What the profile assumed, host bytes and FSDP unit counts included (op-scratch counts depend on the cache).
+    skip = ("estimate_seconds", "blocks", "scratch")
+    assert {k: v for k, v in counted.assumptions.items() if k not in skip} == {
+        k: v for k, v in every.assumptions.items() if k not in skip}
     assert list(counted.modules) == list(every.modules)
     for name, a in every.modules.items():
         da, db = a.to_dict(), counted.modules[name].to_dict()
@@ -63,7 +67,8 @@ def _ids():
     dict(precision="bf16-autocast", device="cuda", device_memory="H100-80GB"),
     dict(precision="fp32", device="cpu"),
     dict(precision="bf16-autocast", device="cuda", world_size=4, sharding="full"),
-], ids=["bf16-autocast-cuda", "fp32-cpu", "fsdp-full-4"])
+    dict(precision="bf16-autocast", device="cuda", world_size=2, sharding="full", offload=True),
+], ids=["bf16-autocast-cuda", "fp32-cpu", "fsdp-full-4", "fsdp-offload-2"])
 def test_counted_llama_blocks_give_the_every_layer_profile_to_the_byte(config):
     every = estimate(lambda: _llama(8), _ids, blocks="all", **config)
     counted = estimate(lambda: _llama(8), _ids, blocks="repeated", **config)

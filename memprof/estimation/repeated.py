@@ -20,11 +20,16 @@ each phase's peak are the highest of those samples, with their categories, phase
 statistics (bytes, levels, times) are counted as above by module; a module's own forward/backward peak is
 relative to its entry, so a block's is that of its source block.
 
+Op times measured on the host (``forward_op_ms``, ``recompute_fraction``) are noisy, so they are never
+extrapolated from differences: a block has its source block's, and a module holding the blocks adds a middle
+unit's for each further unit.
+
 Known limits: the peak's list of live tensors is the 4-unit run's at the same point (a deeper model has more
-blocks' tensors live there); floats (times) equal a full run's up to rounding; where the short runs do not
-line up (a different sequence of module boundaries, more than one device, CPU offload, a timeline long enough
-to be downsampled), every layer is run instead and the profile says so. ``blocks="all"`` always runs every
-layer.
+blocks' tensors live there); modelled times equal a full run's up to float rounding; with CPU offload the
+host's peak is counted like the other totals (exact while its highest point stays at the same place, e.g.
+the largest parameter's optimizer step); where the short runs do not line up (a different sequence of module
+boundaries, devices other than the accelerator and the offload host, a timeline long enough to be
+downsampled), every layer is run instead and the profile says so. ``blocks="all"`` always runs every layer.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
     """
     if blocks not in ("auto", "repeated", "all"):
         raise core.EstimateError(f"blocks must be 'auto', 'repeated' or 'all', got {blocks!r}")
-    if blocks == "all" or kwargs.get("offload"):
+    if blocks == "all":
         return core.estimate(build_model, make_batch, **kwargs)
     t0 = time.perf_counter()
     found: dict = {}
@@ -243,8 +248,10 @@ def _combine(short3, short4, prefix: str, units: int, p: int, structure: dict):
     k = units - _SHORT[0]
     d3, d4 = _Depth(prefix, _SHORT[0], p), _Depth(prefix, _SHORT[1], p)
     full = _Depth(prefix, units, p)
+    host = "host_peak_bytes" in short4.assumptions  # CPU offload: the host's bytes are counted apart
     for prof in (short3, short4):
-        if len(prof.timeline) >= _MAX_SAMPLES // 2 or len(prof.devices) != 1 or len(prof.peak.by_device) > 1:
+        if (len(prof.timeline) >= _MAX_SAMPLES // 2 or len(prof.devices) != 1 + host or len(prof.peak.by_device) > 1
+                or (host and prof.devices[1].device != "cpu")):
             raise _Mismatch("a short run's timeline is downsampled or it uses more than one device")
     g3, g4 = _groups(short3.timeline, d3), _groups(short4.timeline, d4)
     if [key for key, _ in g3] != [key for key, _ in g4]:
@@ -298,21 +305,43 @@ def _combine(short3, short4, prefix: str, units: int, p: int, structure: dict):
     timeline = tuple(Sample(i, t, s, ph, m, tot, tuple(c))
                      for i, t, s, ph, m, tot, c in downsample(samples, _MAX_SAMPLES, keep))
     dev = short4.devices[0]
-    tensors = tuple(dataclasses.replace(t, module=_rename_tail(t.module, d4, full)) for t in short4.peak.tensors)
+    tensors = tuple(dataclasses.replace(t, module=_rename_tail(t.module, d4, full), label=_rename_tail(t.label, d4, full))
+                    for t in short4.peak.tensors)
     peak = PeakInfo(bytes=pk[5], step=pk[2], phase=pk[3], module=pk[4],
                     by_category=dict(zip(CATEGORIES, pk[6])), by_device={dev.device: pk[5]}, tensors=tensors,
                     time_ms=pk[1])
-    assumptions = dict(short4.assumptions)
-    units_text = assumptions.get("fsdp_units")
-    if units_text:
-        n3 = int(re.match(r"(\d+) units", short3.assumptions["fsdp_units"]).group(1))
-        n4 = int(re.match(r"(\d+) units", units_text).group(1))
-        assumptions["fsdp_units"] = re.sub(r"^\d+ units", f"{_lin(n3, n4, k)} units", units_text)
+    assumptions = _assumptions(short3.assumptions, short4.assumptions, k)
+    devices = (dataclasses.replace(dev, peak_bytes=pk[5]),)
+    if host:  # the host's peak (parameter shards, gradients, optimizer state and the step's temporaries)
+        devices += (dataclasses.replace(short4.devices[1], peak_bytes=int(assumptions["host_peak_bytes"])),)
     notes = short4.notes + (f"peak tensors listed from the run with {_SHORT[1] * p} of the {units * p} blocks of "
                             f"{prefix}, at the same point of the step",)
     return dataclasses.replace(short4, peak=peak, steps=steps, modules=modules, timeline=timeline,
-                               devices=(dataclasses.replace(dev, peak_bytes=pk[5]),), assumptions=assumptions,
+                               devices=devices, assumptions=assumptions,
                                notes=notes)
+
+
+def _assumptions(a3: dict, a4: dict, k: int) -> dict:
+    """The 4-unit run's assumptions with the integers that grow with depth counted (units, host bytes); the
+    op-scratch line is the first run's (the second reuses its measurements)."""
+    out = dict(a4)
+    for key, text in a4.items():
+        other = a3.get(key, "")
+        if key == "estimate_seconds" or text == other:
+            continue
+        if key == "scratch":
+            out[key] = other
+            continue
+        if key == "fsdp_units":  # "N units (the first three names, ...) and the root"
+            n3, n4 = (int(re.match(r"(\d+) units", t).group(1)) for t in (other, text))
+            out[key] = re.sub(r"^\d+ units", f"{_lin(n3, n4, k)} units", text)
+            continue
+        n3, n4 = re.findall(r"\d+", other), re.findall(r"\d+", text)
+        if re.sub(r"\d+", "#", other) != re.sub(r"\d+", "#", text):
+            raise _Mismatch(f"assumption {key!r} differs between the short runs")
+        counted = iter(str(_lin(int(x), int(y), k)) for x, y in zip(n3, n4))
+        out[key] = re.sub(r"\d+", lambda _m, it=counted: next(it), text)
+    return out
 
 
 def _maxima(modules: dict, samples: list) -> dict:
@@ -391,7 +420,7 @@ _INT_FIELDS = ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_bytes", "
                "forward_peak_bytes", "backward_peak_bytes", "calls", "output_bytes", "forward_entry_bytes",
                "backward_entry_bytes", "gap_peak_bytes")
 _FLOAT_FIELDS = ("forward_ms", "backward_ms")
-_DICT_FIELDS = ("activation_by_op", "forward_op_ms", "forward_op_bytes")
+_DICT_FIELDS = ("activation_by_op", "forward_op_bytes")
 
 
 def _modules(short3, short4, d3: _Depth, d4: _Depth, full: _Depth, k: int, structure: dict) -> dict:
@@ -406,9 +435,22 @@ def _modules(short3, short4, d3: _Depth, d4: _Depth, full: _Depth, k: int, struc
             by_block.setdefault(rest, None)
     if sorted(n for n in short3.modules if d3.split(n)[0] is None) != sorted(fixed):
         raise _Mismatch("the short runs' modules outside the blocks differ")
+    # Forward op times and recompute fractions are measured on the host (noisy): never extrapolated from
+    # differences; a block has its source block's, a module holding the blocks adds a middle unit's per unit.
+    prefix = d4.prefix[:-1]
+    per_unit: dict = {}
+    for r in range(d4.p):
+        for op, ms in short4.modules[d4.name(d4.p + r, "")].forward_op_ms.items():
+            per_unit[op] = per_unit.get(op, 0.0) + ms
     out = {}
     for name in fixed:
-        out[name] = _module(name, [short3.modules[name], short4.modules[name]], k, None, structure.get(name))
+        st4 = short4.modules[name]
+        ops = dict(st4.forward_op_ms)
+        if name == "" or name == prefix or prefix.startswith(name + "."):
+            for op, ms in per_unit.items():
+                ops[op] = ops.get(op, 0.0) + (full.units - d4.units) * ms
+        out[name] = _module(name, [short3.modules[name], st4], k, None, structure.get(name),
+                            host=(ops, st4.recompute_fraction))
     for blk in range(full.units * full.p):
         src, u = _sources(full.units, blk, full.p)
         runs = (short3, short4) if u is None else (short3, short4, short4)
@@ -421,23 +463,21 @@ def _modules(short3, short4, d3: _Depth, d4: _Depth, full: _Depth, k: int, struc
                 stats = [prof.modules[nm] for prof, nm in zip(runs, names)]
             except KeyError as e:
                 raise _Mismatch(f"module {e} missing in a short run") from None
-            out[full.name(blk, rest)] = _module(full.name(blk, rest), stats, k, u)
+            host = stats[1]  # the 4-unit run's block: first, last or first middle unit
+            out[full.name(blk, rest)] = _module(full.name(blk, rest), stats, k, u,
+                                                host=(dict(host.forward_op_ms), host.recompute_fraction))
     return {name: out[name] for name in sorted(out, key=_sort_key)}
 
 
-def _module(name: str, stats: list, k: int, u, structure: str | None = None):
-    """One module's statistics counted; ``structure``: its hash in the uncut model (it holds the blocks)."""
+def _module(name: str, stats: list, k: int, u, structure: str | None = None, host=None):
+    """One module's statistics counted; ``structure``: its hash in the uncut model (it holds the blocks);
+    ``host``: its host-measured (forward op times, recompute fraction)."""
     base = stats[-1]
     if len({(s.type, s.structure if structure is None else "") for s in stats}) != 1:
         raise _Mismatch(f"module {name} differs between the short runs")
     upd = {f: _fit(tuple(getattr(s, f) for s in stats), k, u) for f in _INT_FIELDS + _FLOAT_FIELDS}
     upd.update({f: _fit_dict([getattr(s, f) for s in stats], k, u) for f in _DICT_FIELDS})
-    fr = [s.recompute_fraction for s in stats]
-    if len(set(fr)) == 1:
-        upd["recompute_fraction"] = fr[0]
-    else:  # a share of the forward time: count the time it covers, then divide
-        covered = _fit(tuple(f * s.forward_ms for f, s in zip(fr, stats)), k, u)
-        upd["recompute_fraction"] = covered / upd["forward_ms"] if upd["forward_ms"] else base.recompute_fraction
+    upd["forward_op_ms"], upd["recompute_fraction"] = host
     for f in ("activation_by_op", "forward_op_bytes"):
         upd[f] = dict(sorted(upd[f].items(), key=lambda kv: -kv[1]))
     upd["forward_op_ms"] = dict(sorted(upd["forward_op_ms"].items(), key=lambda kv: -kv[1]))
