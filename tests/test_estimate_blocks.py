@@ -70,6 +70,7 @@ def _ids():
     dict(precision="bf16-autocast", device="cuda", world_size=2, sharding="full", offload=True),
 ], ids=["bf16-autocast-cuda", "fp32-cpu", "fsdp-full-4", "fsdp-offload-2"])
 def test_counted_llama_blocks_give_the_every_layer_profile_to_the_byte(config):
+    pytest.importorskip("transformers")  # imported before either estimate: both take the real code paths
     every = estimate(lambda: _llama(8), _ids, blocks="all", **config)
     counted = estimate(lambda: _llama(8), _ids, blocks="repeated", **config)
     assert "8 repeated blocks in model.layers" in counted.assumptions["blocks"]
