@@ -157,3 +157,35 @@ def test_a_model_without_enough_repeated_blocks_runs_every_layer():
 def test_blocks_must_be_auto_repeated_or_all():
     with pytest.raises(EstimateError, match="blocks must be"):
         estimate(TwoKinds, _tokens, blocks="some")
+
+
+def test_sources_with_one_cache_key_estimate_each_configuration_once(monkeypatch):
+    import memprof.estimation as est
+    from memprof.policy.sources import EstimateSource
+
+    calls = []
+    real = est.estimate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(est, "estimate", counting)
+    key = f"test:two-kinds:{id(calls)}"
+
+    def source(cache_key):
+        return EstimateSource(lambda: TwoKinds(pairs=2), _tokens, device="cpu", step=None, cache_key=cache_key)
+
+    def step_source(cache_key):
+        return EstimateSource(lambda: TwoKinds(pairs=2), _tokens, device="cpu", step=_two_kinds_step,
+                              cache_key=cache_key)
+
+    first = step_source(key).profile("fp32")
+    assert calls == ["fp32"]
+    assert step_source(key).profile("fp32") is not first and calls == ["fp32"] * 2  # a user step: not shared
+
+    a = source(key).profile("bf16")
+    b = source(key).profile("bf16")  # a new source (a later planner call): the same estimate, not run again
+    assert b is a and calls == ["fp32", "fp32", "bf16"]
+    source(key + ":other").profile("bf16")
+    assert calls == ["fp32", "fp32", "bf16", "bf16"]

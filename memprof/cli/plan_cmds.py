@@ -52,7 +52,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
     """
     from .. import load
     from ..policy.engine import plan
-    from ..policy.sources import EstimateSource, source_from_profile
+    from ..policy.sources import EstimateSource, describe_hf, source_from_profile
     from ..profiles import Profile
 
     prof = load(profile)
@@ -66,7 +66,8 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
         arch = get_architecture(hf)
         source = EstimateSource(arch.build_model, lambda: arch.make_batch(batch_size, seq_len),
                                 prof.assumptions.get("optimizer", "adamw"),
-                                "cpu" if prof.environment.device == "cpu" else "cuda", budget, description=hf)
+                                "cpu" if prof.environment.device == "cpu" else "cuda", budget, description=hf,
+                                cache_key=describe_hf(arch.name, batch_size, seq_len))
     elif "precision" in lever_list or "sharding" in lever_list:
         source = source_from_profile(prof, device_memory=budget)
     result = plan(prof, budget, world_size=world_size, levers=lever_list, units=list(unit_patterns) or None,
