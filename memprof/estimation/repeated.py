@@ -34,11 +34,14 @@ downsampled), every layer is run instead and the profile says so. ``blocks="all"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
 import time
+import weakref
 
+import torch
 import torch.nn as nn
 
 from ..structure import structure_hashes
@@ -78,6 +81,31 @@ def repeated_blocks(model: nn.Module) -> tuple[str, int, int] | None:
     return None if best is None else best[:3]
 
 
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # build_model -> repeated_blocks of its model
+
+
+def _probe(build_model):
+    """The repeated blocks of the model ``build_model`` makes, built once under fake tensors (cached per
+    factory); None when there are none or it does not build (the estimate then reports why). Building first
+    also imports what the factory imports (``transformers``) before the estimates, so that they all take
+    the same code paths."""
+    try:
+        return _PROBED[build_model]
+    except (KeyError, TypeError):
+        pass
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cpu"):
+            model = build_model()
+        rep = repeated_blocks(model) if isinstance(model, nn.Module) else None
+    except Exception:  # the estimate reports it, with the estimator's context
+        return None
+    with contextlib.suppress(TypeError):
+        _PROBED[build_model] = rep
+    return rep
+
+
 def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
     """:func:`memprof.estimation.core.estimate`, counting repeated blocks instead of running each one.
 
@@ -90,34 +118,30 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
     if blocks == "all":
         return core.estimate(build_model, make_batch, **kwargs)
     t0 = time.perf_counter()
+    rep = _probe(build_model)
+    if rep is None or rep[1] // rep[2] < (MIN_UNITS_AUTO if blocks == "auto" else 5):
+        return core.estimate(build_model, make_batch, **kwargs)
+    fqn, n, p = rep
     found: dict = {}
 
     def cut(units: int):
         def build():
             model = build_model()
-            if not isinstance(model, nn.Module):
-                return model  # the estimator says what is wrong
-            if "blocks" not in found:
-                found["blocks"] = repeated_blocks(model)
-            rep = found["blocks"]
-            if rep is None:
-                return model
-            fqn, n, p = rep
-            if n // p < (MIN_UNITS_AUTO if blocks == "auto" else 5):
-                return model
-            found["cut"] = model  # the last one cut: its structure (as tracked) gives the full model's
-            del model.get_submodule(fqn)[units * p:]
+            if isinstance(model, nn.Module) and repeated_blocks(model) == rep:
+                found["cut"] = model  # the last one cut: its structure (as tracked) gives the full model's
+                del model.get_submodule(fqn)[units * p:]
+            else:
+                found["changed"] = True
             return model
         return build
 
-    first = core.estimate(cut(_SHORT[0]), make_batch, **kwargs)
-    if "cut" not in found:
-        return first  # nothing to count: that run was the full one
-    second = core.estimate(cut(_SHORT[1]), make_batch, **kwargs)
-    fqn, n, p = found["blocks"]
     try:
+        first = core.estimate(cut(_SHORT[0]), make_batch, **kwargs)
+        second = core.estimate(cut(_SHORT[1]), make_batch, **kwargs)
+        if found.get("changed"):
+            raise _Mismatch("build_model returned a model of another structure")
         prof = _combine(first, second, fqn, n // p, p, _full_structure(found.pop("cut"), fqn, n, p))
-    except _Mismatch as e:
+    except (core.EstimateError, _Mismatch) as e:  # the full model says what is wrong, if anything is
         full = core.estimate(build_model, make_batch, **kwargs)
         return dataclasses.replace(full, notes=full.notes + (f"every layer run: repeated blocks not counted ({e})",))
     seconds = time.perf_counter() - t0
@@ -419,6 +443,9 @@ def _steps(short3, short4, samples, k, StepStats) -> tuple:
 _INT_FIELDS = ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes",
                "forward_peak_bytes", "backward_peak_bytes", "calls", "output_bytes", "forward_entry_bytes",
                "backward_entry_bytes", "gap_peak_bytes")
+# What a block's own numbers are, wherever it sits: middle blocks must agree on them.
+_RELATIVE = ("param_bytes", "buffer_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "forward_peak_bytes",
+             "backward_peak_bytes", "calls", "output_bytes", "activation_by_op", "forward_op_bytes")
 _FLOAT_FIELDS = ("forward_ms", "backward_ms")
 _DICT_FIELDS = ("activation_by_op", "forward_op_bytes")
 
@@ -463,6 +490,8 @@ def _modules(short3, short4, d3: _Depth, d4: _Depth, full: _Depth, k: int, struc
                 stats = [prof.modules[nm] for prof, nm in zip(runs, names)]
             except KeyError as e:
                 raise _Mismatch(f"module {e} missing in a short run") from None
+            if u is not None and len({tuple(repr(getattr(st, f)) for f in _RELATIVE) for st in stats}) != 1:
+                raise _Mismatch(f"middle blocks differ ({rest or 'the block'} of kind {r})")
             host = stats[1]  # the 4-unit run's block: first, last or first middle unit
             out[full.name(blk, rest)] = _module(full.name(blk, rest), stats, k, u,
                                                 host=(dict(host.forward_op_ms), host.recompute_fraction))
