@@ -189,3 +189,49 @@ def test_sources_with_one_cache_key_estimate_each_configuration_once(monkeypatch
     assert b is a and calls == ["fp32", "fp32", "bf16"]
     source(key + ":other").profile("bf16")
     assert calls == ["fp32", "fp32", "bf16", "bf16"]
+
+
+class _Quirky(nn.Module):
+    """Same structure in every block, but every other one keeps a wider activation (by its index)."""
+
+    def __init__(self, index, d=64):
+        super().__init__()
+        self.wide = index % 2 == 1
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        if self.wide:
+            h = torch.cat([h, h.sin()], dim=-1)[..., : h.shape[-1]] * 2
+        return x + self.down(h)
+
+
+class QuirkyStack(nn.Module):
+    def __init__(self, n=12, d=64):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Quirky(i, d) for i in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _quirky_step(model, batch, opt):
+    model(batch).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_blocks_that_look_alike_but_differ_fall_back_to_every_layer():
+    def batch():
+        return torch.randn(8, 64)
+
+    assert repeated_blocks(QuirkyStack()) == ("blocks", 12, 1)  # the structure cannot tell them apart
+    every = estimate(QuirkyStack, batch, step=_quirky_step, device="cpu", blocks="all")
+    counted = estimate(QuirkyStack, batch, step=_quirky_step, device="cpu", blocks="repeated")
+    assert "blocks" not in counted.assumptions
+    assert any("every layer run: repeated blocks not counted (middle blocks differ" in n for n in counted.notes)
+    assert counted.peak_bytes == every.peak_bytes
+    assert dict(counted.peak.by_category) == dict(every.peak.by_category)

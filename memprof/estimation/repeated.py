@@ -81,7 +81,8 @@ def repeated_blocks(model: nn.Module) -> tuple[str, int, int] | None:
     return None if best is None else best[:3]
 
 
-_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # build_model -> repeated_blocks of its model
+# (id of the factory or of its bound object, function) -> (weak reference to that object, repeated_blocks)
+_PROBED: dict = {}
 
 
 def _probe(build_model):
@@ -89,10 +90,12 @@ def _probe(build_model):
     factory); None when there are none or it does not build (the estimate then reports why). Building first
     also imports what the factory imports (``transformers``) before the estimates, so that they all take
     the same code paths."""
-    try:
-        return _PROBED[build_model]
-    except (KeyError, TypeError):
-        pass
+    owner = getattr(build_model, "__self__", None)  # arch.build_model is a new bound method at each access
+    target = build_model if owner is None else owner
+    key = (id(target), getattr(build_model, "__func__", None))
+    hit = _PROBED.get(key)
+    if hit is not None and hit[0]() is target:
+        return hit[1]
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
@@ -101,8 +104,8 @@ def _probe(build_model):
         rep = repeated_blocks(model) if isinstance(model, nn.Module) else None
     except Exception:  # the estimate reports it, with the estimator's context
         return None
-    with contextlib.suppress(TypeError):
-        _PROBED[build_model] = rep
+    with contextlib.suppress(TypeError):  # an object without weak references is probed each time
+        _PROBED[key] = (weakref.ref(target, lambda _r, k=key: _PROBED.pop(k, None)), rep)
     return rep
 
 
