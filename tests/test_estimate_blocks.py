@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memprof.estimation import EstimateError, estimate
-from memprof.estimation.repeated import repeated_blocks
+from memprof.estimation.blocks import repeated_blocks
 
 # Op times measured on the host (forward_op_ms, recompute_fraction) differ between any two runs.
 _HOST_TIMED = ("forward_op_ms", "recompute_fraction")

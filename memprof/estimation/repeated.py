@@ -3,8 +3,8 @@
 A transformer's blocks are identical, so every quantity of a training step is affine in how many there
 are: the live bytes at any point are a fixed part plus, for each block, what that block holds at that
 moment (its parameters, optimizer state, activations or gradients, by where the step is relative to it).
-:func:`estimate` finds the largest ``ModuleList`` whose children repeat with a short period (one kind of
-block, or ``p`` kinds alternating), runs the estimator on the model cut to 3 and to 4 units of ``p``
+:func:`estimate` builds the model once under fake tensors, finds the largest ``ModuleList`` whose children
+repeat with a short period (one kind of block, or ``p`` kinds alternating; :mod:`.blocks`), runs the estimator on the model cut to 3 and to 4 units of ``p``
 blocks (the first unit, one or two middle units, the last unit), and builds the full model's profile from
 the two:
 
@@ -34,79 +34,27 @@ downsampled), every layer is run instead and the profile says so. ``blocks="all"
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import re
 import time
-import weakref
 
-import torch
 import torch.nn as nn
 
-from ..structure import structure_hashes
 from ..tracking.categories import CATEGORIES
 from ..tracking.replay import downsample
 from ..tracking.tracker import _sort_key
 from . import core
+from .blocks import MIN_UNITS, full_structure, probe, repeated_blocks
 
-__all__ = ["estimate", "repeated_blocks", "MIN_UNITS_AUTO"]
+__all__ = ["estimate", "MIN_UNITS_AUTO"]
 
 MIN_UNITS_AUTO = 12  # with fewer units the two short runs (7 units) save too little to be worth it
-_MAX_PERIOD = 4
 _SHORT = (3, 4)  # units in the two short runs
 _MAX_SAMPLES = 2000  # the tracker's timeline bound: short runs must stay under it (nothing downsampled)
 
 
 class _Mismatch(Exception):
     """The short runs do not line up; the caller runs every layer."""
-
-
-def repeated_blocks(model: nn.Module) -> tuple[str, int, int] | None:
-    """(FQN of the ModuleList, its length, period) of the repeated blocks with the most parameters, or None."""
-    hashes = structure_hashes(model)
-    best = None
-    for fqn, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or not fqn:
-            continue
-        kids = list(mod)
-        n = len(kids)
-        hs = [hashes[id(c)] for c in kids]
-        for p in range(1, _MAX_PERIOD + 1):
-            if n % p == 0 and n >= 5 * p and all(hs[i] == hs[i % p] for i in range(n)):
-                size = sum(x.numel() for x in mod.parameters())
-                if best is None or size > best[3]:
-                    best = (fqn, n, p, size)
-                break
-    return None if best is None else best[:3]
-
-
-# (id of the factory or of its bound object, function) -> (weak reference to that object, repeated_blocks)
-_PROBED: dict = {}
-
-
-def _probe(build_model):
-    """The repeated blocks of the model ``build_model`` makes, built once under fake tensors (cached per
-    factory); None when there are none or it does not build (the estimate then reports why). Building first
-    also imports what the factory imports (``transformers``) before the estimates, so that they all take
-    the same code paths."""
-    owner = getattr(build_model, "__self__", None)  # arch.build_model is a new bound method at each access
-    target = build_model if owner is None else owner
-    key = (id(target), getattr(build_model, "__func__", None))
-    hit = _PROBED.get(key)
-    if hit is not None and hit[0]() is target:
-        return hit[1]
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cpu"):
-            model = build_model()
-        rep = repeated_blocks(model) if isinstance(model, nn.Module) else None
-    except Exception:  # the estimate reports it, with the estimator's context
-        return None
-    with contextlib.suppress(TypeError):  # an object without weak references is probed each time
-        _PROBED[key] = (weakref.ref(target, lambda _r, k=key: _PROBED.pop(k, None)), rep)
-    return rep
 
 
 def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
@@ -121,8 +69,8 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
     if blocks == "all":
         return core.estimate(build_model, make_batch, **kwargs)
     t0 = time.perf_counter()
-    rep = _probe(build_model)
-    if rep is None or rep[1] // rep[2] < (MIN_UNITS_AUTO if blocks == "auto" else 5):
+    rep = probe(build_model)
+    if rep is None or rep[1] // rep[2] < (MIN_UNITS_AUTO if blocks == "auto" else MIN_UNITS):
         return core.estimate(build_model, make_batch, **kwargs)
     fqn, n, p = rep
     found: dict = {}
@@ -143,7 +91,7 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
         second = core.estimate(cut(_SHORT[1]), make_batch, **kwargs)
         if found.get("changed"):
             raise _Mismatch("build_model returned a model of another structure")
-        prof = _combine(first, second, fqn, n // p, p, _full_structure(found.pop("cut"), fqn, n, p))
+        prof = _combine(first, second, fqn, n // p, p, full_structure(found.pop("cut"), fqn, n, p))
     except (core.EstimateError, _Mismatch) as e:  # the full model says what is wrong, if anything is
         full = core.estimate(build_model, make_batch, **kwargs)
         return dataclasses.replace(full, notes=full.notes + (f"every layer run: repeated blocks not counted ({e})",))
@@ -153,41 +101,6 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
         "blocks": (f"{n} repeated blocks in {fqn} ({p} kind{'s' if p > 1 else ''}, period {p}): the step run with "
                    f"{_SHORT[0] * p} and {_SHORT[1] * p} of them, the rest counted (memory is affine in the number "
                    "of blocks; maxima taken over the counted timeline)")})
-
-
-def _own_hash(m, named_children):
-    """:func:`memprof.structure.structure_hashes`' hash of ``m`` with the given (name, hash) children."""
-    h = hashlib.sha1(type(m).__qualname__.encode())
-    for name, t in m.named_parameters(recurse=False):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad}".encode())
-    for name, b in m.named_buffers(recurse=False):
-        h.update(f"{name}:{tuple(b.shape)}:{b.dtype}".encode())
-    for name, ch in named_children:
-        h.update(f"{name}={ch}".encode())
-    return h.hexdigest()[:12]
-
-
-def _full_structure(cut_model, prefix: str, n: int, p: int) -> dict:
-    """Structure hashes, by name, of the modules holding the blocks as the uncut model has them: the cut
-    model as it was tracked (sharded, cast) with its block list grown back to ``n`` blocks of the same kinds."""
-    hashes = structure_hashes(cut_model)
-    out: dict = {}
-
-    def visit(m, name):
-        if name == prefix:
-            kids = list(m)
-            children = [(str(j), hashes[id(kids[j % p])]) for j in range(n)]
-        else:
-            children = []
-            for cname, c in m.named_children():
-                full = f"{name}.{cname}" if name else cname
-                inside = full == prefix or prefix.startswith(full + ".")
-                children.append((cname, visit(c, full) if inside else hashes[id(c)]))
-        out[name] = _own_hash(m, children)
-        return out[name]
-
-    visit(cut_model, "")
-    return out
 
 
 # -- combining the two short runs ------------------------------------------------------------------------
