@@ -60,7 +60,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
     """
     from .. import load
     from ..policy.engine import UnweighableLeverError, plan
-    from ..policy.sources import EstimateSource, source_from_profile
+    from ..policy.sources import EstimateSource, describe_hf, source_from_profile
     from ..profiles import Profile
 
     prof = load(profile)
@@ -74,9 +74,11 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
         from .estimate_cmds import _source
 
         build, make, description, _ = _source(model_spec, hf, batch_spec, seq_len)
+        catalog = hf and not model_spec and not (hf.endswith(".json") or Path(hf).is_file())
         source = EstimateSource(build, lambda: make(batch_size), prof.assumptions.get("optimizer", "adamw"),
                                 "cpu" if prof.environment.device == "cpu" else "cuda", budget,
-                                description=description)
+                                description=description,
+                                cache_key=describe_hf(hf, batch_size, seq_len) if catalog else None)
     elif "precision" in lever_list or "sharding" in lever_list:
         source = source_from_profile(prof, device_memory=budget)
     try:

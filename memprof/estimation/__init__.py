@@ -7,8 +7,9 @@ the device table are separate concerns that the CLI and the policy engine use se
 """
 
 from .catalog import CATALOG, Architecture, architecture_from_config_file, get_architecture
-from .core import EstimateError, estimate
+from .core import EstimateError
 from .devices import DEVICES, SPECS, device_capacity, resolve_capacity
+from .repeated import estimate
 
 __all__ = [
     "estimate", "EstimateError", "CATALOG", "Architecture", "get_architecture", "architecture_from_config_file",

@@ -7,6 +7,10 @@ its source in the profile's assumptions for people to read; ``memprof plan`` reb
 (a name looked up in :data:`memprof.estimation.CATALOG`: data, not code). A profile is a data file that people
 share: a source naming a factory (``factory:PKG.MOD:NAME:...``) is never imported or called; the user names the
 model again on the command line.
+
+A source with a ``cache_key`` (a catalog architecture at a batch shape: nothing user code can change) shares
+its estimates with every other source of the same key, optimizer, device, description and default step in
+the process, so that later planner calls on the same model reuse them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class EstimateSource:
     device_memory: object = None
     step: Callable | None = None
     description: str = ""
+    cache_key: str | None = None  # shared across sources in this process (see the module's docstring)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def profile(self, precision: str, sharding: str = "none", world_size: int = 1,
@@ -36,13 +41,26 @@ class EstimateSource:
         from ..estimation import estimate
 
         key = (precision, sharding, world_size, shard_group_size, offload)
+        shared = None
+        if self.cache_key is not None and self.step is None:
+            shared = (self.cache_key, self.optimizer, self.device, str(self.device_memory), self.description, key)
+            if shared in _SHARED:
+                self._cache.setdefault(key, _SHARED[shared])
         if key not in self._cache:
             self._cache[key] = estimate(
                 self.build_model, self.make_batch, step=self.step, optimizer=self.optimizer, precision=precision,
                 device=self.device, world_size=world_size if sharding != "none" else 1,
                 sharding=sharding if sharding != "none" else None, shard_group_size=shard_group_size,
                 device_memory=self.device_memory, description=self.description, offload=offload)
+        if shared is not None:
+            if len(_SHARED) >= _SHARED_LIMIT:
+                _SHARED.pop(next(iter(_SHARED)))
+            _SHARED[shared] = self._cache[key]
         return self._cache[key]
+
+
+_SHARED: dict = {}  # estimates of catalog configurations, shared by sources with the same cache_key
+_SHARED_LIMIT = 256
 
 
 def describe_hf(name: str, batch_size: int, seq_len: int | None) -> str:
@@ -82,7 +100,9 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
 
         arch = get_architecture(rest.split(":")[0])
         build, make, step = finetuned_source(arch.build_model, lambda b: arch.make_batch(b, seq), batch, parts)
-        return EstimateSource(build, make, optimizer, device, device_memory, step=step, description=text)
+        # the description (the recorded source, fine-tuning method included) is part of the shared key
+        return EstimateSource(build, make, optimizer, device, device_memory, step=step, description=text,
+                              cache_key=describe_hf(arch.name, batch, seq))
     if kind == "factory":
         names = rest.split(":")
         model = ":".join(names[:2]) if len(names) >= 2 else rest
