@@ -204,9 +204,15 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             configs += [(s, True) for s in ["full", "shard-grad-op"] + hybrid]
     if ("precision" in levers or "sharding" in levers) and source is None:
         missing = [k for k in [(p, s, o) for p in precisions for s, o in configs] if k not in profiles]
-        if missing:
+        if missing and len(profiles) == 1:  # nothing but the given profile: the lever has nothing to weigh
             raise UnweighableLeverError(tuple(lv for lv in ("precision", "sharding") if lv in levers),
                                         tuple(_describe_config(*k) for k in missing))
+        if missing:  # weigh the measured profiles given (profiles=), and say which configurations were not
+            notes.append("not weighed (no model to estimate them, no profile given): "
+                         + ", ".join(_describe_config(*k) for k in missing))
+            precisions = sorted({p for p, _, _ in profiles}, key=_PRECISION_ORDER.index)
+            configs = sorted({(s, o) for _, s, o in profiles},
+                             key=lambda c: (c[1], ["none", "full", "shard-grad-op", "hybrid"].index(c[0])))
     if "sharding" in levers and prof.environment.device == "cpu" and not any(o for _, o in configs):
         notes.append("CPU offload not weighed: on a CPU the host's memory is the device's")
 
