@@ -62,9 +62,10 @@ class LiveResult:
 
     def describe(self) -> str:
         """One line for the plan file and the profile."""
-        if self.measured_peak_bytes is None:
+        if self.measured_peak_bytes is None and not self.finished:
             return "not verified: the loop ended before the applied steps were measured"
-        words = [f"measured peak {self.measured_peak_bytes} bytes (predicted {self.predicted_peak_bytes})"]
+        words = [f"measured peak {self.measured_peak_bytes} bytes (predicted {self.predicted_peak_bytes})"
+                 if self.measured_peak_bytes is not None else "applied peak not measured"]
         if self.measured_overhead is not None:
             how = "interleaved with plain steps" if self.interleaved else "against the tracked steps before"
             words.append(f"step-time overhead {self.measured_overhead:+.1%} (predicted {self.predicted_overhead:+.1%};"
@@ -152,7 +153,13 @@ class LiveCheck:
 
             self._tracker = Tracker(steps=2, on_stop=self._peak_measured)
             self._phase = "peak"
-            self._tracker.start()
+            try:
+                self._tracker.start()
+            except Exception as e:  # e.g. the user's own tracker is running: time the plan, peak unmeasured
+                self._tracker = None
+                self.result.moves.append(f"applied peak not measured ({e})")
+                self.notify(self.result.moves[-1])
+                self._phase = "time"
         elif self._phase == "peak":
             return  # the tracker stops itself after two steps (_peak_measured)
         elif self._phase == "peaked":
@@ -164,7 +171,7 @@ class LiveCheck:
             self._start_timing(now)
         elif self._phase == "time":
             if self._t_last is None:  # the applied peak came with the check (the tracked steps ran planned)
-                if not self.result.within_budget():
+                if self.result.measured_peak_bytes is not None and not self.result.within_budget():
                     self._over_budget()
                     return
                 self._start_timing(now)
