@@ -109,6 +109,7 @@ def test_transformers_follows_the_real_code_path_under_fake_tensors():
     assert "transformers" in follows.assumptions
 
 
+@pytest.mark.slow
 def test_llama_2_7b_fp32_adamw_bytes_are_4n_4n_8n_and_an_eighth_under_full_sharding():
     arch = get_architecture("llama-2-7b")
     n_params = arch.parameters()

@@ -196,6 +196,7 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path):
         native.build(blocker / "cache")
 
 
+@pytest.mark.slow
 def test_build_is_cached_per_torch_build(tmp_path):
     first = native.build(tmp_path)
     mtime = first.stat().st_mtime_ns

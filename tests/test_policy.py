@@ -57,6 +57,7 @@ def test_plans_meet_the_budget_and_measure_as_predicted(gpt, fraction):
     assert the_plan.predicted_overhead > 0 and any(c.mode != "keep" for c in the_plan.checkpoint)
 
 
+@pytest.mark.slow
 def test_verify_puts_prediction_and_measurement_side_by_side(gpt):
     model, opt, step, prof = gpt
     the_plan = plan(prof, int(prof.peak_bytes * 0.85))

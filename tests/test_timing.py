@@ -129,6 +129,7 @@ def test_paired_timing_adds_pairs_until_the_stderr_is_that_share_of_the_overhead
     assert timing.time_overhead(None, lambda: None, object(), reps=9).pairs == 9  # no stderr asked: a count
 
 
+@pytest.mark.slow
 def test_measure_costs_records_pairs_per_configuration(gpt, monkeypatch):
     model, _, step, prof = gpt
     monkeypatch.setattr(timing, "_timed", _law)
