@@ -169,7 +169,9 @@ def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, a
             if applied.get("plan") is not None and result.rank in (None, 0):
                 _echo(_verification(applied["plan"], result.profile))
             if applied.get("auto") is not None:
-                _echo(f"memprof: {applied['auto'].action}; plan written to {plan_out}")
+                session = applied["auto"]
+                written = f"; plan written to {plan_out}" if session.plan is not None and session.plan_saved else ""
+                _echo(f"memprof: {session.action}{written}")
                 if applied["auto"].verification is not None:
                     _echo(_live_verification(applied["auto"].verification))
     if result.save_error is not None:

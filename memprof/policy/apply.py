@@ -214,7 +214,10 @@ def _no_kv_cache(handle: ApplyHandle, model: nn.Module) -> None:
 
 def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, device_type: str, optimizer) -> None:
     if precision == "bf16":
-        dtypes = {id(t): t.dtype for t in list(model.parameters()) + list(model.buffers())}
+        dtypes = {id(t): t.dtype for t in model.parameters()}
+        # cast_floating replaces buffers by new tensors: remember each by its module and name
+        buffer_dtypes = {(id(mod), name): b.dtype for mod in model.modules()
+                         for name, b in mod._buffers.items() if b is not None}
         cast_floating(model, torch.bfloat16)
 
         def undo():
@@ -222,6 +225,10 @@ def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, devi
                 for p in mod._parameters.values():
                     if p is not None and id(p) in dtypes and p.dtype != dtypes[id(p)]:
                         p.data = p.data.to(dtypes[id(p)])
+                for name, b in mod._buffers.items():
+                    was = buffer_dtypes.get((id(mod), name))
+                    if b is not None and was is not None and b.dtype != was:
+                        mod._buffers[name] = b.to(was)
         handle._undo.append(undo)
         return
     if precision not in ("bf16-autocast", "fp16-autocast"):

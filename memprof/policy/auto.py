@@ -115,6 +115,7 @@ class AutoSession:
         self.optimizer_seen = None
         self._step_watch = None
         self.replan_refusal = ""  # why the last replan found nothing (the planner's words)
+        self.plan_saved = False
 
     def start(self) -> None:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
@@ -195,20 +196,31 @@ class AutoSession:
 
         self.profile = profile
         if self.profile_path:
-            self.profile.save(self.profile_path)
+            try:
+                self.profile.save(self.profile_path)
+            except OSError as e:
+                self.notify(f"could not write the profile to {self.profile_path}: {e.strerror or e}")
         if self.failed or not any(s.micro_batches for s in self.profile.steps):
             return  # the first step did not complete: nothing to plan from
         if self.plan is None and self.model is not None:
             if self.profile.peak_bytes <= self.budget_bytes:  # it fits: change nothing (no precision switch)
-                self.plan = plan(self.profile, self.budget_bytes, levers=("checkpoint",), precision=self.base_precision)
                 self.action = f"measured {_gib(self.profile.peak_bytes)}: fits {_gib(self.budget_bytes)}, nothing to change"
+                try:  # the plan file records the decision (a model without repeated blocks has none to write)
+                    self.plan = plan(self.profile, self.budget_bytes, levers=("checkpoint",),
+                                     precision=self.base_precision)
+                except MemprofError as e:
+                    self.action += f" (no plan file: {e})"
             else:
                 self.plan = self._plan(self.profile)
                 self._apply(f"measured {_gib(self.profile.peak_bytes)} > budget: applied from step 3")
         if self.plan is not None and self.handle is not None:
             self._check_live(peak_known=self.profile.peak_bytes if self.estimate_applied else None)
         if self.plan is not None and self.plan_path:
-            self.plan.save(self.plan_path)
+            try:
+                self.plan.save(self.plan_path)
+                self.plan_saved = True
+            except OSError as e:  # memprof's file, not the script's failure: say so, train on
+                self.notify(f"could not write the plan to {self.plan_path}: {e.strerror or e}")
         log.info("memprof.auto: %s; plan %s, predicted peak %s, %+.1f%% step time; profile %s", self.action,
                  self.plan_path or "-", _gib(self.plan.predicted_peak_bytes) if self.plan else "-",
                  100 * (self.plan.predicted_overhead if self.plan else 0.0), self.profile_path or "-")
