@@ -114,7 +114,12 @@ class LiveCheck:
 
         def step(*args, **kwargs):
             out = original(*args, **kwargs)
-            self._after_step()
+            try:
+                self._after_step()
+            except Exception as e:  # the check must never break the user's training: stop checking, say why
+                self.result.moves.append(f"live check stopped: {type(e).__name__}: {e}")
+                self.result.finished = True
+                self.notify(self.result.moves[-1])
             return out
 
         self._wrapped = step
