@@ -118,5 +118,5 @@ def test_trl_sft_script_refusal_names_only_what_run_budget_can_apply(tmp_path):
     r = _memprof_run(tmp_path, FIXTURES / "trl_sft_train.py", ["--max_steps", "20"], budget, "checkpoint,precision")
     refusal = [line for line in r.stderr.splitlines() if line.startswith("memprof: error:")]
     assert r.returncode == 2 and refusal, r.stderr[-4000:]
-    assert "sharding" not in refusal[-1] and "offload" not in refusal[-1], refusal[-1]
+    assert "allow sharding" not in refusal[-1] and "offload" not in refusal[-1], refusal[-1]
     assert "fp32" not in refusal[-1], refusal[-1]
