@@ -140,3 +140,15 @@ def test_run_policy_with_a_plan_for_another_model_is_a_clear_error(tmp_path):
     assert "does not have: decoder.layers.0" in r.output
     r = CliRunner().invoke(main, ["run", "--policy", str(tmp_path / "p.json"), str(GPT_SCRIPT)])
     assert r.exit_code == 2
+
+
+def test_auto_records_an_unfinished_check_in_the_plan_and_profile_when_the_loop_ends_during_it(tmp_path, tiny_peak):
+    budget = int(tiny_peak * 0.85)
+    train, peaks, model, opt = _train(budget, tmp_path, steps=4)  # the check needs ~12 more steps than this
+    assert train() == "done"
+    verified = memprof.load(tmp_path / "auto.toml").assumptions["verified"]
+    assert verified.endswith("(unfinished)"), verified
+    measured = int(verified.split("measured peak ")[1].split(" bytes")[0])
+    assert measured == memprof.load(tmp_path / "auto.json").peak_bytes  # the tracked steps ran planned
+    assert memprof.load(tmp_path / "auto.json").assumptions["plan_verified"] == verified
+    train.session.handle.remove()

@@ -143,8 +143,8 @@ class AutoSession:
             self._step_watch.remove()
             self._step_watch = None
         if self.check is not None:
-            if not self.check.done:
-                self.verification = self.check.result
+            if not self.check.done:  # the loop ended during the check: record what was measured, said so
+                self.verified(self.check.result)
             self.check.remove()
 
     def finish(self, quiet: bool = False) -> None:

@@ -1,0 +1,123 @@
+"""``memprof run --budget`` on training scripts written the way their projects write them (tests/fixtures).
+
+Each script runs in a fresh interpreter, as a user would run it, with a budget below its plain peak (about 85%
+of the peak measured on it; memprof's own line "measured/estimated X > budget" shows the plan was needed).
+The expectation is the live check's own measurement of the applied steps (tracked, equal to the allocator on
+CPU): at most the budget and within 1% of the peak the kept plan predicted.
+
+The checkpoint lever is tested on every script that has units to checkpoint; the precision lever alone on the
+two where bf16-autocast reaches the budget (its peak is predicted from the fake-tensor estimate, which is low
+there by the logits these loops keep alive through backward: xfail, strict, so that the fix shows). TRL's SFTTrainer already checkpoints every layer and
+runs bf16: a budget it meets goes through untouched; below its peak nothing run --budget applies can help,
+and the refusal must say so without advising levers it cannot apply (xfail, strict).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import memprof
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+MiB = 2**20
+VERIFIED = re.compile(r"measured peak (\d+) bytes \(predicted (\d+)\)")
+NEEDED = re.compile(r"memprof: (measured|estimated) [\d.]+ \w+ > budget: applied")
+
+
+def _memprof_run(tmp_path, script, args, budget, levers):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "memprof", "run", "--budget", str(budget), "--levers", levers,
+                           "--plan-out", str(tmp_path / "plan.toml"), "--out", str(tmp_path / "prof.json"),
+                           str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run_budget(tmp_path, script, args, budget, levers):
+    r = _memprof_run(tmp_path, script, args, budget, levers)
+    plan_out = tmp_path / "plan.toml"
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert NEEDED.search(r.stderr), r.stderr[-4000:]  # the plain step was over the budget
+    assert "Applied plan checked" in r.stderr, r.stderr[-4000:]
+    verified = memprof.load(plan_out).assumptions["verified"]
+    assert "unfinished" not in verified and "plain step restored" not in verified, verified
+    measured, predicted = (int(v) for v in VERIFIED.search(verified).groups())
+    return measured, predicted, verified
+
+
+def _assert_held(measured, predicted, budget, verified):
+    assert measured <= budget, verified
+    assert abs(measured - predicted) <= 0.01 * predicted, verified
+
+
+@pytest.mark.slow
+def test_nanogpt_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    budget = int(16.6 * MiB)  # plain peak 19.58 MiB
+    m, p, v = _run_budget(tmp_path, FIXTURES / "nanogpt" / "train.py", ["--max_iters=30"], budget, "checkpoint")
+    _assert_held(m, p, budget, v)
+
+
+@pytest.mark.slow
+def test_lightning_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    budget = int(14.4 * MiB)  # plain peak 16.99 MiB
+    m, p, v = _run_budget(tmp_path, FIXTURES / "lightning_train.py", ["--max-steps", "30"], budget, "checkpoint")
+    _assert_held(m, p, budget, v)
+
+
+@pytest.mark.slow
+def test_peft_lora_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    budget = int(19.5 * MiB)  # plain peak 22.00 MiB; checkpointing all 3 layers reaches 18.9 MiB
+    m, p, v = _run_budget(tmp_path, FIXTURES / "peft_lora_train.py", ["--steps", "30"], budget, "checkpoint")
+    _assert_held(m, p, budget, v)
+
+
+@pytest.mark.slow
+def test_hf_trainer_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    budget = int(21.3 * MiB)  # plain peak 25.06 MiB
+    m, p, v = _run_budget(tmp_path, FIXTURES / "hf_trainer_train.py", ["--max_steps", "30"], budget, "checkpoint")
+    _assert_held(m, p, budget, v)
+
+
+BF16_LOW = ("bf16-autocast peaks come from the live fake-tensor estimate, whose default step drops the model's "
+            "output before backward; these loops keep it (`out = model(...)`, `logits, loss = model(X, Y)`), so "
+            "the logits stay live: measured +12.6% (nanoGPT), +12.7..13.6% (PEFT Llama) over prediction")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=BF16_LOW)
+def test_nanogpt_script_bf16_plan_measures_within_one_percent_of_prediction(tmp_path):
+    budget = int(17.6 * MiB)  # plain peak 19.58 MiB; bf16-autocast alone reaches it
+    m, p, v = _run_budget(tmp_path, FIXTURES / "nanogpt" / "train.py", ["--max_iters=30"], budget, "precision")
+    _assert_held(m, p, budget, v)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=BF16_LOW)
+def test_peft_lora_script_bf16_plan_measures_within_one_percent_of_prediction(tmp_path):
+    budget = int(19.8 * MiB)  # plain peak 22.00 MiB; bf16-autocast alone reaches it
+    m, p, v = _run_budget(tmp_path, FIXTURES / "peft_lora_train.py", ["--steps", "30"], budget, "precision")
+    _assert_held(m, p, budget, v)
+
+
+@pytest.mark.slow
+def test_trl_sft_script_with_a_budget_it_meets_trains_untouched(tmp_path):
+    budget = int(42.2 * MiB)  # plain peak 41.72 MiB, with TRL's gradient checkpointing and bf16
+    r = _memprof_run(tmp_path, FIXTURES / "trl_sft_train.py", ["--max_steps", "20"], budget, "checkpoint,precision")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "nothing to change" in r.stderr, r.stderr[-4000:]
+    assert "train_loss" in r.stdout  # the script ran to its end
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the refusal reads 'fp32; no checkpointing' for a bf16, checkpointed "
+                   "script and advises sharding or CPU offload, which run --budget does not apply")
+def test_trl_sft_script_refusal_names_only_what_run_budget_can_apply(tmp_path):
+    budget = int(35.5 * MiB)  # plain peak 41.72 MiB: 83% of it are the loss head's temporaries
+    r = _memprof_run(tmp_path, FIXTURES / "trl_sft_train.py", ["--max_steps", "20"], budget, "checkpoint,precision")
+    refusal = [line for line in r.stderr.splitlines() if line.startswith("memprof: error:")]
+    assert r.returncode == 2 and refusal, r.stderr[-4000:]
+    assert "allow sharding" not in refusal[-1] and "offload" not in refusal[-1], refusal[-1]
+    assert "fp32" not in refusal[-1], refusal[-1]
