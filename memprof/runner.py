@@ -223,6 +223,7 @@ class ScriptTracking:
         self.save_error: OSError | None = None
         self.hook = (FirstRootForward(on_root_forward, grad_only=grad_forward_only)
                      if on_root_forward is not None else None)
+        self.stop_error: BaseException | None = None
         self.on_stop = on_stop
         self.tracker = Tracker(steps=steps, device_memory=device_memory, on_stop=self._stopped,
                                environment=dict(environment or {}))
@@ -254,8 +255,10 @@ class ScriptTracking:
 
     @property
     def callback_error(self) -> BaseException | None:
-        """What ``on_root_forward`` raised, if it did (it reaches the script as its exception)."""
-        return self.hook.error if self.hook is not None else None
+        """What ``on_root_forward`` or ``on_stop`` raised, if one did (it reaches the script as its exception)."""
+        if self.hook is not None and self.hook.error is not None:
+            return self.hook.error
+        return self.stop_error
 
     def _stopped(self, tracker: Tracker) -> None:
         self.profile = tracker.profile
@@ -266,7 +269,11 @@ class ScriptTracking:
             except OSError as e:
                 self.save_error = e
         if self.on_stop is not None:
-            self.on_stop(self.profile)
+            try:
+                self.on_stop(self.profile)
+            except BaseException as e:
+                self.stop_error = e
+                raise
 
 
 # -- ranks ------------------------------------------------------------------------------------------------
@@ -388,12 +395,24 @@ def _execute(target: Target, args: Sequence[str], session: ScriptTracking):
         except SystemExit as e:
             return (*_exit_status(e.code), None)
         except BaseException as e:
-            if e is session.callback_error and isinstance(e, MemprofError):
-                raise  # memprof's own callback refused the model: a usage error, not the script's failure
+            ours = session.callback_error
+            if isinstance(ours, MemprofError) and _chains(e, ours):
+                raise ours from None  # memprof's own callback refused the model or budget: a usage error
             return 130 if isinstance(e, KeyboardInterrupt) else 1, script_traceback(e), e
         finally:
             session.stop()
     return 0, "", None
+
+
+def _chains(error: BaseException, cause: BaseException) -> bool:
+    """Whether ``cause`` is ``error`` or what it was raised from or during (a script may wrap it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if error is cause:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def run(target: str, args: Sequence[str] = (), *, module: bool = False, steps: int | None = 2,

@@ -112,8 +112,6 @@ def test_trl_sft_script_with_a_budget_it_meets_trains_untouched(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the refusal reads 'fp32; no checkpointing' for a bf16, checkpointed "
-                   "script and advises sharding or CPU offload, which run --budget does not apply")
 def test_trl_sft_script_refusal_names_only_what_run_budget_can_apply(tmp_path):
     budget = int(35.5 * MiB)  # plain peak 41.72 MiB: 83% of it are the loss head's temporaries
     r = _memprof_run(tmp_path, FIXTURES / "trl_sft_train.py", ["--max_steps", "20"], budget, "checkpoint,precision")

@@ -331,14 +331,41 @@ class AutoSession:
 
 
 def _script_precision(model) -> str:
-    """The precision the script's own forward runs in: its autocast, when it is on at the first forward."""
+    """The precision the script's own forward runs in: its autocast, when it is on at the first forward or
+    wraps the model's ``forward`` (accelerate's native AMP, as HF ``Trainer`` and TRL apply it)."""
     import torch
 
+    words = {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}.get(dtype, "fp32")
-    return "fp32"
+        return words.get(torch.get_autocast_dtype(device_type), "fp32")
+    ctx = _forward_autocast(model.__dict__.get("forward"))
+    return words.get(ctx.fast_dtype, "fp32") if ctx is not None and ctx._enabled else "fp32"
+
+
+def _forward_autocast(fn, depth: int = 0):
+    """A ``torch.autocast`` an instance-level ``forward`` wrapper closes over (``torch.autocast`` used as a
+    decorator keeps itself in the wrapper's closure), followed through ``__func__``/``__wrapped__``."""
+    import torch
+
+    if fn is None or depth > 6:
+        return None
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, torch.amp.autocast):
+            return value
+        if callable(value) and not isinstance(value, type):
+            found = _forward_autocast(value, depth + 1)
+            if found is not None:
+                return found
+    for attr in ("__func__", "__wrapped__", "model_forward"):
+        found = _forward_autocast(getattr(fn, attr, None), depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _estimators(opt) -> bool:
