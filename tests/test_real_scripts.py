@@ -6,10 +6,10 @@ The expectation is the live check's own measurement of the applied steps (tracke
 CPU): at most the budget and within 1% of the peak the kept plan predicted.
 
 The checkpoint lever is tested on every script that has units to checkpoint; the precision lever alone on the
-two where bf16-autocast reaches the budget (its peak is predicted from the fake-tensor estimate, which is low
-there by the logits these loops keep alive through backward: xfail, strict, so that the fix shows). TRL's SFTTrainer already checkpoints every layer and
-runs bf16: a budget it meets goes through untouched; below its peak nothing run --budget applies can help,
-and the refusal must say so without advising levers it cannot apply (xfail, strict).
+two where bf16-autocast reaches the budget (its peak is predicted from the fake-tensor estimate; its step time
+is the live check's business). TRL's SFTTrainer already checkpoints every layer and runs bf16: a budget it
+meets goes through untouched; below its peak nothing run --budget applies can help, and the refusal (exit 2,
+one line) must say so without advising levers it cannot apply.
 """
 
 import os
@@ -36,14 +36,19 @@ def _memprof_run(tmp_path, script, args, budget, levers):
                            str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _run_budget(tmp_path, script, args, budget, levers):
+def _run_budget(tmp_path, script, args, budget, levers, time_may_fail=False):
+    """``time_may_fail``: the plan's step time is left to the live check (a plan it drops for being slower
+    than predicted on this CPU ends reverted, as it should); its measured peak is still asserted."""
     r = _memprof_run(tmp_path, script, args, budget, levers)
     plan_out = tmp_path / "plan.toml"
     assert r.returncode == 0, r.stderr[-4000:]
     assert NEEDED.search(r.stderr), r.stderr[-4000:]  # the plain step was over the budget
     assert "Applied plan checked" in r.stderr, r.stderr[-4000:]
     verified = memprof.load(plan_out).assumptions["verified"]
-    assert "unfinished" not in verified and "plain step restored" not in verified, verified
+    assert "unfinished" not in verified, verified
+    assert time_may_fail or "plain step restored" not in verified, verified
+    if "plain step restored" in verified:
+        assert "slow on this device" in r.stderr or "above the predicted" in r.stderr, r.stderr[-4000:]
     measured, predicted = (int(v) for v in VERIFIED.search(verified).groups())
     return measured, predicted, verified
 
@@ -81,24 +86,22 @@ def test_hf_trainer_script_checkpoint_plan_measures_within_budget_and_one_percen
     _assert_held(m, p, budget, v)
 
 
-BF16_LOW = ("bf16-autocast peaks come from the live fake-tensor estimate, whose default step drops the model's "
-            "output before backward; these loops keep it (`out = model(...)`, `logits, loss = model(X, Y)`), so "
-            "the logits stay live: measured +12.6% (nanoGPT), +12.7..13.6% (PEFT Llama) over prediction")
-
-
+# bf16-autocast peaks come from the live fake-tensor estimate; these loops keep the model's output through
+# backward (`out = model(...)`, `logits, loss = model(X, Y)`), as the estimate's default step now does (it was
+# 12.6% low on nanoGPT and 12.7-13.6% on the PEFT Llama while it dropped the output before backward).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=BF16_LOW)
 def test_nanogpt_script_bf16_plan_measures_within_one_percent_of_prediction(tmp_path):
     budget = int(17.6 * MiB)  # plain peak 19.58 MiB; bf16-autocast alone reaches it
-    m, p, v = _run_budget(tmp_path, FIXTURES / "nanogpt" / "train.py", ["--max_iters=30"], budget, "precision")
+    m, p, v = _run_budget(tmp_path, FIXTURES / "nanogpt" / "train.py", ["--max_iters=30"], budget, "precision",
+                          time_may_fail=True)
     _assert_held(m, p, budget, v)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=BF16_LOW)
 def test_peft_lora_script_bf16_plan_measures_within_one_percent_of_prediction(tmp_path):
     budget = int(19.8 * MiB)  # plain peak 22.00 MiB; bf16-autocast alone reaches it
-    m, p, v = _run_budget(tmp_path, FIXTURES / "peft_lora_train.py", ["--steps", "30"], budget, "precision")
+    m, p, v = _run_budget(tmp_path, FIXTURES / "peft_lora_train.py", ["--steps", "30"], budget, "precision",
+                          time_may_fail=True)
     _assert_held(m, p, budget, v)
 
 
