@@ -172,7 +172,11 @@ class AutoSession:
             self.estimate = self.source.profile(self.base_precision)
         except Exception as e:  # cannot estimate: fall back to measuring the first step (never fail training)
             why = str(e) if isinstance(e, MemprofError) else f"{type(e).__name__}: {e}"
-            self.notify(f"could not estimate the first step before it runs ({why}); measuring it unguarded")
+            dropped = "; other precisions cannot be weighed either" if "precision" in self.levers else ""
+            self.notify(f"could not estimate the first step before it runs ({why}); measuring it "
+                        f"unguarded{dropped}")
+            self.levers = tuple(lv for lv in self.levers if lv != "precision")  # they are weighed on estimates
+            self.source = None
             return None
         finally:
             if self.tracker is not None:
