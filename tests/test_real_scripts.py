@@ -71,6 +71,7 @@ def test_nanogpt_script_checkpoint_plan_measures_within_budget_and_one_percent(t
 @pytest.mark.xfail(strict=True, reason="Lightning computes the loss in training_step, outside the forward the "
                    "pre-step estimate sees: the plan made from it measured +14.6% over its prediction")
 def test_lightning_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    pytest.importorskip("lightning")  # the fixture's framework (the dev extra installs it)
     budget = int(14.4 * MiB)  # plain peak 16.99 MiB
     m, p, v = _run_budget(tmp_path, FIXTURES / "lightning_train.py", ["--max-steps", "30"], budget, "checkpoint")
     _assert_held(m, p, budget, v)
@@ -78,6 +79,7 @@ def test_lightning_script_checkpoint_plan_measures_within_budget_and_one_percent
 
 @pytest.mark.slow
 def test_peft_lora_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    pytest.importorskip("peft")  # the fixture's framework (the dev extra installs it)
     budget = int(19.5 * MiB)  # plain peak 22.00 MiB; checkpointing all 3 layers reaches 18.9 MiB
     m, p, v = _run_budget(tmp_path, FIXTURES / "peft_lora_train.py", ["--steps", "30"], budget, "checkpoint")
     _assert_held(m, p, budget, v)
@@ -87,6 +89,7 @@ def test_peft_lora_script_checkpoint_plan_measures_within_budget_and_one_percent
 @pytest.mark.xfail(strict=True, reason="HF Trainer drops the model's output before backward; the pre-step "
                    "estimate keeps it (as nanoGPT-style loops do): the plan measured 9-18% under its prediction")
 def test_hf_trainer_script_checkpoint_plan_measures_within_budget_and_one_percent(tmp_path):
+    pytest.importorskip("accelerate")  # the fixture's framework (the dev extra installs it)
     budget = int(21.3 * MiB)  # plain peak 25.06 MiB
     m, p, v = _run_budget(tmp_path, FIXTURES / "hf_trainer_train.py", ["--max_steps", "30"], budget, "checkpoint")
     _assert_held(m, p, budget, v)
@@ -105,6 +108,7 @@ def test_nanogpt_script_bf16_plan_measures_within_one_percent_of_prediction(tmp_
 
 @pytest.mark.slow
 def test_peft_lora_script_bf16_plan_measures_within_one_percent_of_prediction(tmp_path):
+    pytest.importorskip("peft")  # the fixture's framework (the dev extra installs it)
     budget = int(19.8 * MiB)  # plain peak 22.00 MiB; bf16-autocast alone reaches it
     m, p, v = _run_budget(tmp_path, FIXTURES / "peft_lora_train.py", ["--steps", "30"], budget, "precision",
                           time_may_fail=True)
@@ -113,6 +117,8 @@ def test_peft_lora_script_bf16_plan_measures_within_one_percent_of_prediction(tm
 
 @pytest.mark.slow
 def test_trl_sft_script_with_a_budget_it_meets_trains_untouched(tmp_path):
+    pytest.importorskip("trl")  # the fixture's framework (the dev extra installs it)
+    pytest.importorskip("datasets")  # the fixture's framework (the dev extra installs it)
     budget = int(42.2 * MiB)  # plain peak 41.72 MiB, with TRL's gradient checkpointing and bf16
     r = _memprof_run(tmp_path, FIXTURES / "trl_sft_train.py", ["--max_steps", "20"], budget, "checkpoint,precision")
     assert r.returncode == 0, r.stderr[-4000:]
@@ -122,6 +128,8 @@ def test_trl_sft_script_with_a_budget_it_meets_trains_untouched(tmp_path):
 
 @pytest.mark.slow
 def test_trl_sft_script_refusal_names_only_what_run_budget_can_apply(tmp_path):
+    pytest.importorskip("trl")  # the fixture's framework (the dev extra installs it)
+    pytest.importorskip("datasets")  # the fixture's framework (the dev extra installs it)
     budget = int(35.5 * MiB)  # plain peak 41.72 MiB: 83% of it are the loss head's temporaries
     r = _memprof_run(tmp_path, FIXTURES / "trl_sft_train.py", ["--max_steps", "20"], budget, "checkpoint,precision")
     refusal = [line for line in r.stderr.splitlines() if line.startswith("memprof: error:")]
