@@ -164,3 +164,23 @@ def hook_registries(model=None, opt=None):
 class LossModule(nn.Module):
     def forward(self, logits, targets):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def real_cpu_peak(build, make_batch, precision="fp32", step=None, steps=2) -> int:
+    """The tracker's peak (the CPU allocator's, to the byte) of the model really trained ``steps`` steps, with
+    ``step(model, batch, opt)`` under the precision's autocast, or the estimator's default step."""
+    import memprof
+    from memprof.training import autocast, default_step
+    from memprof.training import make_optimizer as make_opt
+
+    torch.manual_seed(0)
+    model, batch = build(), make_batch()
+    opt = make_opt("adamw", model.parameters())
+    with memprof.track(model, opt) as tracker:
+        for _ in range(steps):
+            if step is None:
+                default_step(model, batch, opt, precision)
+            else:
+                with autocast(precision, "cpu"):
+                    step(model, batch, opt)
+    return tracker.profile.peak_bytes

@@ -8,7 +8,7 @@ from memprof.errors import MemprofError
 from memprof.estimation import EstimateError, estimate, get_architecture
 from memprof.tracking import scratch
 from memprof.training import default_step, make_optimizer
-from tests.common import CASES
+from tests.common import CASES, real_cpu_peak
 
 
 def _hf_llama():
@@ -69,19 +69,7 @@ def _model_and_batch(name):
 
 
 def _measured_peak(build, make_batch, precision, step=None, steps=2):
-    from memprof.training import autocast
-
-    torch.manual_seed(0)
-    model, batch = build(), make_batch()
-    opt = make_optimizer("adamw", model.parameters())
-    with memprof.track(model, opt) as tracker:
-        for _ in range(steps):
-            if step is None:
-                default_step(model, batch, opt, precision)
-            else:
-                with autocast(precision, "cpu"):
-                    step(model, batch, opt)
-    return tracker.profile.peak_bytes
+    return real_cpu_peak(build, make_batch, precision, step, steps)
 
 
 MODELS = ["gpt", "hf-llama-gqa", "hf-bert", "cnn-batchnorm", "tied-inplace"]

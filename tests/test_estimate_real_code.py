@@ -6,12 +6,12 @@ import sys
 import pytest
 import torch
 
-import memprof
 from memprof.errors import MemprofError
 from memprof.estimation import estimate
 from memprof.estimation.finetune import finetune_source
 from memprof.tracking import scratch
-from memprof.training import CallArgs, default_step, find_loss, make_optimizer
+from memprof.training import CallArgs, find_loss
+from tests.common import real_cpu_peak
 from tests.fixtures import nanogpt_model as nanogpt
 
 
@@ -30,19 +30,7 @@ def _llama_batch(b=2):
 
 def _real_peak(build, make_batch, step=None, precision="fp32", steps=2):
     """The tracker's peak (the allocator's, to the byte on CPU) of the model really trained."""
-    from memprof.training import autocast
-
-    torch.manual_seed(0)
-    model, batch = build(), make_batch()
-    opt = make_optimizer("adamw", model.parameters())
-    with memprof.track(model, opt) as tracker:
-        for _ in range(steps):
-            if step is None:
-                default_step(model, batch, opt, precision)
-            else:
-                with autocast(precision, "cpu"):
-                    step(model, batch, opt)
-    return tracker.profile.peak_bytes
+    return real_cpu_peak(build, make_batch, precision, step, steps)
 
 
 def _estimate_and_real(build, make_batch, step=None, precision="fp32", real_build=None):

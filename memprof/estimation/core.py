@@ -66,6 +66,7 @@ from .fake_dtypes import OutputDtypes
 from .hf_paths import RealCodePaths
 from .offload import HostSide, emulated_host_copies
 from .scratch_safety import RNN_FORWARD, MadeUpInputs
+from .scratch_safety import fake_tensors as _fake_tensors
 
 __all__ = ["estimate", "EstimateError"]
 
@@ -86,16 +87,6 @@ class _VirtualClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _fake_tensors(x):
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    if isinstance(x, FakeTensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _fake_tensors(y)
 
 
 _aten = torch.ops.aten

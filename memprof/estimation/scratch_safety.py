@@ -149,7 +149,7 @@ class MadeUpInputs:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         ws = out[3]
-        fakes = list(_fake_tensors((args, tuple(kwargs.values()))))
+        fakes = list(fake_tensors((args, tuple(kwargs.values()))))
         if ws is None or any(t.device.type != "cpu" for t in fakes):
             return out
         if sum(t.untyped_storage().nbytes() for t in fakes) > self.limit:
@@ -186,14 +186,15 @@ class MadeUpInputs:
         return out
 
 
-def _fake_tensors(x):
+def fake_tensors(x):
+    """The fake tensors in ``x`` (a tensor, or nested lists and tuples of them)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
     if isinstance(x, FakeTensor):
         yield x
     elif isinstance(x, (list, tuple)):
         for y in x:
-            yield from _fake_tensors(y)
+            yield from fake_tensors(y)
 
 
 def materialize_args(args, kwargs, shadow_of=None):
