@@ -1,5 +1,6 @@
 """The C++ allocation recorder (memprof.tracking.native) against torch.profiler's allocation events."""
 
+import gc
 import shutil
 
 import pytest
@@ -91,12 +92,20 @@ def test_peak_equals_the_allocators_peak(gpt_step):
 
 
 def test_only_the_block_is_recorded():
-    older = torch.empty(1000)
-    with native.AllocationRecorder() as rec:
-        a = torch.empty(256)
-        del older  # allocated before the recorder: the CPU allocator does not report its free (a known limit)
-    b = torch.empty(512)
-    del a, b
+    # Earlier tests' cyclic garbage may hold tensors allocated under an earlier recorder; the CPU allocator
+    # knows their sizes, so a garbage collection inside the block would report their frees. Collect it first
+    # and keep the collector off while the block runs.
+    gc.collect()
+    gc.disable()
+    try:
+        older = torch.empty(1000)
+        with native.AllocationRecorder() as rec:
+            a = torch.empty(256)
+            del older  # allocated before the recorder: the CPU allocator does not report its free (a known limit)
+        b = torch.empty(512)
+        del a, b
+    finally:
+        gc.enable()
     assert [size for _, size, _ in rec.events()] == [1024]
 
 
