@@ -134,3 +134,16 @@ def test_the_tracker_sees_the_step_in_backward_to_the_byte_of_the_allocator():
         for _ in range(2):
             _moved_step(fresh, batch, fresh_opt)
     assert tracker.profile.peak_bytes == expected
+
+
+def test_an_lr_scheduler_made_after_the_lever_drives_its_steps():
+    plain, moved = _mlp(), _mlp()
+    o1 = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=False)
+    o2 = torch.optim.AdamW(moved.parameters(), lr=1e-3, foreach=False)
+    step_in_backward(moved, o2)
+    s1, s2 = (torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0 / (i + 1)) for o in (o1, o2))
+    for _ in range(3):
+        _step(plain, o1, s1)
+        _step(moved, o2, s2)
+    for a, b in zip(plain.parameters(), moved.parameters()):
+        assert torch.equal(a, b)

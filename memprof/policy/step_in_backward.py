@@ -20,6 +20,7 @@ float rounding.
 from __future__ import annotations
 
 import inspect
+import types
 
 import torch
 import torch.nn as nn
@@ -106,7 +107,7 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
             sub.state = optimizer.state  # one state: the user's optimizer's
             handle._hooks.append(p.register_post_accumulate_grad_hook(_stepper(handle, group, sub)))
 
-    def step(closure=None):
+    def step(self, closure=None):
         if closure is not None:
             raise StepInBackwardError("optimizer.step(closure) cannot run with the step moved into backward")
         handle.steps += 1
@@ -115,7 +116,7 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
 
     if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
         step._wrapped_by_lr_sched = True  # the scheduler wrapped step() before: it need not warn
-    optimizer.step = step
+    optimizer.step = types.MethodType(step, optimizer)  # bound, as an LR scheduler made later expects
     optimizer._memprof_step_in_backward = handle
     return handle
 
