@@ -105,3 +105,25 @@ def test_unsupported_optimizers_and_settings_are_refused():
     low_precision_state(opt)
     with pytest.raises(StatePrecisionError, match="already"):
         low_precision_state(opt)
+
+
+@pytest.mark.parametrize("first", ["step-in-backward", "state-precision"])
+def test_composed_with_the_step_in_backward_in_either_order(first):
+    from memprof.policy.step_in_backward import step_in_backward
+
+    ref, ours = _mlp(), _mlp()
+    o1 = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    o2 = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    if first == "step-in-backward":
+        moved, low = step_in_backward(ours, o2), low_precision_state(o2, dtype=torch.float32)
+    else:
+        low, moved = low_precision_state(o2, dtype=torch.float32), step_in_backward(ours, o2)
+    _train(ref, o1), _train(ours, o2)
+    assert moved.stepped == 4 * 4  # the hooks stepped every parameter: the moved step ran
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)  # with fp32 moments: torch's own update, through both levers
+    low.remove(), moved.remove()
+    assert "step" not in o2.__dict__
+    _train(ref, o1, 1), _train(ours, o2, 1)
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        assert torch.equal(a, b)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch._C import DisableTorchFunctionSubclass
 
 from ..errors import MemprofError
+from . import overrides
 
 __all__ = ["chunk_loss_head", "LossHeadHandle", "LossHeadError", "find_head", "DEFAULT_CHUNK_TOKENS"]
 
@@ -315,18 +316,13 @@ class LossHeadHandle:
         self.model, self.head_name, self.head, self.chunk_tokens = model, fqn, head, chunk_tokens
         self.chunked = 0
         self.materialised = 0
-        self._had_forward = "forward" in head.__dict__
-        self._old_forward = head.__dict__.get("forward")
         self._removed = False
 
     def remove(self) -> None:
         if self._removed:
             return
         self._removed = True
-        if self._had_forward:
-            self.head.forward = self._old_forward
-        else:
-            del self.head.forward
+        overrides.pop(self.head, "forward", self)
         del self.head._memprof_loss_head
 
     def __enter__(self):
@@ -359,6 +355,6 @@ def chunk_loss_head(model: nn.Module, *, chunk_tokens: int = DEFAULT_CHUNK_TOKEN
         src = _Source(x, module.weight, module.bias, handle)
         return DeferredLogits(src, (*x.shape[:-1], module.out_features), src.out_dtype())
 
-    module.forward = forward
+    overrides.push(module, "forward", handle, forward)
     module._memprof_loss_head = handle
     return handle

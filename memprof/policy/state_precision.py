@@ -24,6 +24,7 @@ import types
 import torch
 
 from ..errors import MemprofError
+from . import overrides
 
 __all__ = ["low_precision_state", "StatePrecisionHandle", "StatePrecisionError"]
 
@@ -39,9 +40,12 @@ class StatePrecisionHandle:
 
     def __init__(self, optimizer: torch.optim.Optimizer, dtype: torch.dtype):
         self.optimizer, self.dtype = optimizer, dtype
-        self._had_step = "step" in optimizer.__dict__
-        self._old_step = optimizer.__dict__.get("step")
+        self._patched: list[torch.optim.Optimizer] = []
         self._removed = False
+
+    def _patch(self, target: torch.optim.Optimizer, step) -> None:
+        self._patched.append(target)
+        overrides.push(target, "step", self, types.MethodType(step, target))  # bound, as LR schedulers expect
 
     def remove(self) -> None:
         if self._removed:
@@ -54,10 +58,8 @@ class StatePrecisionHandle:
                 for name in _MOMENTS:
                     if st and isinstance(st.get(name), torch.Tensor) and st[name].dtype != p.dtype:
                         st[name] = st[name].to(p.dtype)
-        if self._had_step:
-            opt.step = self._old_step
-        else:
-            del opt.step
+        for target in self._patched:
+            overrides.pop(target, "step", self)
         del opt._memprof_state_precision
 
     def __enter__(self):
@@ -98,21 +100,33 @@ def low_precision_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype = t
             if isinstance(st.get(name), torch.Tensor):
                 st[name] = st[name].to(dtype)
 
+    step = _adam_step(dtype)
+
+    # With the step moved into backward (memprof.policy.step_in_backward) the parameters are stepped by
+    # its one-parameter optimizers, which share this optimizer's state: the update goes there.
+    moved = getattr(optimizer, "_memprof_step_in_backward", None)
+    for target in (moved.subs if moved is not None else [optimizer]):
+        handle._patch(target, step)
+    optimizer._memprof_state_precision = handle
+    return handle
+
+
+def _adam_step(dtype: torch.dtype):
+    """An optimizer ``step`` method that updates every parameter with a gradient, moments in ``dtype``."""
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in optimizer.param_groups:
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    _update(p, optimizer.state[p], group, dtype)
+                    _update(p, self.state[p], group, dtype)
         return loss
 
-    optimizer.step = types.MethodType(step, optimizer)  # bound, as an LR scheduler made later expects
-    optimizer._memprof_state_precision = handle
-    return handle
+    return step
 
 
 def _update(param: torch.Tensor, state: dict, group: dict, dtype: torch.dtype) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MemprofError
+from . import overrides
 
 __all__ = ["step_in_backward", "StepInBackwardHandle", "StepInBackwardError"]
 
@@ -45,9 +46,8 @@ class StepInBackwardHandle:
         self.steps = 0
         self.stepped = 0
         self._hooks: list = []
+        self.subs: list[torch.optim.Optimizer] = []  # the one-parameter optimizers the hooks step
         self._pending: set[int] = set()
-        self._had_step = "step" in optimizer.__dict__
-        self._old_step = optimizer.__dict__.get("step")
         self._removed = False
 
     def remove(self) -> None:
@@ -57,11 +57,8 @@ class StepInBackwardHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        overrides.pop(self.optimizer, "step", self)
         if getattr(self.optimizer, "_memprof_step_in_backward", None) is self:
-            if self._had_step:
-                self.optimizer.step = self._old_step
-            else:
-                del self.optimizer.step
             del self.optimizer._memprof_step_in_backward
 
     def __enter__(self):
@@ -105,6 +102,7 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
                 raise StepInBackwardError(f"{cls.__name__} cannot be built for one parameter from its group's "
                                           f"settings: {e}") from e
             sub.state = optimizer.state  # one state: the user's optimizer's
+            handle.subs.append(sub)
             handle._hooks.append(p.register_post_accumulate_grad_hook(_stepper(handle, group, sub)))
 
     def step(self, closure=None):
@@ -116,8 +114,14 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
 
     if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
         step._wrapped_by_lr_sched = True  # the scheduler wrapped step() before: it need not warn
-    optimizer.step = types.MethodType(step, optimizer)  # bound, as an LR scheduler made later expects
+    overrides.push(optimizer, "step", handle, types.MethodType(step, optimizer))  # bound, as LR schedulers expect
     optimizer._memprof_step_in_backward = handle
+    low = getattr(optimizer, "_memprof_state_precision", None)
+    if low is not None:  # moments kept in a lower precision (memprof.policy.state_precision): the subs too
+        from .state_precision import _adam_step
+
+        for sub in handle.subs:
+            low._patch(sub, _adam_step(low.dtype))
     return handle
 
 
