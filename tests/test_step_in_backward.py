@@ -122,8 +122,6 @@ def test_the_estimator_sees_the_step_in_backward_to_the_byte_of_the_allocator():
     assert est.peak_bytes == expected
 
 
-@pytest.mark.xfail(strict=True, reason="the tracker's recorded backward counts optimizer state created inside "
-                   "backward twice (44.3 MB against the allocator's 31.6 MB over 3 steps): noted on the issue")
 def test_the_tracker_sees_the_step_in_backward_to_the_byte_of_the_allocator():
     model, batch, opt, expected = _allocator_second_step_peak()
     fresh = _mlp()

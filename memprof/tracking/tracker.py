@@ -504,10 +504,14 @@ class Tracker:
 
     def _claim_survivors(self, result) -> None:
         """Give the recorder's records still live after backward to the tensors holding them: parameters'
-        gradients (every parameter's: none has an accumulate hook in a recorded backward) and what
-        ``torch.autograd.grad`` returned."""
+        gradients (every parameter's: none has an accumulate hook in a recorded backward), the optimizers'
+        state (made there when a gradient hook steps the optimizer) and what ``torch.autograd.grad``
+        returned."""
         led = self.ledger
         self._label_grads(self._owner)
+        if led.anon:  # optimizer state made in backward (an optimizer stepped from a gradient hook)
+            for opt in {id(o): o for o in (*self._optimizers, *self._known_optimizers)}.values():
+                self._label_state(opt)
         if led.anon and isinstance(result, tuple):
             for t in result:
                 if isinstance(t, torch.Tensor):
