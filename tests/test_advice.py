@@ -1,0 +1,44 @@
+"""Allocator advice (memprof.advice) from a profile's CUDA allocator peaks, against hand counts."""
+
+import dataclasses
+
+import pytest
+
+from memprof.advice import EXPANDABLE, allocator_advice
+from memprof.profiles import DeviceStats
+from tests.report_fixtures import track_gpt
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def cpu_profile():
+    return track_gpt()
+
+
+def _with_devices(prof, *devices):
+    return dataclasses.replace(prof, devices=tuple(devices))
+
+
+def _cuda(i, reserved, allocated):
+    return DeviceStats(device=f"cuda:{i}", peak_bytes=allocated,
+                       allocator={"reserved_peak": reserved, "allocated_peak": allocated})
+
+
+def test_a_device_with_slack_gets_the_expandable_segments_setting_with_its_bytes(cpu_profile):
+    prof = _with_devices(cpu_profile, _cuda(0, 40 * GiB, 30 * GiB), _cuda(1, 40 * GiB, 40 * GiB - 100 * 2**20))
+    advice = allocator_advice(prof)
+    assert [a.device for a in advice] == ["cuda:0"]  # cuda:1: 100 MiB, under the 256 MiB floor
+    assert advice[0].slack_bytes == 10 * GiB and advice[0].setting == EXPANDABLE
+    assert "returns up to 10.00 GiB (25% of reserved)" in advice[0].sentence()
+
+
+def test_no_advice_for_small_relative_slack_cpu_only_profiles_or_when_already_set(cpu_profile):
+    assert allocator_advice(cpu_profile) == []  # the CPU profile has no CUDA device
+    big = _with_devices(cpu_profile, _cuda(0, 100 * GiB, 96 * GiB))  # 4 GiB but 4% of reserved
+    assert allocator_advice(big) == []
+    slack = _with_devices(cpu_profile, _cuda(0, 40 * GiB, 30 * GiB))
+    assert allocator_advice(slack, alloc_conf="max_split_size_mb:128, expandable_segments:True") == []
+    assert len(allocator_advice(slack, alloc_conf="max_split_size_mb:128")) == 1
+    missing = _with_devices(cpu_profile, DeviceStats(device="cuda:0", peak_bytes=1))
+    assert allocator_advice(missing) == []
