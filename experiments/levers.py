@@ -1,11 +1,11 @@
 """Each LLM lever alone and stacked (torchtune's table, redone on our models on this CPU): measured peak,
 step time and the estimator's peak for every configuration.
 
-    python experiments/levers.py [--reps 7] [--quick] [--default-malloc]
+    python experiments/levers.py [--reps 5] [--quick] [--default-malloc]
 
-Models: a head-heavy nanoGPT-style GPT (vocab 32768, d=128, 4 layers, batch 8 x 256; tests/fixtures/
+Models: a head-heavy nanoGPT-style GPT (vocab 32768, d=128, 4 layers, batch 4 x 256; tests/fixtures/
 nanogpt_model.py, ``(logits, loss)``) and an HF transformers Llama from a config with a 32k vocabulary
-(d=128, 4 layers, batch 4 x 256, ``labels=``). Levers: loss-head chunking
+(d=128, 4 layers, batch 2 x 256, ``labels=``). Levers: loss-head chunking
 (memprof.policy.loss_head), full checkpointing of every block (memprof.apply), optimizer step in backward
 (memprof.policy.step_in_backward), bf16 optimizer moments (memprof.policy.state_precision) and 2
 micro-batches (memprof.policy.microbatch). Rows: the plain step, each lever alone, and the levers stacked
@@ -62,8 +62,8 @@ def nanogpt_case(quick: bool):
 
     def batch():
         g = torch.Generator().manual_seed(1)
-        return (torch.randint(0, cfg.vocab_size, (8, 256), generator=g),
-                torch.randint(0, cfg.vocab_size, (8, 256), generator=g))
+        return (torch.randint(0, cfg.vocab_size, (4, 256), generator=g),
+                torch.randint(0, cfg.vocab_size, (4, 256), generator=g))
 
     return build, batch, [f"transformer.h.{i}" for i in range(cfg.n_layer)]
 
@@ -81,7 +81,7 @@ def llama_case(quick: bool):
         return transformers.LlamaForCausalLM(cfg)
 
     def batch():
-        ids = torch.randint(0, 32000, (4, 256), generator=torch.Generator().manual_seed(2))
+        ids = torch.randint(0, 32000, (2, 256), generator=torch.Generator().manual_seed(2))
         return {"input_ids": ids, "labels": ids}
 
     return build, batch, [f"model.layers.{i}" for i in range(layers)]
@@ -185,7 +185,7 @@ def plot(rows, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="2-layer models, 3 rounds")
     ap.add_argument("--default-malloc", action="store_true", help=MALLOC_HELP)
     args = ap.parse_args()
