@@ -1,7 +1,14 @@
-"""The decision engine: what to checkpoint (later also which precision and how to shard) so training fits a budget.
+"""The decision engine: which levers make a training step fit a memory budget at the least step time, the
+plan file that records the decision, and applying it to a model.
 
-So far: the chain solvers (:mod:`memprof.policy.solver`: exact DP, MILP cross-check, brute force, Pareto frontier)
-and the plan file (:mod:`memprof.policy.plan`, schema ``memprof.plan/1``). Nothing in this package imports torch.
+Submodules: :mod:`.chain_problem` and :mod:`.solver` (the exact chain solvers: DP, MILP cross-check, brute
+force, Pareto frontier), :mod:`.chain` (a profile as a chain problem), :mod:`.engine` (``plan()``: checkpoint
+modes per unit x precision x sharding/offload), :mod:`.plan` (the file, schema ``memprof.plan/1``),
+:mod:`.apply` (``apply``/``remove``), :mod:`.auto` and :mod:`.live_check` (``@memprof.auto``, ``run
+--budget``: plan, apply, verify in the loop), :mod:`.timing` and :mod:`.costs` (time costs), and the levers
+used in code and not chosen by the planner yet: :mod:`.loss_head`, :mod:`.microbatch`,
+:mod:`.step_in_backward`, :mod:`.state_precision`. This package's ``__init__``, the plan file and the
+solvers do not import torch.
 """
 
 from .plan import (

@@ -1,47 +1,25 @@
-"""Measured option costs: what checkpointing really costs on this machine, for the planner's time model.
+"""Measured step-time costs of checkpointing and of plans on this machine, for the planner's time model.
 
-A profile gives each unit's forward time and the share of it that checkpointing recomputes; the real cost of
-a checkpointed unit also includes checkpointing's own machinery (selective checkpointing runs every op of
-the unit through two dispatch modes) and cache effects that no profile shows. When the live model and its
-training step are at hand, :func:`measure_costs` times untracked steps, for each mode (full, selective),
-with every unit and with one unit (the last) checkpointed, each in pairs with the plain step.
+:func:`measure_costs` times untracked steps of the live model with each mode (full, selective) on every unit
+and on the last unit alone, each in pairs with the plain step. The resulting :class:`OptionCosts` give the
+last unit what it measured alone (its recomputation runs first in backward, at the step's highest footprint)
+and share the rest of the every-unit time among the other units in proportion to the profile's modelled
+costs, so costs stay additive and the solver exact (results/checkpoint-costs.json checks the model on the
+demo GPT's blocks). ``first_unit_ms``, a once-per-mode surcharge, is honoured by the planner when given by
+hand; :func:`measure_costs` leaves it empty. :func:`time_overhead` times a plan against the plain step (ABBA
+pairs); :func:`verify_overheads` times cost configurations and plans in the same rounds, and
+:func:`predicted_overhead` gives what a set of costs predicts for a plan, as the planner computes it. Timing
+can be asked for a precision (``stderr``: pairs are added until the median paired ratio's standard error is
+that share of the measured overhead) instead of a count.
 
-Costs are not uniform over the units: the last unit's recomputation runs first in backward, at the step's
-highest footprint. experiments/checkpoint_costs.py times the demo GPT's blocks alone and in sets in the same
-rounds (results/checkpoint-costs.json, +-1 to 3 ms): fully checkpointed, the last block alone cost 17.6 ms,
-the first 15.7 ms and a middle one 15.3 ms. So the two points give a per-mode model in which the last unit
-costs what it measured on its own and every other unit a share of the rest of the every-unit time,
-apportioned in proportion to the profile's modelled costs (``extra_ms``, additive: the planner's solver
-stays exact under it). Every block but the last measured 69.4 ms, as this model says; the first three 47.0
-against 41.6. An earlier model read the same two points as a surcharge paid once whenever a mode is used at
-all plus a uniform slope, and overcharged plans that leave the last unit alone. ``first_unit_ms`` (a
-once-per-mode surcharge) is still honoured by the planner when given by hand; :func:`measure_costs` leaves
-it empty.
-
-The allocator matters on a CPU. Under glibc's default malloc every large tensor is a fresh mapping whose
-pages the kernel zeroes on first touch (a third of a GPT-2-small CPU step), and checkpointing, which keeps
-fewer activations, also saves some of that: there the same blocks cost 7.4 (first), 4.0 (middle) and
-11.1 ms (last), every block 52.6 ms, and sets do not add up (every block but the last 35.4 ms where the
-model says 41.5; results/checkpoint-costs-default-malloc.json). :func:`cpu_allocator_note` says so in plans
-made with costs timed that way; CUDA's caching allocator has no such effect.
-
-On this 2-core CPU a few-percent overhead is at the edge of what the timing resolves: in five runs of
-experiments/apply_verify.py under glibc's default malloc the same plan measured anywhere from 3.0% to 6.1%.
-Timing can therefore be asked for a precision instead of a count (``stderr``): pairs are added until the
-median paired ratio's standard error (from its median absolute deviation) is that share of the overhead
-measured, so a 3% overhead gets many more pairs than a 15% one. ``memprof.plan(..., costs=...)`` measures the overhead
-against the untracked step time.
-
-Verification: :func:`verify_overheads` times the cost configurations and the plans in the same rounds
-(each configuration once per round, next to a plain step), so a machine that drifts between timing costs and
-running a plan (on this 2-core VM, under glibc's default malloc, the same configuration measured 10.5% and
-14.1% minutes apart) moves the prediction and the measurement alike; :func:`predicted_overhead` gives what
-a set of costs predicts for a plan, as the planner computes it.
-
-Known limits: costs are per configuration measured (the given precision, no sharding); a step is timed
-whole, so other work in the step adds noise (medians of paired runs keep it down); a precision target bounds
-the sampling error only, not drift between timing the costs and running the plan (which only timing them
-together, as :func:`verify_overheads` does, removes).
+Known limits: on a CPU the allocator matters. Under glibc's default malloc every large tensor is a fresh
+mapping whose pages the kernel zeroes on first touch, checkpointing changes that as well as adding
+recomputation, and block costs do not add up (results/checkpoint-costs-default-malloc.json);
+:func:`cpu_allocator_note` says so in plans made with such costs (start the process with
+:data:`CACHING_MALLOC_ENV`; CUDA's caching allocator has no such effect). Costs are per configuration
+measured (the given precision, no sharding); a step is timed whole, so other work in it adds noise; a
+precision target bounds the sampling error only, not drift between timing the costs and running the plan
+(timing them together, :func:`verify_overheads`, removes that).
 """
 
 from __future__ import annotations
