@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DeviceMemoryExceeded
+from .peak_words import shape_text
 from .profiles import Profile, TensorInfo
 from .tracking.categories import CATEGORIES
 from .units import format_bytes
@@ -188,7 +189,7 @@ def _module_rows(prof: Profile, top: int) -> list[tuple[str, str, str, int]]:
 
 
 def _tensor_rows(prof: Profile, top: int) -> list[tuple]:
-    return [(format_bytes(t.bytes), "×".join(map(str, t.shape)) or "scalar", t.dtype, t.category,
+    return [(format_bytes(t.bytes), shape_text(t), t.dtype, t.category,
              _module_label(t.module), t.phase, t.label) for t in prof.peak.tensors[:top]]
 
 

@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import MemprofError
+from .peak_words import loss_head, shape_text
 from .profiles import Profile
 from .tracking.categories import CATEGORIES, PHASES
 from .units import UNITS, format_bytes
@@ -123,6 +124,7 @@ class Summary:
     estimated: bool
     assumptions: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    peak_words: str = ""  # where the peak is, in words a user acts on (the loss head), when known
 
     def to_dict(self) -> dict[str, Any]:
         d = {}
@@ -209,6 +211,7 @@ def summary(prof: Profile) -> Summary:
         headroom_bytes=None if cap is None else cap - prof.peak.bytes,
         world_size=env.world_size, rank=env.rank, estimated=prof.estimated,
         assumptions=MappingProxyType(dict(prof.assumptions)), notes=tuple(prof.notes),
+        peak_words=head.sentence() if (head := loss_head(prof)) is not None else "",
     )
 
 
@@ -368,6 +371,8 @@ def _summary_pairs(s: Summary, units: str) -> list[tuple[str, str]]:
     place = "optimizer.step" if s.peak_phase == "optimizer" and not s.peak_module else _module_label(s.peak_module)
     where = f"step {s.peak_step}, {s.peak_phase}, in {place}"
     pairs = [("Peak", f"{b(s.peak_bytes)} ({where})")]
+    if s.peak_words:
+        pairs.append(("Peak is in", s.peak_words))
     device = s.device + (f" ({s.device_name})" if s.device_name else "")
     if s.world_size > 1:
         device += f", rank {s.rank} of {s.world_size}"
@@ -408,7 +413,7 @@ def _tables(rep: Report, sections: Sequence[str], units: str) -> list[_Table]:
         out.append(_Table("Modules", headers, rows, [False, False] + [True] * (len(headers) - 2),
                           indent=[r.depth for r in rep.modules] if tree else None))
     if "tensors" in sections:
-        rows = [(b(t.bytes), "×".join(map(str, t.shape)) or "scalar", t.dtype, t.category,
+        rows = [(b(t.bytes), shape_text(t), t.dtype, t.category,
                  _module_label(t.module), t.phase, t.label) for t in rep.tensors]
         out.append(_Table("Largest tensors at the peak", ["bytes", "shape", "dtype", "category", "module",
                                                           "phase", "label"], rows,
