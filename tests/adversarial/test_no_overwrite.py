@@ -118,33 +118,83 @@ def test_plot_over_foreign_pngs_needs_force(real_files, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-def test_a_full_disk_while_writing_a_png_keeps_the_good_one_and_no_temp_file(real_files, tmp_path, monkeypatch):
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """Writes to files under tmp_path fail with ENOSPC once 1,000 bytes are written (by open() or os.write)."""
+    import builtins
+
+    real_open, real_write = builtins.open, os.write
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            if self.n + len(data) > 1000:
+                self.f.write(data[:max(0, 1000 - self.n)])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.n += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        inside = isinstance(file, (str, os.PathLike)) and str(tmp_path) in os.path.abspath(file)
+        return Full(f) if inside and ("w" in mode or "a" in mode) else f
+
+    def fd_write(fd, data):
+        if str(tmp_path) in os.readlink(f"/proc/self/fd/{fd}") and os.fstat(fd).st_size + len(data) > 1000:
+            real_write(fd, bytes(data[:max(0, 1000 - os.fstat(fd).st_size)]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(builtins, "open", opener)
+    monkeypatch.setattr(os, "write", fd_write)
+
+
+def test_a_full_disk_while_writing_a_png_keeps_the_good_one_and_no_temp_file(real_files, tmp_path, request):
     prof = memprof.load(real_files["tracked.json"])
     good = plots.timeline(prof, tmp_path / "timeline.png").read_bytes()
-    real_write = os.write
-
-    def full_disk(fd, data):
-        if os.fstat(fd).st_size > 1000:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data[:512])
-
-    monkeypatch.setattr(os, "write", full_disk)
-    monkeypatch.setattr(plots, "_png", lambda fig: b"\x89PNG" + b"x" * 100_000)  # any file larger than 1000 B
+    request.getfixturevalue("full_disk")
     with pytest.raises(OSError, match="No space"):
         plots.timeline(prof, tmp_path / "timeline.png")
-    assert (tmp_path / "timeline.png").read_bytes() == good
+    assert (tmp_path / "timeline.png").read_bytes() == good  # truncated to 1,000 bytes before
     assert _temps(tmp_path) == []
 
 
-def test_temp_files_of_a_killed_process_are_removed_by_the_next_write(real_files, tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    left = tmp_path / f"{files.TEMP_PREFIX}{dead}-memprof.json-1a2b3c4d"
-    left.write_text('{"half": ')
-    mine = tmp_path / f"{files.TEMP_PREFIX}{os.getpid()}-other.json-00000000"  # a live process's: kept
+KILLED_WRITE = """
+import os, signal, sys
+import memprof
+prof = memprof.load(sys.argv[1])
+os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between writing and renaming
+prof.save(sys.argv[2])
+"""
+
+
+def test_temp_files_of_a_killed_write_are_removed_by_the_next_write(real_files, tmp_path):
+    out = tmp_path / "out" / "memprof.json"
+    r = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(real_files["tracked.json"]), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert _temps(out.parent) != [] and not out.exists()  # the kill left its temporary file
+    memprof.load(real_files["tracked.json"]).save(out)
+    assert _temps(out.parent) == [] and isinstance(memprof.load(out), memprof.Profile)
+
+
+def test_a_live_processs_temp_file_is_left_alone(real_files, tmp_path):
+    mine = tmp_path / f".memprof-tmp-{os.getppid()}-other.json-00000000"  # pytest's parent: alive
     mine.write_text("{")
     memprof.load(real_files["tracked.json"]).save(tmp_path / "memprof.json")
-    assert not left.exists() and mine.exists()
+    assert mine.exists()
 
 
 def test_a_script_that_changes_folder_gets_its_profile_where_the_user_asked(tmp_path, monkeypatch):
