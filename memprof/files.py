@@ -177,6 +177,8 @@ def read_text(path: Path) -> str:
         raise ProfileFormatError(path, "no such file")
     if path.is_dir():
         raise ProfileFormatError(path, "is a folder, not a file")
+    if not path.is_file():
+        raise ProfileFormatError(path, "not a regular file (a device or a pipe?)")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
