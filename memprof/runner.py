@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from .errors import MemprofError, ProfileFormatError
+from .files import check_output
 from .forensics import find_oom
 from .profiles import Profile
 from .tracking.first_forward import FirstRootForward
@@ -104,6 +105,22 @@ def resolve_target(target: str, *, module: bool = False) -> Target:
     else:
         folder = os.path.dirname(os.path.realpath(path))
     return Target(os.path.abspath(target), False, folder)
+
+
+def target_files(target: Target) -> list[str]:
+    """The files ``target`` runs first (the script, a folder's ``__main__.py``, a module's file): never outputs."""
+    if not target.module:
+        return [target.name, os.path.join(target.name, "__main__.py")]
+    import importlib.util
+
+    with _sys_path_first(target.path0):
+        try:
+            spec = importlib.util.find_spec(target.name)
+            main = importlib.util.find_spec(f"{target.name}.__main__") if spec and spec.submodule_search_locations \
+                else None
+        except (ImportError, ValueError):
+            return []
+    return [s.origin for s in (spec, main) if s is not None and s.origin and os.path.isfile(s.origin)]
 
 
 def _resolve_module(name: str) -> Target:
@@ -216,11 +233,15 @@ class ScriptTracking:
                  device_memory: int | None = None,
                  on_root_forward: Callable[[torch.nn.Module, tuple, dict], object] | None = None,
                  environment: Mapping[str, object] | None = None,
-                 on_stop: Callable[[Profile], None] | None = None, grad_forward_only: bool = False) -> None:
-        self.out = Path(out) if out is not None else None
+                 on_stop: Callable[[Profile], None] | None = None, grad_forward_only: bool = False,
+                 force: bool = False, inputs: Sequence[str] = ()) -> None:
+        # resolved now: a script that changes folder does not move (or misname) the profile
+        self.out = Path(os.path.abspath(out)) if out is not None else None
+        self.force = force
+        self.inputs = tuple(inputs)
         self.profile: Profile | None = None
         self.profile_path: Path | None = None
-        self.save_error: OSError | None = None
+        self.save_error: OSError | MemprofError | None = None
         self.hook = (FirstRootForward(on_root_forward, grad_only=grad_forward_only)
                      if on_root_forward is not None else None)
         self.stop_error: BaseException | None = None
@@ -263,10 +284,11 @@ class ScriptTracking:
     def _stopped(self, tracker: Tracker) -> None:
         self.profile = tracker.profile
         if self.out is not None:
-            try:
+            try:  # checked again: the script may have made a file there meanwhile
+                check_output(self.out, "profile", inputs=self.inputs, force=self.force)
                 self.profile.save(self.out)
                 self.profile_path = self.out
-            except OSError as e:
+            except (OSError, MemprofError) as e:
                 self.save_error = e
         if self.on_stop is not None:
             try:
@@ -420,7 +442,8 @@ def run(target: str, args: Sequence[str] = (), *, module: bool = False, steps: i
         on_root_forward: Callable[[torch.nn.Module, tuple, dict], object] | None = None,
         rank_timeout_s: float = 120.0, on_stop: Callable[[Profile], None] | None = None,
         session_hook: Callable[[ScriptTracking], None] | None = None,
-        grad_forward_only: bool = False) -> RunResult:
+        grad_forward_only: bool = False, force: bool = False,
+        inputs: Sequence[str | os.PathLike] = ()) -> RunResult:
     """Run a script (or, with ``module=True``, a module) as Python would, tracking its first ``steps``
     optimizer steps; write the profile to ``out`` (``OUT.rankN.json`` under torchrun).
 
@@ -429,19 +452,28 @@ def run(target: str, args: Sequence[str] = (), *, module: bool = False, steps: i
     ``on_stop(profile)`` runs when tracking stops (the script may go on); ``session_hook`` sees the
     :class:`ScriptTracking` before it starts; ``grad_forward_only``: ``on_root_forward`` waits for the first root
     forward run with gradients on.
+
+    ``out`` is resolved against the current folder now, and refused (:class:`~memprof.files.OutputRefused`,
+    before the script runs) when it is the script, one of ``inputs``, or an existing file that is not a
+    memprof profile, unless ``force`` (see :func:`memprof.files.check_output`).
     """
     tgt = resolve_target(target, module=module)
     started = time.time()
     ranks = distributed_rank()
-    path = Path(out)
+    out = Path(os.path.abspath(out))
+    path = out
     environment = None
+    inputs = [*target_files(tgt), *inputs]
     if ranks is not None:
         path = rank_profile_path(out, ranks[0])
+        check_output(path, "profile", inputs=inputs, force=force)
         path.unlink(missing_ok=True)  # a file left by an earlier launch must not pass for this one's
         environment = {"rank": ranks[0], "world_size": ranks[1]}
+    else:
+        check_output(path, "profile", inputs=inputs, force=force)
     session = ScriptTracking(steps=steps, out=path, device_memory=device_memory,
                              on_root_forward=on_root_forward, environment=environment, on_stop=on_stop,
-                             grad_forward_only=grad_forward_only)
+                             grad_forward_only=grad_forward_only, force=force, inputs=inputs)
     if session_hook is not None:
         session_hook(session)
     code, text, error = _execute(tgt, args, session)

@@ -104,4 +104,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
 def test_unknown_option_before_the_script_is_a_usage_error(args, message):
     result = run(*args)
     assert result.exit_code == 2
-    assert message in result.stderr and "Usage: main run" in result.stderr  # "main": CliRunner's prog name
+    assert message in result.stderr and "(see main run --help)" in result.stderr  # "main": CliRunner's prog name
+    assert result.stderr.count("\n") == 1  # one line

@@ -20,10 +20,38 @@ __all__ = ["main"]
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # silence the profiler's per-session lines (scratch calibration)
 
 
+class _UsageLine(click.ClickException):
+    """A click usage error shown as one line on stderr (exit code 2), naming the command's --help."""
+
+    exit_code = 2
+
+    def __init__(self, error: click.UsageError) -> None:
+        path = error.ctx.command_path if error.ctx is not None else "memprof"
+        message = " ".join(error.format_message().split())
+        super().__init__(f"{path}: {message} (see {path} --help)")
+
+    def show(self, file=None) -> None:
+        click.echo(f"memprof: error: {self.message}", err=True)
+
+
 class _Group(click.Group):
-    """Turns MemprofError (and other expected failures) into one line and exit code 2."""
+    """Turns MemprofError (and other expected failures) and click's usage errors into one line and exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _UsageLine(e) from None
 
     def invoke(self, ctx):
+        try:
+            return self._invoke(ctx)
+        except click.UsageError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise _UsageLine(e) from None
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MemprofError as e:

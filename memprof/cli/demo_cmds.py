@@ -27,6 +27,10 @@ def _steps(model, opt, batch, n: int, track: bool):
     return tracker.profile if tracker else None
 
 
+_FILES = (("before.json", "profile"), ("after.json", "profile"), ("plan.toml", "plan"), ("timeline.png", "png"),
+          ("modules.png", "png"), ("report.html", "html"), ("frontier.png", "png"), ("timeline-after.png", "png"))
+
+
 @click.command("demo")
 @click.option("--out", "out_dir", default="memprof-demo", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Folder for profiles, plan, plots.")
@@ -34,7 +38,8 @@ def _steps(model, opt, batch, n: int, track: bool):
 @click.option("--budget-fraction", type=click.FloatRange(0.3, 0.99), default=0.8, show_default=True,
               help="Plan for this fraction of the measured peak.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-def demo(out_dir, device, budget_fraction, batch_size):
+@click.option("--force", is_flag=True, help="Overwrite files of these names in --out even if memprof did not write them.")
+def demo(out_dir, device, budget_fraction, batch_size, force):
     """After one warm-up step, profile three training steps of a small GPT, explain the peak, plan for a smaller budget, apply the plan
     and measure again. Writes profiles, the plan, plots and an HTML report to --out.
 
@@ -55,6 +60,12 @@ def demo(out_dir, device, budget_fraction, batch_size):
         device = "cuda" if cuda_available() else "cpu"
     if device == "cuda" and not cuda_available():
         raise memprof.MemprofError("--device cuda: CUDA is not available here")
+    from memprof.files import check_output
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out")
+    for name, kind in _FILES:
+        check_output(out_dir / name, kind, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     with torch.device(device):

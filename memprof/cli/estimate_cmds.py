@@ -112,9 +112,10 @@ def _parse_sweep(sweep: str | None):
               help="DPO's reference: a model forward (with --lora: the base model, adapters disabled) or "
                    "log-probs precomputed into the batch.")
 @click.option("--list-models", is_flag=True, help="List the catalog of architectures and exit.")
+@click.option("--force", is_flag=True, help="Overwrite --out even if it is not a profile memprof wrote.")
 def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, optimizer, world_size, sharding,
                  shard_group_size, offload, device_name, device_memory, sweep, out, fmt, units, depth, lora,
-                 lora_targets, method, dpo_reference, list_models):
+                 lora_targets, method, dpo_reference, list_models, force):
     """Estimate a training step's memory on fake tensors: does it fit, with what headroom, and why.
 
     \b
@@ -143,6 +144,15 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
         return
     if device_name and device_memory:
         raise click.UsageError("give --device or --device-memory, not both")
+    if device_memory is not None:
+        from ..units import parse_size
+
+        if parse_size(device_memory) <= 0:
+            raise click.BadParameter(f"must be more than 0 bytes, got {device_memory!r}", param_hint="--device-memory")
+    if out is not None:
+        from ..files import check_output
+
+        shown, out = out, check_output(out, "profile", inputs=[hf if hf and Path(hf).is_file() else None], force=force)
     device = "cpu" if (device_name or "").lower() == "cpu" else "cuda"
     capacity = device_memory or (device_name if device == "cuda" else None)
     build, batch_for, description, source_for = _source(model_spec, hf, batch_spec, seq_len)
@@ -174,7 +184,7 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
         _echo_estimate(prof, fmt, units, depth, said)
     if out is not None:
         prof.save(out)
-        click.echo(f"wrote {out}", err=True)
+        click.echo(f"wrote {shown}", err=True)
 
 
 def _fits(prof) -> str:

@@ -42,8 +42,9 @@ def _levers(text: str) -> tuple[str, ...]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan (TOML), e.g. policies/x.toml.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Frontier figure (PNG).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite --out/--plot even if they are not files memprof wrote.")
 def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precision, hf, model_spec, batch_spec,
-             batch_size, seq_len, shard_group_size, out, plot_path, fmt):
+             batch_size, seq_len, shard_group_size, out, plot_path, fmt, force):
     """Plan checkpointing (and precision, sharding) so that a step fits a memory budget, for the least time.
 
     Other precisions and sharding are weighed on estimates of the same model: name it with --hf or --model
@@ -59,10 +60,19 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
       memprof plan prof.json --budget 16GiB --levers checkpoint,precision --hf llama-3.2-1b --seq-len 2048
     """
     from .. import load
+    from ..files import check_output
     from ..policy.engine import UnweighableLeverError, plan
     from ..policy.sources import EstimateSource, describe_hf, source_from_profile
     from ..profiles import Profile
 
+    inputs = [profile, hf if hf and Path(hf).is_file() else None]
+    shown = {}
+    if out is not None:
+        out, shown[out] = check_output(out, "plan", inputs=inputs, force=force), out
+    if plot_path is not None:
+        given = plot_path
+        plot_path = check_output(plot_path, "png", inputs=[*inputs, out], force=force, option="--plot")
+        shown[plot_path] = given
     prof = load(profile)
     if not isinstance(prof, Profile):
         raise ProfileFormatError(profile, f"is a {type(prof).__name__}, not a profile")
@@ -102,7 +112,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
         _echo_plan(result)
     for path in (out, plot_path):
         if path is not None:
-            click.echo(f"wrote {path}", err=True)
+            click.echo(f"wrote {shown[path]}", err=True)
 
 
 def _echo_plan(p) -> None:

@@ -8,6 +8,7 @@ prints as one line with exit code 2. ``diff --fail-over`` exits 1 when something
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -65,7 +66,8 @@ def report(profile, depth, top, sort, units, fmt, sections):
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True,
               help="Modules shown in modules.png.")
 @click.option("--depth", type=click.IntRange(min=0), help="Cut the module tree at this depth in modules.png.")
-def plot(profile, out_dir, with_html, top, depth):
+@click.option("--force", is_flag=True, help="Overwrite files of these names even if memprof did not write them.")
+def plot(profile, out_dir, with_html, top, depth, force):
     """Write timeline.png and modules.png (and report.html with --html); print their paths.
 
     \b
@@ -75,21 +77,31 @@ def plot(profile, out_dir, with_html, top, depth):
       memprof plot memprof.json --top 25 --depth 2
     """
     from .. import plots
+    from ..files import check_output
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(f"{out_dir} is a file, not a folder", param_hint="--out")
+    names = [("timeline.png", "png"), ("modules.png", "png")] + ([("report.html", "html")] if with_html else [])
+    paths = [check_output(out_dir / name, kind, inputs=[profile], force=force) for name, kind in names]
     prof = _load_profile(profile)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [plots.timeline(prof, out_dir / "timeline.png"),
-               plots.modules(prof, out_dir / "modules.png", top=top, depth=depth)]
+    written = [plots.timeline(prof, paths[0]), plots.modules(prof, paths[1], top=top, depth=depth)]
     if with_html:
-        written.append(plots.html_report(prof, out_dir / "report.html", top=top, depth=depth))
-    for path in written:
-        click.echo(str(path))
+        written.append(plots.html_report(prof, paths[2], top=top, depth=depth))
+    for (name, _), _path in zip(names, written):
+        click.echo(str(out_dir / name))
+
+
+def _finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite percentage, got {value}")
+    return value
 
 
 @click.command("diff")
 @click.argument("base", metavar="BASE.json")
 @click.argument("new", metavar="NEW.json")
-@click.option("--fail-over", type=click.FloatRange(min=0), metavar="PERCENT",
+@click.option("--fail-over", type=click.FloatRange(min=0), metavar="PERCENT", callback=_finite,
               help="Exit 1 when the peak or any module grew by more than PERCENT (a new module counts).")
 @click.option("--format", "fmt", type=click.Choice(DIFF_FORMATS), default="table", show_default=True,
               help="Output format.")

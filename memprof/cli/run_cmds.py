@@ -118,11 +118,14 @@ def _report_failure(result, device_memory: int | None, debug: bool) -> None:
               help="With --budget: checkpoint, precision (autocast).")
 @click.option("--plan-out", default="memprof-plan.toml", show_default=True, type=click.Path(dir_okay=False),
               help="With --budget: where to write the plan.")
+@click.option("--force", is_flag=True,
+              help="Overwrite --out/--plan-out even if they are not files memprof wrote (never the script or the "
+                   "plan it applies).")
 @click.option("-m", "as_module", is_flag=True,
               help="Run a module like python -m: the first argument is the module's name.")
 @click.argument("target", nargs=-1, type=click.UNPROCESSED, metavar="SCRIPT|-m MODULE [ARGS]...")
 @click.pass_context
-def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, as_module, target):
+def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, force, as_module, target):
     """Run a training script unmodified, as python would, and profile its first optimizer steps.
 
     The script's output and exit code pass through; memprof prints the profile's summary (to stderr) and
@@ -150,10 +153,11 @@ def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, a
     limit = _device_memory(device_memory)
     if policy_path and budget:
         raise click.UsageError("give --policy or --budget, not both", ctx=ctx)
+    out, plan_out, inputs = _outputs(target[0], as_module, out, plan_out if budget else None, policy_path, force)
     extra, applied = _plan_options(policy_path, budget, levers, out, plan_out)
     try:
         result = runner.run(target[0], list(target[1:]), module=as_module, steps=steps, out=out,
-                            device_memory=limit, **extra)
+                            device_memory=limit, force=force, inputs=inputs, **extra)
     finally:
         if applied.get("auto") is not None:
             applied["auto"].close()
@@ -167,7 +171,7 @@ def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, a
         if result.profile is not None and result.profile_path is not None:
             _report_profile(result, out)
             if applied.get("plan") is not None and result.rank in (None, 0):
-                _echo(_verification(applied["plan"], result.profile))
+                _echo(_verification(applied["plan"], result.profile, result.world_size or 1))
             if applied.get("auto") is not None:
                 session = applied["auto"]
                 written = f"; plan written to {plan_out}" if session.plan is not None and session.plan_saved else ""
@@ -176,12 +180,32 @@ def run(ctx, steps, out, device_memory, policy_path, budget, levers, plan_out, a
                     _echo(_live_verification(applied["auto"].verification))
     if result.save_error is not None:
         e = result.save_error
-        _echo(f"memprof: error: could not write the profile: {e.strerror or e}: {e.filename or out}")
+        if isinstance(e, MemprofError):
+            _echo(f"memprof: error: the profile was not written: {e}")
+        else:
+            _echo(f"memprof: error: could not write the profile: {e.strerror or e}: {e.filename or out}")
         code = code or 2
     elif result.profile is None:
         _echo("memprof: error: tracking failed; no profile was written (rerun with --debug and report it)")
         code = code or 2
     ctx.exit(code)
+
+
+def _outputs(script, as_module, out, plan_out, policy_path, force):
+    """``out`` and ``plan_out`` made absolute and checked before the script runs (see memprof.files), and the
+    files that are inputs: the script (the runner adds it), the plan applied."""
+    from ..files import check_output
+    from ..runner import resolve_target, target_files
+
+    inputs = [p for p in (policy_path,) if p]
+    script_files = target_files(resolve_target(script, module=as_module))
+    out = check_output(out, "profile", inputs=[*script_files, *inputs], force=force)
+    if plan_out is not None:
+        plan_out = check_output(plan_out, "plan", inputs=[*script_files, *inputs, out], force=force,
+                                option="--plan-out")
+        if plan_out == out:
+            raise MemprofError(f"--plan-out {plan_out}: is also --out; give them different paths")
+    return out, plan_out, inputs
 
 
 def _plan_options(policy_path, budget, levers, out, plan_out):
@@ -232,9 +256,15 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
     return {}, applied
 
 
-def _verification(the_plan, prof) -> str:
-    """Prediction and measurement side by side (peak; step time against the plan's baseline)."""
+def _verification(the_plan, prof, world_size: int = 1) -> str:
+    """Prediction and measurement side by side (peak; step time against the plan's baseline); a plan made for
+    another world size is not verified by this run, and the text says so."""
     from tabulate import tabulate
+
+    if the_plan.world_size != world_size:
+        return (f"memprof: the plan was not verified: it is for world size {the_plan.world_size} and the script ran "
+                f"as {world_size} process(es); its per-device peak holds only with that many ranks (launch with "
+                f"torchrun --nproc-per-node {the_plan.world_size} -m memprof run ...)")
 
     steps = [s.duration_ms for s in prof.steps if s.micro_batches]
     steady = steps[1:] if len(steps) > 1 else steps

@@ -96,7 +96,7 @@ def _kind(v: object) -> str:
     if isinstance(v, bool):
         return f"a boolean ({'true' if v else 'false'})"
     if isinstance(v, int):
-        return f"an integer ({v})"
+        return f"an integer ({v})" if abs(v) < 10**20 else f"an integer of {len(str(abs(v)))} digits"
     if isinstance(v, float):
         return f"a float ({v!r})"
     if isinstance(v, str):
@@ -135,13 +135,17 @@ def _int(obj: object, name: str, *, minimum: int = 0) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise PlanValueError(name, f"expected an integer, got {_kind(v)}")
     if v < minimum:
-        raise PlanValueError(name, f"must be at least {minimum}, got {v}")
+        raise PlanValueError(name, f"must be at least {minimum}, got {_kind(v)}")
+    if v >= 2**63:
+        raise PlanValueError(name, f"must be below 2**63, got {_kind(v)}")
 
 
 def _float(obj: object, name: str, *, nonnegative: bool = False) -> None:
     v = getattr(obj, name)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise PlanValueError(name, f"expected a number, got {_kind(v)}")
+    if isinstance(v, int) and abs(v) >= 2**63:
+        raise PlanValueError(name, f"must be below 2**63, got {_kind(v)}")
     if not math.isfinite(v):
         raise PlanValueError(name, f"must be finite, got {v!r}")
     if nonnegative and v < 0:
@@ -434,6 +438,8 @@ def load_plan(path: str | os.PathLike) -> Plan:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PlanFormatError(path, f"not valid TOML: {e}") from None
+    except RecursionError:
+        raise PlanFormatError(path, "not a memprof plan (TOML nested too deeply)") from None
     return Plan.from_dict(data, path)
 
 

@@ -32,7 +32,8 @@ from . import native
 __all__ = ["ScratchCalibrator", "signature", "clear_cache"]
 
 _Tensor = torch.Tensor
-_CACHE: dict = {}  # signature -> (excess bytes, device)
+_CACHE: dict = {}  # signature -> (excess bytes, device), at most CACHE_LIMIT entries
+CACHE_LIMIT = 20_000
 
 # Never calibrated: collectives run on worker threads (a profiler session stopped under a running collective
 # crashed gloo ranks), and profiler/FSDP bookkeeping ops allocate nothing of their own.
@@ -87,6 +88,8 @@ class ScratchCalibrator:
         self._cuda = cuda_counters
 
     def call(self, func, args, kwargs):
+        if func.namespace in SKIP_NAMESPACES:  # not cached: their arguments (profiler handles) are new each time
+            return func(*args, **kwargs), 0, None
         key = signature(func, args, kwargs)
         try:
             hit = _CACHE.get(key)
@@ -95,9 +98,6 @@ class ScratchCalibrator:
         if hit is not None:
             out = func(*args, **kwargs)
             return out, hit[0], hit[1]
-        if func.namespace in SKIP_NAMESPACES:
-            _CACHE[key] = (0, None)
-            return func(*args, **kwargs), 0, None
         device = _first_device(args)
         if device is None:
             return func(*args, **kwargs), 0, None
@@ -109,6 +109,8 @@ class ScratchCalibrator:
             out, excess = self._cuda.measure(func, args, kwargs, device)
         else:
             return func(*args, **kwargs), 0, None
+        if len(_CACHE) >= CACHE_LIMIT:  # bounded: drop the oldest signature (it is measured again if seen)
+            _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = (excess, device)
         self.calibrated += 1
         return out, excess, device
