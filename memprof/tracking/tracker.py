@@ -1380,7 +1380,7 @@ def _remove_hook(handle, iterating: bool) -> None:
     That loop iterates the global post-hook ``OrderedDict``; deleting from it mid-iteration raises, except
     for the entry the iterator has just returned when it is the last one (the iterator has then already
     finished). Our post-hook is normally last; when a later one was added inside the tracked block, ours is
-    made inert and removes itself the next time it runs last.
+    made inert and removed at the next optimizer step by :func:`_sweep_later`.
     """
     hooks = handle.hooks_dict_ref()
     if hooks is None or handle.id not in hooks:
@@ -1388,13 +1388,35 @@ def _remove_hook(handle, iterating: bool) -> None:
     if not iterating or next(reversed(hooks)) == handle.id:
         handle.remove()
         return
+    hooks[handle.id] = _inert
+    _sweep_later(handle, into_pre=True)
 
-    def inert(*_args, **_kwargs):
-        d = handle.hooks_dict_ref()
-        if d is not None and next(reversed(d)) == handle.id:
-            handle.remove()
 
-    hooks[handle.id] = inert
+def _inert(*_args, **_kwargs) -> None:
+    """What a hook that could not be removed yet is replaced by."""
+
+
+def _sweep_later(handle, into_pre: bool) -> None:
+    """Remove ``handle`` (an inert entry of the global optimizer hook dict being iterated now) from a one-shot
+    hook in the other global dict (pre-hooks with ``into_pre``), which runs at the next optimizer step while
+    ``handle``'s dict is not iterated. The sweeper removes itself the same way: at once when it is the last
+    entry of its dict, else from the other dict at its next run."""
+    register = register_optimizer_step_pre_hook if into_pre else register_optimizer_step_post_hook
+    own: list = []
+
+    def sweep(*_args, **_kwargs):
+        handle.remove()
+        mine = own[0]
+        d = mine.hooks_dict_ref()
+        if d is None or mine.id not in d:
+            return
+        if next(reversed(d)) == mine.id:
+            mine.remove()
+        else:
+            d[mine.id] = _inert
+            _sweep_later(mine, into_pre=not into_pre)
+
+    own.append(register(sweep))
 
 
 def _sort_key(name: str):
