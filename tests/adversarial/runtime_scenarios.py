@@ -110,7 +110,17 @@ def _setup(seed: int = 0, width: int = 32):
 # -- interrupts --------------------------------------------------------------------------------------------
 def interrupt_trial(seed: int, steps: int = 50, out_dir: str | None = None) -> str | None:
     """SIGINT (``os.kill`` from a timer thread) at a seeded random moment of ``steps`` tracked steps, in this
-    process: the KeyboardInterrupt must reach the training code and leave no trace."""
+    process: the KeyboardInterrupt must reach the training code and leave no trace. Runs with one intra-op
+    thread (a tiny step on a shared CPU otherwise waits on OpenMP for most of its time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _interrupt_trial(seed, steps, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interrupt_trial(seed: int, steps: int, out_dir: str | None) -> str | None:
     rng = random.Random(seed)
     model, opt, x = _setup(seed, rng.choice((32, 64, 128)))
     for _ in range(2):

@@ -89,14 +89,14 @@ def test_an_interrupt_outside_memprofs_code_is_raised_at_once():
     assert reached == []
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(20))
 def test_sigint_at_a_random_moment_of_50_tracked_steps_raises_and_leaves_no_trace(seed):
     with tempfile.TemporaryDirectory() as out:
         assert scenarios.interrupt_trial(seed, steps=50, out_dir=out) is None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_a_script_sent_sigint_during_50_tracked_steps_ends_by_keyboard_interrupt_and_leaves_no_trace(seed):
     with tempfile.TemporaryDirectory() as out:
         assert scenarios.child_interrupt_trial(seed, out, steps=50) is None
