@@ -50,7 +50,14 @@ class ApplyError(MemprofError):
     """The plan does not fit the model or the environment it is applied in."""
 
 
-_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> the handle of the plan on it now
+# module -> a weak reference to the handle of the plan applied to it now (weak both ways: neither the model nor a
+# handle the user dropped is kept alive by this registry)
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _owner(mod):
+    ref = _APPLIED.get(mod)
+    return ref() if ref is not None else None
 
 
 def resolve_units(model: nn.Module, plan) -> dict[str, str]:
@@ -105,9 +112,8 @@ class ApplyHandle:
                 errors.append(e)
             finally:
                 self._undo.pop()
-        for mod, owner in list(_APPLIED.items()):
-            if owner is self:
-                del _APPLIED[mod]
+        for mod in [m for m, ref in list(_APPLIED.items()) if ref() is self]:
+            del _APPLIED[mod]
         if errors:
             raise errors[0]
 
@@ -171,7 +177,7 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         raise ApplyError(f"apply() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise ApplyError(f"apply() needs a memprof Plan (memprof.load('plan.toml')), got {type(plan).__name__}")
-    taken = next((owner for mod in model.modules() if (owner := _APPLIED.get(mod)) is not None), None)
+    taken = next((owner for mod in model.modules() if (owner := _owner(mod)) is not None), None)
     if taken is not None:
         raise ApplyError(f"a plan is already applied to this model (or a module it shares with one): {taken!r}; "
                          "remove it first (handle.remove()), then apply the new plan")
@@ -199,7 +205,7 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
     handle = ApplyHandle(model, plan)
     device_type = _offload_device_type() if offload else _device_type(model)
     for mod in model.modules():
-        _APPLIED[mod] = handle
+        _APPLIED[mod] = weakref.ref(handle)
     try:
         # Order as in torchtitan: activation checkpointing, then precision, then FSDP.
         if any(m != "keep" for m in units.values()):

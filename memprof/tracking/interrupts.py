@@ -22,6 +22,12 @@ How
 
 The frame test runs only when a signal arrives; the per-op cost is one check of a module-level flag.
 
+Why not simpler: a ``try``/``except KeyboardInterrupt`` in the callback cannot work alone, as the handler may
+run at the callback's first instruction, before the ``try`` (it is kept as a fallback for handlers memprof
+did not wrap); blocking SIGINT with ``pthread_sigmask`` around callbacks does not either, as the kernel then
+delivers the process's signal to another thread and Python still runs the handler in the main thread at its
+next check.
+
 Known limits: a signal recorded in memprof's code is raised at the next op or hook; in a tracked block that
 then runs pure Python for a long time (no tensor op, no module, no optimizer step) it waits for that, or for
 the next signal (which is raised at once outside memprof's code). Only the main thread's signals exist in

@@ -23,9 +23,12 @@ It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and
   (``_label_grads``), or by a ``register_post_accumulate_grad_hook`` where backward runs per op from the
   start; after each optimizer step its state tensors are relabelled ``optimizer``.
 
-Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` patch and every
-storage weakref are removed when tracking stops, also when the tracked block raises (including out of
-memory). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
+Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` and autograd-engine
+patches (each put back exactly as found) and every storage weakref are removed when tracking stops, also
+when the tracked block raises (including out of memory) or is interrupted: a signal that arrives while
+memprof's own code runs is raised at the next op or hook, at the latest once all of that is undone
+(:mod:`.interrupts`). One tracker runs at a time in a process: starting (or resuming) a second while one
+runs raises :class:`~memprof.errors.TrackingError` (a paused tracker lets another run). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
 profile; dynamo is told never to compile the tracker's own frames); non-``nn.Module`` models get no
 per-module rows; with ``model=None`` only modules that run forward inside the block are found.
 """
