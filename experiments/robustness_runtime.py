@@ -1,7 +1,7 @@
 """Interrupts and leave-no-trace orders of use (issue "hardened"): the runtime categories of
 experiments/robustness.py, which imports :func:`run_categories`; also standalone:
 
-    python experiments/robustness_runtime.py            # full: 40 + 4 interrupt trials, every order (< 5 min)
+    python experiments/robustness_runtime.py            # full: 150 + 5 interrupt trials, every order (< 5 min)
     python experiments/robustness_runtime.py --quick    # 10 + 1 trials, every order, auto once
 
 Prints the categories as JSON, each ``{"tried", "held", "failures"}``:
@@ -47,7 +47,7 @@ def _count(cat: dict, problem: str | None, name: str) -> None:
 
 def interrupts(quick: bool) -> dict:
     cat = _category()
-    in_process, children = (10, 1) if quick else (40, 4)
+    in_process, children = (10, 1) if quick else (150, 5)
     for seed in range(in_process):
         with tempfile.TemporaryDirectory() as out:
             _count(cat, scenarios.interrupt_trial(1000 + seed, steps=50, out_dir=out), "in process")
