@@ -8,9 +8,11 @@
   dropout recomputes the same masks — with the selective policy of :mod:`memprof.policy.selective` for
   "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
 * precision: autocast around the root's forward (bf16/fp16-autocast); for fp16 a ``GradScaler`` that needs
-  no change to the training loop (the root outputs' gradients are scaled by a hook; ``optimizer.step`` is
-  replaced by one that unscales, skips on inf/nan and updates the scale; pass ``optimizer=``); for bf16
-  parameters, the floating-point parameters and buffers are cast in place.
+  no change to the training loop (the root outputs' gradients are scaled by a hook, in each output's own
+  dtype; ``optimizer.step`` is replaced by one that unscales, skips on inf/nan and updates the scale; pass
+  ``optimizer=``); for bf16 parameters, the floating-point parameters and buffers are cast in place and a
+  forward pre-hook on the root casts its floating-point inputs to bf16, so a script written for fp32 runs
+  unchanged (its outputs stay bf16; PyTorch promotes them where the script mixes them with fp32 tensors).
 * sharding: FSDP2 ``fully_shard`` of every unit and the root, with the plan's ``reshard_after_forward`` and
   mixed precision (:func:`memprof.sharding.shard_model`), when a process group of the plan's world size is
   initialised. Create the optimizer after applying a sharded plan (FSDP replaces the parameters).
@@ -20,7 +22,9 @@
   steps there. A plan for world size 1 needs a one-rank process group too (``torchrun --nproc-per-node 1``).
 
 ``handle.remove()`` (or leaving ``with memprof.apply(...)``) restores the model: forwards, hooks, the
-optimizer's ``step``. Known limits: FSDP sharding cannot be undone (``remove()`` leaves it and says so in
+optimizer's ``step``, dtypes. One plan at a time: applying a plan to a model that shares a module with one a
+plan is applied to now raises :class:`ApplyError` (remove that plan first), so removal never depends on the
+order of use. Known limits: FSDP sharding cannot be undone (``remove()`` leaves it and says so in
 ``handle.irreversible``); bf16 parameters are cast back to their dtype on ``remove()`` but keep bf16's
 rounding.
 """
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -43,6 +48,16 @@ __all__ = ["apply", "ApplyHandle", "ApplyError", "resolve_units"]
 
 class ApplyError(MemprofError):
     """The plan does not fit the model or the environment it is applied in."""
+
+
+# module -> a weak reference to the handle of the plan applied to it now (weak both ways: neither the model nor a
+# handle the user dropped is kept alive by this registry)
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _owner(mod):
+    ref = _APPLIED.get(mod)
+    return ref() if ref is not None else None
 
 
 def resolve_units(model: nn.Module, plan) -> dict[str, str]:
@@ -90,10 +105,15 @@ class ApplyHandle:
         self._removed = True
         errors = []
         while self._undo:
+            undo = self._undo[-1]
             try:
-                self._undo.pop()()
-            except Exception as e:  # keep undoing the rest
+                undo()
+            except BaseException as e:  # keep undoing the rest (an interrupt too), then raise the first
                 errors.append(e)
+            finally:
+                self._undo.pop()
+        for mod in [m for m, ref in list(_APPLIED.items()) if ref() is self]:
+            del _APPLIED[mod]
         if errors:
             raise errors[0]
 
@@ -157,6 +177,10 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         raise ApplyError(f"apply() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise ApplyError(f"apply() needs a memprof Plan (memprof.load('plan.toml')), got {type(plan).__name__}")
+    taken = next((owner for mod in model.modules() if (owner := _owner(mod)) is not None), None)
+    if taken is not None:
+        raise ApplyError(f"a plan is already applied to this model (or a module it shares with one): {taken!r}; "
+                         "remove it first (handle.remove()), then apply the new plan")
     units = resolve_units(model, plan)
     strategy = plan.sharding.strategy
     offload = plan.sharding.offload_optimizer
@@ -180,6 +204,8 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
 
     handle = ApplyHandle(model, plan)
     device_type = _offload_device_type() if offload else _device_type(model)
+    for mod in model.modules():
+        _APPLIED[mod] = weakref.ref(handle)
     try:
         # Order as in torchtitan: activation checkpointing, then precision, then FSDP.
         if any(m != "keep" for m in units.values()):
@@ -219,8 +245,10 @@ def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, devi
         buffer_dtypes = {(id(mod), name): b.dtype for mod in model.modules()
                          for name, b in mod._buffers.items() if b is not None}
         cast_floating(model, torch.bfloat16)
+        hook = model.register_forward_pre_hook(_inputs_to(torch.bfloat16), with_kwargs=True)
 
         def undo():
+            hook.remove()
             for mod in model.modules():
                 for p in mod._parameters.values():
                     if p is not None and id(p) in dtypes and p.dtype != dtypes[id(p)]:
@@ -251,12 +279,29 @@ def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, devi
     _swap_forward(handle, model, make)
 
 
+def _inputs_to(dtype):
+    """A root forward pre-hook casting floating-point tensors among the inputs to ``dtype``."""
+    from torch.utils._pytree import tree_map
+
+    def cast(x):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype else x
+
+    def hook(_module, args, kwargs):
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    return hook
+
+
 def _scale_gradients(out, scaler) -> None:
     from torch.utils._pytree import tree_leaves
 
+    def scale(grad):  # scale() also creates the scale tensor on first use
+        # An fp16 scalar times the fp32 scale is fp32, and autograd refuses a hook that changes the dtype.
+        return scaler.scale(grad).to(grad.dtype)
+
     for t in tree_leaves(out):
         if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
-            t.register_hook(scaler.scale)  # scale() also creates the scale tensor on first use
+            t.register_hook(scale)
 
 
 def _scale_optimizer_step(handle: ApplyHandle, optimizer, scaler) -> None:

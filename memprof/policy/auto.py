@@ -22,7 +22,9 @@ to apply, the training function computes what it computes without memprof. When 
 first step cannot run, ``notify`` (a warning on logger ``memprof`` by default; ``memprof run`` prints it on
 stderr) says why, and the first step is measured unguarded.
 
-Training goes on in the same function call. Levers are checkpointing and autocast precision: sharding and
+Training goes on in the same function call. When it returns or raises, the plan is removed
+(:meth:`memprof.ApplyHandle.remove`: the model's forwards, hooks and dtypes as before the call) and every hook
+and tracker of the session is gone. Levers are checkpointing and autocast precision: sharding and
 bf16 parameters change the parameters the user's optimizer already holds, so they are not applied
 mid-training (plan them with ``memprof plan`` and apply before building the optimizer).
 
@@ -148,13 +150,21 @@ class AutoSession:
             self.check.remove()
 
     def finish(self, quiet: bool = False) -> None:
-        self.close()
-        if self._first is not None:
-            self._first.remove()
-        if self.tracker is not None:
-            self.failed = self.failed or quiet
+        """The decorated function returned (or raised, ``quiet``): stop, remove the plan and every hook."""
+        try:
+            self.close()
+            if self._first is not None:
+                self._first.remove()
+            if self.tracker is not None:
+                self.failed = self.failed or quiet
+                try:
+                    self.tracker.stop()
+                except Exception:
+                    if not quiet:
+                        raise
+        finally:
             try:
-                self.tracker.stop()
+                self.remove_plan()
             except Exception:
                 if not quiet:
                     raise

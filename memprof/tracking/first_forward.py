@@ -6,7 +6,8 @@ when a module runs forward while no other module is running (the root model). In
 tracker's hooks, it runs before the tracker sees that forward, so what the callback changes is what gets
 measured. The root's own ``forward`` was already looked up when its hooks run: a callback that needs the
 first call to run differently (a plan's autocast) returns a context manager, entered for that call and left
-by the matching post-hook. The hooks are removed at the next module call after it (or by ``remove()``).
+by the matching post-hook; forward pre-hooks the callback adds to the root (a bf16 plan's input cast) are
+run for that call here, as torch took its list of hooks before the callback ran. The hooks are removed at the next module call after it (or by ``remove()``).
 With ``grad_only=True`` root forwards run while gradients are off (``torch.no_grad``, ``inference_mode``:
 an evaluation before training, as nanoGPT's ``estimate_loss`` at iteration 0) are passed over, so the
 callback sees the first forward of a training step.
@@ -78,14 +79,37 @@ class FirstRootForward:
             return  # an evaluation forward: wait for one that builds a graph
         self.done = True
         kwargs = _caller_kwargs()
+        hooks_before = set(mod._forward_pre_hooks)
         try:
             ctx = self.callback(mod, args, kwargs)
+            args = self._run_added_hooks(mod, hooks_before, args, kwargs)
         except BaseException as e:
             self.error = e
             raise
         if ctx is not None:
             ctx.__enter__()
             self._ctx = (mod, ctx)
+        return args
+
+    @staticmethod
+    def _run_added_hooks(mod, before: set, args, kwargs):
+        """Run the root's forward pre-hooks added since ``before`` for the call under way: the new arguments
+        (keyword arguments are changed in the call's own dict)."""
+        for hook_id, hook in list(mod._forward_pre_hooks.items()):
+            if hook_id in before:
+                continue
+            if hook_id in mod._forward_pre_hooks_with_kwargs:
+                result = hook(mod, args, kwargs)
+                if result is not None:
+                    args, new_kwargs = result
+                    if new_kwargs is not kwargs:
+                        kwargs.clear()
+                        kwargs.update(new_kwargs)
+            else:
+                result = hook(mod, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        return args
 
     def _post(self, mod, args, output):
         if self._finished:

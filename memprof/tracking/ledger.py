@@ -35,6 +35,7 @@ from time import perf_counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from . import interrupts as _interrupts
 from .categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
 from .native import device_name as _native_device_name
 
@@ -236,6 +237,8 @@ class Ledger(TorchDispatchMode):
 
     # ------------------------------------------------------------------------------------------ per op --
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _interrupts.pending:  # a signal recorded in memprof's code: raise it here, before the op
+            _interrupts.deliver()
         t_in = perf_counter()
         if kwargs is None:
             kwargs = {}
@@ -478,23 +481,29 @@ class Ledger(TorchDispatchMode):
             self._resized(rec, nb)
 
     def _free(self, ref) -> None:
-        t_in = perf_counter()
-        recorder = self.recorder
-        if recorder is not None:
-            if self.phase != BACKWARD and not self.entering_backward and self._in_open_backward():
-                self.drain()  # the first free in a backward enters its phase, with this storage still live
+        """The weakref callback of every followed storage. Python drops exceptions raised in it: a
+        ``KeyboardInterrupt``/``SystemExit`` (from a signal handler memprof did not wrap) is kept and raised
+        at the next safe point (:mod:`.interrupts`)."""
+        try:
+            t_in = perf_counter()
+            recorder = self.recorder
+            if recorder is not None:
+                if self.phase != BACKWARD and not self.entering_backward and self._in_open_backward():
+                    self.drain()  # the first free in a backward enters its phase, with this storage still live
+                rec = self.live.pop(ref.key, None)
+                if rec is not None:  # logged at the next drain, after what the recorder saw before it
+                    rec.ref = None
+                    self._pending.append((recorder.n.value, rec))
+                self.overhead += perf_counter() - t_in
+                return
             rec = self.live.pop(ref.key, None)
-            if rec is not None:  # logged at the next drain, after what the recorder saw before it
-                rec.ref = None
-                self._pending.append((recorder.n.value, rec))
+            if rec is None:
+                return
+            rec.ref = None
+            self._log_free(rec)
             self.overhead += perf_counter() - t_in
-            return
-        rec = self.live.pop(ref.key, None)
-        if rec is None:
-            return
-        rec.ref = None
-        self._log_free(rec)
-        self.overhead += perf_counter() - t_in
+        except (KeyboardInterrupt, SystemExit) as e:
+            _interrupts.defer_exception(e)
 
     def _log_free(self, rec) -> None:
         n = rec.nbytes
@@ -551,6 +560,8 @@ class Ledger(TorchDispatchMode):
     def own_time(self, method):
         """Wrap a hook so the time it takes counts as memprof's overhead (left out of recorded times)."""
         def timed(*args, **kwargs):
+            if _interrupts.pending:  # a signal recorded in memprof's code: raise it before the hook runs
+                _interrupts.deliver()
             t_in = perf_counter()
             try:
                 return method(*args, **kwargs)

@@ -23,9 +23,12 @@ It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and
   (``_label_grads``), or by a ``register_post_accumulate_grad_hook`` where backward runs per op from the
   start; after each optimizer step its state tensors are relabelled ``optimizer``.
 
-Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` patch and every
-storage weakref are removed when tracking stops, also when the tracked block raises (including out of
-memory). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
+Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` and autograd-engine
+patches (each put back exactly as found) and every storage weakref are removed when tracking stops, also
+when the tracked block raises (including out of memory) or is interrupted: a signal that arrives while
+memprof's own code runs is raised at the next op or hook, at the latest once all of that is undone
+(:mod:`.interrupts`). One tracker runs at a time in a process: starting (or resuming) a second while one
+runs raises :class:`~memprof.errors.TrackingError` (a paused tracker lets another run). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
 profile; dynamo is told never to compile the tracker's own frames); non-``nn.Module`` models get no
 per-module rows; with ``model=None`` only modules that run forward inside the block are found.
 """
@@ -57,7 +60,7 @@ from .._version import __version__
 from ..errors import DeviceMemoryExceeded, MemprofError, TrackingError
 from ..structure import structure_hashes
 from ..units import format_bytes
-from . import native, optpattern
+from . import interrupts, native, optpattern
 from .categories import (
     ACTIVATION,
     BACKWARD,
@@ -87,6 +90,23 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 _IDLE, _RUNNING, _PAUSED, _STOPPED = range(4)
 _BACKLOG_EVENTS = 200_000  # finished steps kept unreplayed up to this many ledger events (~100-200 bytes each)
+_installed: list = []  # the tracker whose hooks, patches and mode are installed now (trackers do not nest)
+_NO_ATTR = object()
+
+
+def _refuse_nesting(tracker, doing: str) -> None:
+    if _installed and _installed[0] is not tracker:
+        raise TrackingError(
+            f"cannot {doing} this tracker: another memprof tracker is running in this process, and trackers do "
+            "not nest (both would patch the same global hooks). Stop the other one first, or track both "
+            "parts of the code with one tracker")
+
+
+@interrupts.pass_through
+def _user_backward(engine, args, kwargs):
+    """Autograd's engine, run by the tracker: the user's backward (hooks, autograd Functions, recomputed
+    forwards) runs under this frame, and a signal there is raised at once (:mod:`.interrupts`)."""
+    return engine(*args, **kwargs)
 
 
 def _as_list(obj, kind, what):
@@ -203,6 +223,7 @@ class Tracker:
         self._dist_env: dict = {}  # world size and rank when tracking stopped under torch.distributed
         self._error: BaseException | None = None
         self._limit_exc: DeviceMemoryExceeded | None = None
+        self._guarded = False  # holds the signal-handler wrappers of .interrupts (from start to stop)
 
     # ------------------------------------------------------------------------------------- lifecycle --
     @property
@@ -231,6 +252,7 @@ class Tracker:
     def start(self) -> Tracker:
         if self._state != _IDLE:
             raise TrackingError("a Tracker can be started only once; make a new one")
+        _refuse_nesting(self, "start")
         cuda = self._clock is None and cuda_available() and torch.cuda.is_initialized()
         self._timer = _Timer(cuda, self._clock)
         self._cuda_folder = CudaPeakFolder() if cuda else None
@@ -284,8 +306,9 @@ class Tracker:
         self.replay = Replay(self._t0, self._timer.bind(self._t0), self._top_k)
         self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         guard_distributed_exit()
-        self._install()
+        self._guarded = interrupts.acquire()
         try:
+            self._install()
             for m in self._models:
                 self._add_root(m)
             for opt in self._optimizers:
@@ -303,6 +326,7 @@ class Tracker:
 
     def resume(self) -> None:
         if self._state == _PAUSED:
+            _refuse_nesting(self, "resume")
             self._install()
 
     def stop(self) -> None:
@@ -315,7 +339,19 @@ class Tracker:
         """
         if self._state in (_IDLE, _STOPPED):
             self._state = _STOPPED
+            self._release_guard()
             return
+        try:
+            self._stop()
+        finally:
+            self._release_guard()  # raises an interrupt recorded while tracking, now that nothing is left
+
+    def _release_guard(self) -> None:
+        if self._guarded:
+            self._guarded = False
+            interrupts.release()
+
+    def _stop(self) -> None:
         try:
             if self._state == _RUNNING:
                 self._uninstall()
@@ -357,6 +393,8 @@ class Tracker:
 
     # ------------------------------------------------------------------------------ install/uninstall --
     def _install(self) -> None:
+        _refuse_nesting(self, "start")
+        _installed.append(self)
         self._global = [
             _nn_module.register_module_forward_pre_hook(self._hook_fw_pre),
             _nn_module.register_module_forward_hook(self._hook_fw_post, with_kwargs=True, always_call=True),
@@ -384,13 +422,17 @@ class Tracker:
             return out
 
         resize_.__wrapped__ = orig
+        self._resize = (resize_, torch.UntypedStorage.__dict__.get("resize_", _NO_ATTR))
         torch.UntypedStorage.resize_ = resize_
         self._engine = None
         if self._backward_on_recorder:
             engine = torch.autograd._engine_run_backward
 
             def run_backward(*args, **kwargs):
-                return self._run_backward(engine, args, kwargs)
+                result = self._run_backward(engine, args, kwargs)
+                if interrupts.pending:  # a signal recorded in memprof's code during this backward
+                    interrupts.deliver()
+                return result
 
             run_backward.__wrapped__ = engine
             torch.autograd._engine_run_backward = run_backward
@@ -399,14 +441,20 @@ class Tracker:
         self._state = _RUNNING
 
     def _uninstall(self) -> None:
+        if _installed and _installed[-1] is self:
+            _installed.pop()
         opt_post = self._global[-1]
         for h in self._global:
             _remove_hook(h, iterating=self._in_opt_post and h is opt_post)
             # torch's handle forgets the with_kwargs flag of global forward hooks: remove it ourselves.
             _nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
         self._global = []
-        if "resize_" in torch.UntypedStorage.__dict__:
-            del torch.UntypedStorage.resize_
+        ours, before = self._resize
+        if torch.UntypedStorage.__dict__.get("resize_") is ours:  # else patched over since: left to its owner
+            if before is _NO_ATTR:
+                del torch.UntypedStorage.resize_
+            else:
+                torch.UntypedStorage.resize_ = before
         if self._engine is not None:
             if torch.autograd._engine_run_backward is self._engine[0]:
                 torch.autograd._engine_run_backward = self._engine[1]
@@ -438,7 +486,7 @@ class Tracker:
         """
         led = self.ledger
         if led.recorder is not None or self._state != _RUNNING:  # nested in a recorded backward, or paused
-            return engine(*args, **kwargs)
+            return _user_backward(engine, args, kwargs)
         rec = None
         if self._backward_on_recorder and _get_current_dispatch_mode() is led \
                 and len(_get_current_dispatch_mode_stack()) == 1:
@@ -447,7 +495,7 @@ class Tracker:
             except MemprofError:
                 pass
         if rec is None:  # per op
-            result = engine(*args, **kwargs)
+            result = _user_backward(engine, args, kwargs)
             if self._state == _RUNNING:
                 self._label_grads(self._unhooked)
             return result
@@ -458,7 +506,7 @@ class Tracker:
             mode = _pop_mode()
             try:
                 with native.quiet_allocator_log():
-                    result = engine(*args, **kwargs)
+                    result = _user_backward(engine, args, kwargs)
             finally:
                 _push_mode(mode)
                 if self._state != _RUNNING and _get_current_dispatch_mode() is mode:
@@ -1339,7 +1387,7 @@ def _remove_hook(handle, iterating: bool) -> None:
     That loop iterates the global post-hook ``OrderedDict``; deleting from it mid-iteration raises, except
     for the entry the iterator has just returned when it is the last one (the iterator has then already
     finished). Our post-hook is normally last; when a later one was added inside the tracked block, ours is
-    made inert and removes itself the next time it runs last.
+    made inert and removed at the next optimizer step by :func:`_sweep_later`.
     """
     hooks = handle.hooks_dict_ref()
     if hooks is None or handle.id not in hooks:
@@ -1347,13 +1395,35 @@ def _remove_hook(handle, iterating: bool) -> None:
     if not iterating or next(reversed(hooks)) == handle.id:
         handle.remove()
         return
+    hooks[handle.id] = _inert
+    _sweep_later(handle, into_pre=True)
 
-    def inert(*_args, **_kwargs):
-        d = handle.hooks_dict_ref()
-        if d is not None and next(reversed(d)) == handle.id:
-            handle.remove()
 
-    hooks[handle.id] = inert
+def _inert(*_args, **_kwargs) -> None:
+    """What a hook that could not be removed yet is replaced by."""
+
+
+def _sweep_later(handle, into_pre: bool) -> None:
+    """Remove ``handle`` (an inert entry of the global optimizer hook dict being iterated now) from a one-shot
+    hook in the other global dict (pre-hooks with ``into_pre``), which runs at the next optimizer step while
+    ``handle``'s dict is not iterated. The sweeper removes itself the same way: at once when it is the last
+    entry of its dict, else from the other dict at its next run."""
+    register = register_optimizer_step_pre_hook if into_pre else register_optimizer_step_post_hook
+    own: list = []
+
+    def sweep(*_args, **_kwargs):
+        handle.remove()
+        mine = own[0]
+        d = mine.hooks_dict_ref()
+        if d is None or mine.id not in d:
+            return
+        if next(reversed(d)) == mine.id:
+            mine.remove()
+        else:
+            d[mine.id] = _inert
+            _sweep_later(mine, into_pre=not into_pre)
+
+    own.append(register(sweep))
 
 
 def _sort_key(name: str):
