@@ -109,6 +109,21 @@ def _user_backward(engine, args, kwargs):
     return engine(*args, **kwargs)
 
 
+def _frozen(modules) -> bool:
+    """Whether a model (its ``named_modules()``) has parameters and none of them requires a gradient."""
+    params = [p for _, m in modules for p in m._parameters.values() if p is not None]
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
+def _free_name(mod, frozen: bool, others) -> str:
+    taken = {n.name for _, n in others}
+    base = ("frozen-" if frozen else "") + type(mod).__name__
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}#{k}", k + 1
+    return name
+
+
 def _as_list(obj, kind, what):
     if obj is None:
         return []
@@ -570,16 +585,25 @@ class Tracker:
 
     # ----------------------------------------------------------------------------------------- modules --
     def _add_root(self, mod) -> ModuleNode:
+        """Name a model met in the step and walk it. The first is the root (""); another is named by its
+        class, "frozen-" first when none of its parameters trains (DPO's reference beside the policy), and a
+        frozen model that ran first gives the root's place to the first trained one."""
         modules = list(mod.named_modules())  # one walk of the tree, shared by what follows
         contained = {id(m) for _, m in modules}
         others = [(m, n) for m, n in self._roots if id(m) not in contained]
-        taken = {n.name for _, n in others}
-        name = ""
-        if "" in taken:
-            base = type(mod).__name__
-            name, k = base, 2
-            while name in taken:
-                name, k = f"{base}#{k}", k + 1
+        frozen = _frozen(modules)
+        first = next(((m, n) for m, n in others if n.name == ""), None)
+        if first is not None and not frozen and _frozen(list(first[0].named_modules())):
+            others.remove(first)  # the frozen model that ran first: renamed, the trained one is the root
+            self._roots = others
+            others.append((first[0], self._place(first[0], list(first[0].named_modules()),
+                                                 _free_name(first[0], True, others))))
+        name = _free_name(mod, frozen, others) if any(n.name == "" for _, n in others) else ""
+        root = self._place(mod, modules, name)
+        self._roots = others + [(mod, root)]
+        return root
+
+    def _place(self, mod, modules, name: str) -> ModuleNode:
         structure = structure_hashes(mod)
         walk: dict[str, ModuleNode] = {}
         for fqn, sub in modules:
@@ -592,13 +616,11 @@ class Tracker:
             else:
                 node.name, node.parent = full, parent
             walk[fqn] = node
-        root = walk[""]
-        self._roots = others + [(mod, root)]
         if any(type(m).__name__ == "OptimizedModule" for _, m in modules):
             self._notes.add("torch.compile: compiled modules ran eagerly under the tracker (memory of the eager "
                             "program, which can differ from the compiled one)")
         self._add_params(modules, name, walk)
-        return root
+        return walk[""]
 
     def _add_params(self, modules, prefix, walk) -> None:
         led = self.ledger
