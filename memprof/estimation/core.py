@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..errors import MemprofError
 from ..rng import preserved_rng
@@ -65,6 +66,7 @@ from .factories import factory_notes, unwrap_compiled, user_code
 from .fake_dtypes import OutputDtypes
 from .hf_paths import RealCodePaths
 from .offload import HostSide, emulated_host_copies
+from .replay import PRIM_DEVICE, OpReplay
 from .scratch_safety import RNN_FORWARD, MadeUpInputs
 from .scratch_safety import fake_tensors as _fake_tensors
 
@@ -118,8 +120,14 @@ class _FakeOpModel:
         self._cpu = torch.device("cpu")
         self.device = torch.device(device)  # where the step's tensors are (fake)
         self.dtypes = OutputDtypes()  # outputs whose real CPU kernel has another dtype than the fake one
+        self.replay = OpReplay()
 
     def call(self, func, args, kwargs):
+        if func is PRIM_DEVICE:  # C++ asking a fake tensor its device: answered as FakeTensorMode answers it
+            t = args[0]
+            out = t.fake_device if type(t) is FakeTensor and not t.fake_mode.in_kernel_invocation else func(*args)
+            self.clock.now += self._seconds(func, args, kwargs, out)
+            return out, 0, None
         real = self._real_args(args, kwargs)
         if func in _DATA_DEPENDENT:
             if real is None:  # the fake mode answers for constants; otherwise it raises (reported by estimate)
@@ -128,7 +136,8 @@ class _FakeOpModel:
 
             with unset_fake_temporarily():
                 return func(*real[0], **real[1]), 0, None
-        out = func(*args, **kwargs)
+        rkey = self.replay.key(func, args, kwargs)
+        out = func(*args, **kwargs) if rkey is None else self.replay.run(func, args, kwargs, rkey)
         if func is RNN_FORWARD:  # its fake kernel leaves the workspace kept for backward empty
             out = self.safety.rnn_workspace(signature(func, args, kwargs), args, kwargs, out, self._shadow_of)
         if real is None or not self._shadow_outputs(func, real, out):
