@@ -9,7 +9,8 @@ configuration, so its profile is the one the planner would have made itself (the
 Used only where forking is safe and pays: Linux, at least two usable cores, at least three estimates to make,
 CUDA not initialised in this process, no ``torch.distributed`` job running, estimates of a CUDA device emulated
 on CPU kernels (a CPU estimate measures op scratch on the real kernels: left to the planner's process).
-``MEMPROF_WORKERS=1`` turns it off. A worker that fails gives nothing back: the planner then estimates that
+Off by default: ``MEMPROF_WORKERS=2`` turns it on (measured on a 2-core host shared with other work, it did
+not pay: 137 s against 130 s for the README's plan example at a load average of 8). A worker that fails gives nothing back: the planner then estimates that
 configuration itself (and reports its error, if any).
 """
 
@@ -22,6 +23,7 @@ __all__ = ["prefetch", "workers_for"]
 
 _SOURCE = None  # the source being prefetched, read by the forked workers
 MAX_WORKERS = 2
+DEFAULT_WORKERS = 1  # off unless MEMPROF_WORKERS=2: on this project's loaded 2-core hosts no speed-up was seen
 
 
 def workers_for(source, missing: int) -> int:
@@ -29,9 +31,9 @@ def workers_for(source, missing: int) -> int:
     import torch
 
     try:
-        wanted = int(os.environ.get("MEMPROF_WORKERS", MAX_WORKERS))
+        wanted = int(os.environ.get("MEMPROF_WORKERS", DEFAULT_WORKERS))
     except ValueError:
-        wanted = MAX_WORKERS
+        wanted = DEFAULT_WORKERS
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -59,16 +61,22 @@ def _work(key):
 
 def prefetch(source, keys: list[tuple]) -> int:
     """Estimate the configurations ``keys`` (arguments of :meth:`EstimateSource.profile`) that ``source``
-    has not made yet, in worker processes where that is safe (see the module); returns how many were made."""
+    has not made yet, one here and the rest in worker processes where that is safe (see the module);
+    returns how many the workers made."""
     import multiprocessing
 
     from ..profiles import Profile
 
     global _SOURCE
     missing = [k for k in dict.fromkeys(keys) if not source.has(*k)]
-    n = workers_for(source, len(missing))
+    n = workers_for(source, len(missing) - 1)
     if not n:
         return 0
+    # One sharded estimate here first: the workers start from its imports and caches instead of each
+    # warming up on its own.
+    first = next((k for k in missing if k[1] != "none"), missing[0])
+    source.profile(*first)
+    missing.remove(first)
     made = 0
     _SOURCE = source
     try:
