@@ -129,6 +129,7 @@ def _learn(args, out, positional, mutable):
                 storages.setdefault(id(t.untyped_storage()), i if t is a else None)
     others = {id(t.untyped_storage()) for a in args[positional:]
               for t in (a if type(a) in (list, tuple) else (a,)) if isinstance(t, torch.Tensor)}
+    fresh: set = set()  # new outputs' storages: each its own (two outputs of one storage are not rebuilt)
 
     def one(t):
         if t is None:
@@ -147,8 +148,9 @@ def _learn(args, out, positional, mutable):
             if storages[s] is None:
                 raise _Skip
             return ("view", storages[s]) + meta
-        if meta[2] != 0 or t.untyped_storage().nbytes() != _storage_bytes(t):
+        if meta[2] != 0 or s in fresh or t.untyped_storage().nbytes() != _storage_bytes(t):
             raise _Skip
+        fresh.add(s)
         return ("new",) + meta
 
     try:
