@@ -46,7 +46,6 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..errors import MemprofError
 from ..rng import preserved_rng
 from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
@@ -61,6 +60,7 @@ from ..training import (
     make_optimizer,
     make_scaler,
 )
+from .calls import EstimateError, _call, _fake_process_group
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
 from .factories import factory_notes, unwrap_compiled, user_code
 from .fake_dtypes import OutputDtypes
@@ -71,10 +71,6 @@ from .scratch_safety import RNN_FORWARD, MadeUpInputs
 from .scratch_safety import fake_tensors as _fake_tensors
 
 __all__ = ["estimate", "EstimateError"]
-
-
-class EstimateError(MemprofError):
-    """The model, the batch or the step could not be built or run under fake tensors."""
 
 
 _MATMUL_EFFICIENCY = 0.6  # share of peak FLOP/s that large matmuls reach in practice
@@ -324,40 +320,6 @@ class _FakeOpModel:
         """The real storage shadowing a fake one, or None."""
         entry = self._shadows.get(id(storage))
         return None if entry is None or entry[0]() is not storage else entry[1]
-
-
-@contextlib.contextmanager
-def _fake_process_group(world_size: int, needed: bool = True):
-    import torch.distributed as dist
-
-    if not needed:
-        yield
-        return
-    if dist.is_initialized():
-        raise EstimateError("cannot estimate another world size inside a running torch.distributed job; "
-                            "run the estimate in a plain process")
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def _call(what: str, fn: Callable, *args):
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
-    try:
-        return fn(*args)
-    except MemprofError:
-        raise
-    except (DataDependentOutputException, DynamicOutputShapeException) as e:
-        raise EstimateError(f"{what} reads the value of a large tensor ({e}), which fake tensors do not have; "
-                            "estimate a step that does not branch on such data (pass step=)") from e
-    except Exception as e:
-        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
-        raise EstimateError(f"{what} {name} failed under fake tensors: {type(e).__name__}: {e}") from e
 
 
 def _cuda_built() -> bool:
