@@ -9,8 +9,9 @@ configuration, so its profile is the one the planner would have made itself (the
 Used only where forking is safe and pays: Linux, at least two usable cores, at least three estimates to make,
 CUDA not initialised in this process, no ``torch.distributed`` job running, estimates of a CUDA device emulated
 on CPU kernels (a CPU estimate measures op scratch on the real kernels: left to the planner's process).
-Off by default: ``MEMPROF_WORKERS=2`` turns it on (measured on a 2-core host shared with other work, it did
-not pay: 137 s against 130 s for the README's plan example at a load average of 8). A worker that fails gives nothing back: the planner then estimates that
+Off by default: ``MEMPROF_WORKERS=2`` turns it on. Measured on a 2-core host shared with other work, it did
+not pay for the README's plan example (49.0 s against 37.5 s one after the other at a load average of 3; 137
+s against 130 s at 8): each worker warms its own caches, and no core was free. A worker that fails gives nothing back: the planner then estimates that
 configuration itself (and reports its error, if any).
 """
 
@@ -23,7 +24,7 @@ __all__ = ["prefetch", "workers_for"]
 
 _SOURCE = None  # the source being prefetched, read by the forked workers
 MAX_WORKERS = 2
-DEFAULT_WORKERS = 1  # off unless MEMPROF_WORKERS=2: on this project's loaded 2-core hosts no speed-up was seen
+DEFAULT_WORKERS = 1  # off unless MEMPROF_WORKERS=2 (see the module's docstring)
 
 
 def workers_for(source, missing: int) -> int:
