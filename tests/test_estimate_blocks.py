@@ -78,6 +78,32 @@ def test_counted_llama_blocks_give_the_every_layer_profile_to_the_byte(config):
     assert_same_profile(every, counted)
 
 
+def _tiny_catalog(kind):
+    from memprof.estimation import Architecture
+
+    if kind == "llama":
+        return Architecture("tiny-llama", "LlamaForCausalLM", "LlamaConfig",
+                            dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=8,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return Architecture("tiny-gpt2", "GPT2LMHeadModel", "GPT2Config",
+                        dict(vocab_size=512, n_positions=64, n_embd=64, n_layer=8, n_head=4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_catalog_short_models_built_from_the_config_give_the_every_layer_profile_to_the_byte(kind):
+    from memprof.estimation.blocks import catalog_layers
+
+    pytest.importorskip("transformers")
+    arch = _tiny_catalog(kind)
+    assert catalog_layers(arch.build_model) in ("num_hidden_layers", "n_layer")  # its short models: from config
+    config = dict(precision="bf16-autocast", device="cuda", device_memory="H100-80GB")
+    every = estimate(arch.build_model, lambda: arch.make_batch(2, 32), blocks="all", **config)
+    counted = estimate(arch.build_model, lambda: arch.make_batch(2, 32), blocks="repeated", **config)
+    assert "8 repeated blocks" in counted.assumptions["blocks"]
+    assert_same_profile(every, counted)
+
+
 class _Attn(nn.Module):
     def __init__(self, d):
         super().__init__()

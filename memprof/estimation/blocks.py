@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..structure import structure_hashes
 
-__all__ = ["repeated_blocks", "probe", "full_structure"]
+__all__ = ["repeated_blocks", "probe", "full_structure", "catalog_layers", "with_layers"]
 
 MAX_PERIOD = 4
 MIN_UNITS = 5  # fewer units than this: nothing worth counting
@@ -60,7 +60,12 @@ def probe(build_model):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     try:
-        with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cpu"):
+        with contextlib.ExitStack() as stack:
+            if catalog_layers(build_model) is not None:  # transformers code on config values: on the meta
+                stack.enter_context(torch.device("meta"))  # device (faster, the same structure)
+            else:  # a user's factory could make real tensors: it gets fake ones
+                stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+                stack.enter_context(torch.device("cpu"))
             model = build_model()
         rep = repeated_blocks(model) if isinstance(model, nn.Module) else None
     except Exception:  # the estimate reports it, with the estimator's context
@@ -68,6 +73,26 @@ def probe(build_model):
     with contextlib.suppress(TypeError):  # an object without weak references is probed each time
         _PROBED[key] = (weakref.ref(target, lambda _r, k=key: _PROBED.pop(k, None)), rep)
     return rep
+
+
+def catalog_layers(build_model) -> str | None:
+    """The config key of the layer count when ``build_model`` is a catalog architecture's own factory (its
+    models can be built with fewer layers from the config), else None."""
+    from .catalog import Architecture
+
+    arch = getattr(build_model, "__self__", None)
+    if not isinstance(arch, Architecture) or getattr(build_model, "__func__", None) is not Architecture.build_model:
+        return None
+    return next((k for k in ("num_hidden_layers", "n_layer") if k in arch.config), None)
+
+
+def with_layers(build_model, layers: int):
+    """A catalog architecture's factory with ``layers`` layers (see :func:`catalog_layers`)."""
+    import dataclasses
+
+    arch = build_model.__self__
+    key = catalog_layers(build_model)
+    return dataclasses.replace(arch, config={**arch.config, key: layers}).build_model
 
 
 def _own_hash(m, named_children):

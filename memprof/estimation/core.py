@@ -44,8 +44,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
-from ..errors import MemprofError
 from ..rng import preserved_rng
 from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
@@ -60,19 +60,17 @@ from ..training import (
     make_optimizer,
     make_scaler,
 )
+from .calls import EstimateError, _call, _fake_process_group
 from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
 from .factories import factory_notes, unwrap_compiled, user_code
 from .fake_dtypes import OutputDtypes
 from .hf_paths import RealCodePaths
 from .offload import HostSide, emulated_host_copies
+from .replay import PRIM_DEVICE, OpReplay
 from .scratch_safety import RNN_FORWARD, MadeUpInputs
 from .scratch_safety import fake_tensors as _fake_tensors
 
 __all__ = ["estimate", "EstimateError"]
-
-
-class EstimateError(MemprofError):
-    """The model, the batch or the step could not be built or run under fake tensors."""
 
 
 _MATMUL_EFFICIENCY = 0.6  # share of peak FLOP/s that large matmuls reach in practice
@@ -118,8 +116,14 @@ class _FakeOpModel:
         self._cpu = torch.device("cpu")
         self.device = torch.device(device)  # where the step's tensors are (fake)
         self.dtypes = OutputDtypes()  # outputs whose real CPU kernel has another dtype than the fake one
+        self.replay = OpReplay()
 
     def call(self, func, args, kwargs):
+        if func is PRIM_DEVICE:  # C++ asking a fake tensor its device: answered as FakeTensorMode answers it
+            t = args[0]
+            out = t.fake_device if type(t) is FakeTensor and not t.fake_mode.in_kernel_invocation else func(*args)
+            self.clock.now += self._seconds(func, args, kwargs, out)
+            return out, 0, None
         real = self._real_args(args, kwargs)
         if func in _DATA_DEPENDENT:
             if real is None:  # the fake mode answers for constants; otherwise it raises (reported by estimate)
@@ -128,7 +132,8 @@ class _FakeOpModel:
 
             with unset_fake_temporarily():
                 return func(*real[0], **real[1]), 0, None
-        out = func(*args, **kwargs)
+        rkey = self.replay.key(func, args, kwargs)
+        out = func(*args, **kwargs) if rkey is None else self.replay.run(func, args, kwargs, rkey)
         if func is RNN_FORWARD:  # its fake kernel leaves the workspace kept for backward empty
             out = self.safety.rnn_workspace(signature(func, args, kwargs), args, kwargs, out, self._shadow_of)
         if real is None or not self._shadow_outputs(func, real, out):
@@ -315,40 +320,6 @@ class _FakeOpModel:
         """The real storage shadowing a fake one, or None."""
         entry = self._shadows.get(id(storage))
         return None if entry is None or entry[0]() is not storage else entry[1]
-
-
-@contextlib.contextmanager
-def _fake_process_group(world_size: int, needed: bool = True):
-    import torch.distributed as dist
-
-    if not needed:
-        yield
-        return
-    if dist.is_initialized():
-        raise EstimateError("cannot estimate another world size inside a running torch.distributed job; "
-                            "run the estimate in a plain process")
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def _call(what: str, fn: Callable, *args):
-    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
-    try:
-        return fn(*args)
-    except MemprofError:
-        raise
-    except (DataDependentOutputException, DynamicOutputShapeException) as e:
-        raise EstimateError(f"{what} reads the value of a large tensor ({e}), which fake tensors do not have; "
-                            "estimate a step that does not branch on such data (pass step=)") from e
-    except Exception as e:
-        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
-        raise EstimateError(f"{what} {name} failed under fake tensors: {type(e).__name__}: {e}") from e
 
 
 def _cuda_built() -> bool:

@@ -44,7 +44,7 @@ from ..tracking.categories import CATEGORIES
 from ..tracking.replay import downsample
 from ..tracking.tracker import _sort_key
 from . import core
-from .blocks import MIN_UNITS, full_structure, probe, repeated_blocks
+from .blocks import MIN_UNITS, catalog_layers, full_structure, probe, repeated_blocks, with_layers
 
 __all__ = ["estimate", "MIN_UNITS_AUTO"]
 
@@ -74,8 +74,19 @@ def estimate(build_model, make_batch, *, blocks: str = "auto", **kwargs):
         return core.estimate(build_model, make_batch, **kwargs)
     fqn, n, p = rep
     found: dict = {}
+    layers = catalog_layers(build_model) if p == 1 else None
 
     def cut(units: int):
+        if layers is not None:  # a catalog architecture: its config builds the short model directly
+            def build_short():
+                model = with_layers(build_model, units)()
+                if isinstance(model, nn.Module) and len(model.get_submodule(fqn)) == units:
+                    found["cut"] = model
+                else:
+                    found["changed"] = True
+                return model
+            return build_short
+
         def build():
             model = build_model()
             if isinstance(model, nn.Module) and repeated_blocks(model) == rep:

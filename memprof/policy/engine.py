@@ -220,6 +220,12 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     full_params = prof.modules[""].param_bytes if "" in prof.modules else 0  # the given profile is unsharded
     fp32_params = full_params * (2 if base_precision == "bf16" else 1)
     modelled_base = None
+    if source is not None and hasattr(source, "prefetch"):  # the estimates below, made ahead (in parallel)
+        wanted = [(p, s, world_size if s != "none" else 1, shard_group_size, o) for p in precisions
+                  for s, o in configs if (p, s, o) not in profiles]
+        if len(precisions) > 1 or len(configs) > 1:
+            wanted.insert(0, (base_precision, "none", 1, None, False))
+        source.prefetch(wanted)
     if source is not None and (len(precisions) > 1 or len(configs) > 1):
         modelled_base = _steady_step_ms(source.profile(base_precision, "none", 1))
 

@@ -38,25 +38,48 @@ class EstimateSource:
     def profile(self, precision: str, sharding: str = "none", world_size: int = 1,
                 shard_group_size: int | None = None, offload: bool = False):
         """The estimate of one configuration (cached); ``offload``: FSDP2 CPU offload (needs a strategy)."""
-        from ..estimation import estimate
-
         key = (precision, sharding, world_size, shard_group_size, offload)
-        shared = None
-        if self.cache_key is not None and self.step is None:
-            shared = (self.cache_key, self.optimizer, self.device, str(self.device_memory), self.description, key)
-            if shared in _SHARED:
-                self._cache.setdefault(key, _SHARED[shared])
-        if key not in self._cache:
-            self._cache[key] = estimate(
-                self.build_model, self.make_batch, step=self.step, optimizer=self.optimizer, precision=precision,
-                device=self.device, world_size=world_size if sharding != "none" else 1,
-                sharding=sharding if sharding != "none" else None, shard_group_size=shard_group_size,
-                device_memory=self.device_memory, description=self.description, offload=offload)
+        if not self.has(*key):
+            self.store(key, self._estimate(*key))
+        return self._cache[key]
+
+    def has(self, precision, sharding, world_size, shard_group_size, offload) -> bool:
+        """Whether this configuration's estimate is made (here or by another source of the same key)."""
+        key = (precision, sharding, world_size, shard_group_size, offload)
+        shared = self._shared_key(key)
+        if shared is not None and shared in _SHARED:
+            self._cache.setdefault(key, _SHARED[shared])
+        return key in self._cache
+
+    def store(self, key: tuple, prof) -> None:
+        """Keep ``prof`` as the estimate of configuration ``key`` (the arguments of :meth:`profile`)."""
+        self._cache[key] = prof
+        shared = self._shared_key(key)
         if shared is not None:
             if len(_SHARED) >= _SHARED_LIMIT:
                 _SHARED.pop(next(iter(_SHARED)))
-            _SHARED[shared] = self._cache[key]
-        return self._cache[key]
+            _SHARED[shared] = prof
+
+    def prefetch(self, keys: list[tuple]) -> int:
+        """Estimate several configurations ahead, in worker processes where that is safe
+        (:mod:`memprof.policy.prefetch`); returns how many were made there."""
+        from .prefetch import prefetch
+
+        return prefetch(self, keys)
+
+    def _shared_key(self, key: tuple):
+        if self.cache_key is None or self.step is not None:
+            return None
+        return (self.cache_key, self.optimizer, self.device, str(self.device_memory), self.description, key)
+
+    def _estimate(self, precision, sharding, world_size, shard_group_size, offload):
+        from ..estimation import estimate
+
+        return estimate(
+            self.build_model, self.make_batch, step=self.step, optimizer=self.optimizer, precision=precision,
+            device=self.device, world_size=world_size if sharding != "none" else 1,
+            sharding=sharding if sharding != "none" else None, shard_group_size=shard_group_size,
+            device_memory=self.device_memory, description=self.description, offload=offload)
 
 
 _SHARED: dict = {}  # estimates of catalog configurations, shared by sources with the same cache_key
