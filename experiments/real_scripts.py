@@ -108,6 +108,7 @@ def plan_summary(path: Path) -> dict:
             "predicted_peak_bytes": d.get("predicted_peak_bytes"),
             "predicted_overhead": d.get("predicted_overhead"),
             "verified": d.get("assumptions", {}).get("verified", ""),
+            "calibration": d.get("assumptions", {}).get("calibration", ""),
             "plan_notes": {k: v for k, v in d.get("assumptions", {}).items() if k.startswith("note")}}
 
 
@@ -221,7 +222,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated: " + ", ".join(SCRIPTS))
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the live check needs ~16)")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (calibration ~32, the live check ~13 more)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per memprof run")
     args = ap.parse_args()
     names = [s.strip() for s in args.scripts.split(",") if s.strip()]

@@ -116,6 +116,11 @@ class AutoSession:
         self._step_watch = None
         self.replan_refusal = ""  # why the last replan found nothing (the planner's words)
         self.plan_saved = False
+        self.calibration = None  # the Calibration measuring the loop before the plan is made
+        self.costs = None  # checkpoint costs timed in the loop (OptionCosts)
+        self.measured_profiles: dict = {}  # (precision, "none") -> the loop's tracked steps in it
+        self.step_timing = None  # whole-step precision ratios timed in the loop (PrecisionTiming)
+        self.plan_profile = None  # the tracked plain profile the plan was made from, once calibrated
 
     def start(self) -> None:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
@@ -142,9 +147,13 @@ class AutoSession:
         if self._step_watch is not None:
             self._step_watch.remove()
             self._step_watch = None
+        if self.calibration is not None and not self.calibration.done:
+            self._calibration_unfinished()
         if self.check is not None:
             if not self.check.done:  # the loop ended during the check: record what was measured, said so
                 self.verified(self.check.result)
+                if self.handle is None and self.plan is not None:  # it ended on a plain step: the plan stays
+                    self.apply_plan(self.plan)
             self.check.remove()
 
     def finish(self, quiet: bool = False) -> None:
@@ -215,9 +224,15 @@ class AutoSession:
                 except MemprofError as e:
                     self.action += f" (no plan file: {e})"
             else:
-                self.plan = self._plan(self.profile)
-                self._apply(f"measured {_gib(self.profile.peak_bytes)} > budget: applied from step 3")
-        if self.plan is not None and self.handle is not None:
+                self.plan = self._plan(self.profile)  # refuses now when nothing fits (before calibrating)
+                if self._calibrate(self.profile):
+                    self.action = (f"measured {_gib(self.profile.peak_bytes)} > budget: measuring the loop's steps "
+                                   "before planning")
+                else:
+                    self._apply(f"measured {_gib(self.profile.peak_bytes)} > budget: applied from step 3")
+        elif self.plan is not None and self.handle is not None and self._calibrate(None):
+            pass  # the plan applied before step 1 stays until the loop's own steps are measured
+        if self.plan is not None and self.handle is not None and self.calibration is None:
             self._check_live(peak_known=self.profile.peak_bytes if self.estimate_applied else None)
         if self.plan is not None and self.plan_path:
             try:
@@ -255,10 +270,20 @@ class AutoSession:
             self.tracker.pause()  # estimating other precisions runs fake ops
         try:
             allowed = precisions or (_AUTOCAST if self.base_precision == "fp32" else (self.base_precision,))
-            return plan(prof, budget_bytes or self.budget_bytes, levers=self.levers, precisions=allowed,
+            calibrated = prof is self.plan_profile
+            made = plan(prof, budget_bytes or self.budget_bytes, levers=self.levers, precisions=allowed,
                         source=self.source, precision=self.base_precision,
-                        precision_timing=self.precision_timing, applicable=("checkpoint", "precision"),
-                        modes=tuple(m for m in MODES if m not in without_modes))
+                        precision_timing=self.step_timing if calibrated and self.step_timing else self.precision_timing,
+                        applicable=("checkpoint", "precision"),
+                        modes=tuple(m for m in MODES if m not in without_modes),
+                        costs=self.costs if calibrated else None,
+                        profiles=self.measured_profiles if calibrated else None)
+            if calibrated and self.calibration is not None:
+                import dataclasses
+
+                made = dataclasses.replace(made, assumptions={**made.assumptions,
+                                                              "calibration": self.calibration.describe()})
+            return made
         finally:
             if running:
                 self.tracker.resume()
@@ -291,7 +316,7 @@ class AutoSession:
         None if none fits."""
         from .engine import InfeasibleBudgetError
 
-        base = self.estimate if self.estimate_applied else self.profile
+        base = self.plan_profile or (self.estimate if self.estimate_applied else self.profile)
         if budget_bytes <= 0:
             return None
         try:
@@ -300,17 +325,117 @@ class AutoSession:
             self.replan_refusal = str(e)
             return None
 
+    def _plain_may_run(self) -> bool:
+        """Whether the plain step may run on this device: its peak (measured, else estimated) fits it (on a CPU
+        without a capacity set: always)."""
+        plain_peak = self.estimate.peak_bytes if self.estimate_applied else self.profile.peak_bytes
+        capacity = self.profile.capacity_bytes
+        on_cpu = self.profile.environment.device == "cpu"
+        return (capacity is not None and plain_peak <= capacity) or (capacity is None and on_cpu)
+
     def _check_live(self, peak_known: int | None) -> None:
         from .live_check import LiveCheck
 
         if self.optimizer_seen is None:
             return
-        plain_peak = self.estimate.peak_bytes if self.estimate_applied else self.profile.peak_bytes
-        capacity = self.profile.capacity_bytes
-        on_cpu = self.profile.environment.device == "cpu"
-        plain_may_run = (capacity is not None and plain_peak <= capacity) or (capacity is None and on_cpu)
-        self.check = LiveCheck(self, self.optimizer_seen, notify=self.notify, plain_may_run=plain_may_run,
+        self.check = LiveCheck(self, self.optimizer_seen, notify=self.notify, plain_may_run=self._plain_may_run(),
                                peak_known=peak_known, tracked_step_ms=self.plan.baseline_step_ms).install()
+
+    # -- calibration: the loop's own steps, measured before the plan is made ----------------------------------
+    def _calibrate(self, plain_profile) -> bool:
+        """Start measuring the loop (:mod:`memprof.policy.calibrate`) when the plain step may run; False if not."""
+        from .calibrate import Calibration
+
+        if self.optimizer_seen is None or self.model is None or not self._plain_may_run():
+            return False
+        precisions = tuple(p for p in _AUTOCAST if p != self.base_precision) if "precision" in self.levers else ()
+        modes = ("full", "selective") if "checkpoint" in self.levers else ()
+        self.calibration = Calibration(self, self.optimizer_seen, plain_profile=plain_profile,
+                                       base_precision=self.base_precision, precisions=precisions, modes=modes,
+                                       on_done=self._calibrated, notify=self.notify).install()
+        return True
+
+    def _calibrated(self, cal) -> None:
+        """The loop's steps are measured: plan from them, apply, and check the plan live."""
+        from .engine import InfeasibleBudgetError
+
+        estimated = self.estimate_applied
+        if cal.error:
+            self.notify(f"could not measure the loop before planning ({cal.error}); keeping the plan made from "
+                        f"the {'estimate' if estimated else 'first steps'}")
+            self._restore_first_plan()
+            self._check_live(peak_known=self.profile.peak_bytes if estimated else None)
+            return
+        prof = cal.plain_profile
+        self.plan_profile = prof
+        self.measured_profiles = {(p, "none"): q for p, q in cal.profiles.items()}
+        self.costs = cal.costs
+        self.step_timing = cal.precision_timing()
+        self._set_profile(prof)
+        self.notify(f"measured {_gib(prof.peak_bytes)} in the loop's plain steps; {cal.describe()}")
+        if prof.peak_bytes <= self.budget_bytes:  # the estimate was high: the plain step fits
+            from .engine import plan
+
+            self.remove_plan()
+            self.action = (f"measured {_gib(prof.peak_bytes)} in the loop: fits {_gib(self.budget_bytes)}, nothing "
+                           "to change")
+            try:
+                self.plan = plan(prof, self.budget_bytes, levers=("checkpoint",), precision=self.base_precision)
+            except Exception as e:
+                self.action += f" (no plan file: {e})"
+                self.plan = None
+            self._save_plan()
+            return
+        try:
+            new = self._plan(prof)
+        except InfeasibleBudgetError as e:
+            self.notify(f"by the loop's measured steps, {e}; keeping the plan made from the "
+                        f"{'estimate' if estimated else 'first steps'}")
+            self._restore_first_plan()
+            self._check_live(peak_known=None)
+            return
+        self.remove_plan()
+        self.plan = new
+        self.apply_plan(new)
+        modes = [c.mode for c in new.checkpoint]
+        self.action = (f"{self.action}; then measured {_gib(prof.peak_bytes)} and timed the levers in the "
+                       "loop's own steps: applied the plan made from them "
+                       f"({modes.count('full')} full, {modes.count('selective')} selective checkpoints, "
+                       f"{new.precision})")
+        self._save_plan()
+        self._check_live(peak_known=None)
+
+    def _restore_first_plan(self) -> None:
+        if self.handle is None and self.plan is not None:
+            self.apply_plan(self.plan)
+
+    def _calibration_unfinished(self) -> None:
+        """The loop ended while it was being measured: the first plan stays, recorded as not verified."""
+        from .live_check import LiveResult
+
+        self.calibration.remove()
+        self._restore_first_plan()
+        if self.plan is not None and self.check is None:
+            r = LiveResult(self.budget_bytes, self.plan.predicted_peak_bytes,
+                           self.profile.peak_bytes if self.estimate_applied else None, self.plan.predicted_overhead)
+            r.moves.append("the loop ended while its steps were measured for planning")
+            self.verified(r)
+
+    def _set_profile(self, prof) -> None:
+        self.profile = prof
+        if self.profile_path:
+            try:
+                prof.save(self.profile_path)
+            except OSError as e:
+                self.notify(f"could not write the profile to {self.profile_path}: {e.strerror or e}")
+
+    def _save_plan(self) -> None:
+        if self.plan is not None and self.plan_path:
+            try:
+                self.plan.save(self.plan_path)
+                self.plan_saved = True
+            except OSError as e:
+                self.notify(f"could not write the plan to {self.plan_path}: {e.strerror or e}")
 
     def verified(self, result) -> None:
         """The live check is done: keep its figures, in the plan file too."""

@@ -39,10 +39,11 @@ class PrecisionTiming:
     base_ms: float  # median forward time in the base precision
     reps: int
     device: str
+    what: str = "the model's forward"  # what was timed: the forward alone, or the loop's whole step
 
     def describe(self) -> str:
         parts = ", ".join(f"{p} {r:.2f}x" for p, r in self.ratios.items() if p != self.base)
-        return (f"measured on this {self.device}: the model's forward in {parts} the time of {self.base} "
+        return (f"measured on this {self.device}: {self.what} in {parts} the time of {self.base} "
                 f"({self.base_ms:.1f} ms; median of {self.reps} alternating pairs)")
 
 
