@@ -8,8 +8,15 @@
    the estimate and applies the plan right away, so the first step does not run out of memory;
 2. otherwise it tracks the first two steps for real (the second is steady: optimizer state exists), plans
    from the measured profile, and applies the plan (if anything needs to change) before the third step;
-3. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did;
-4. once a plan is applied, checks it in the running loop (:class:`memprof.policy.live_check.LiveCheck`):
+3. where the plain step may run on this device (a CPU, or a plain peak that fits the device), it does not
+   stop at that first plan: it measures the loop's own steps first
+   (:mod:`memprof.policy.calibrate`: tracked plain steps and steps in each other precision, untracked steps
+   of each checkpoint mode and precision paired with plain ones) and plans again from them, so the plan's
+   peak is the real loop's (its loss outside the model, what it drops before backward) and its step time
+   this machine's; the plan made before step 1 stays applied meanwhile (on a CPU the plain and timed
+   steps may exceed the budget, which is not the device's limit);
+4. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did;
+5. once a plan is applied, checks it in the running loop (:class:`memprof.policy.live_check.LiveCheck`):
    the applied steps' peak (tracked) and step time (untracked, interleaved with plain steps where those may
    run), and moves to another plan, or back to the plain step, when it is over budget or slower than
    predicted; the figures go into the plan file and :attr:`AutoSession.verification`.
@@ -37,6 +44,8 @@ import logging
 from ..errors import MemprofError
 from ..tracking.first_forward import FirstRootForward
 from ..training import autocast
+from .calibrate import AUTOCAST as _AUTOCAST
+from .calibrate import CalibratingSession
 
 __all__ = ["auto", "AutoSession", "first_call_context"]
 
@@ -88,7 +97,7 @@ def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str 
     return wrapper
 
 
-class AutoSession:
+class AutoSession(CalibratingSession):
     """One auto-planning run: estimate at the first forward, track the first step, plan, apply, report."""
 
     def __init__(self, budget_bytes: int, levers, optimizer: str, profile_path, plan_path, notify=None) -> None:
@@ -341,86 +350,6 @@ class AutoSession:
         self.check = LiveCheck(self, self.optimizer_seen, notify=self.notify, plain_may_run=self._plain_may_run(),
                                peak_known=peak_known, tracked_step_ms=self.plan.baseline_step_ms).install()
 
-    # -- calibration: the loop's own steps, measured before the plan is made ----------------------------------
-    def _calibrate(self, plain_profile) -> bool:
-        """Start measuring the loop (:mod:`memprof.policy.calibrate`) when the plain step may run; False if not."""
-        from .calibrate import Calibration
-
-        if self.optimizer_seen is None or self.model is None or not self._plain_may_run():
-            return False
-        precisions = tuple(p for p in _AUTOCAST if p != self.base_precision) if "precision" in self.levers else ()
-        modes = ("full", "selective") if "checkpoint" in self.levers else ()
-        self.calibration = Calibration(self, self.optimizer_seen, plain_profile=plain_profile,
-                                       base_precision=self.base_precision, precisions=precisions, modes=modes,
-                                       on_done=self._calibrated, notify=self.notify).install()
-        return True
-
-    def _calibrated(self, cal) -> None:
-        """The loop's steps are measured: plan from them, apply, and check the plan live."""
-        from .engine import InfeasibleBudgetError
-
-        estimated = self.estimate_applied
-        if cal.error:
-            self.notify(f"could not measure the loop before planning ({cal.error}); keeping the plan made from "
-                        f"the {'estimate' if estimated else 'first steps'}")
-            self._restore_first_plan()
-            self._check_live(peak_known=self.profile.peak_bytes if estimated else None)
-            return
-        prof = cal.plain_profile
-        self.plan_profile = prof
-        self.measured_profiles = {(p, "none"): q for p, q in cal.profiles.items()}
-        self.costs = cal.costs
-        self.step_timing = cal.precision_timing()
-        self._set_profile(prof)
-        self.notify(f"measured {_gib(prof.peak_bytes)} in the loop's plain steps; {cal.describe()}")
-        if prof.peak_bytes <= self.budget_bytes:  # the estimate was high: the plain step fits
-            from .engine import plan
-
-            self.remove_plan()
-            self.action = (f"measured {_gib(prof.peak_bytes)} in the loop: fits {_gib(self.budget_bytes)}, nothing "
-                           "to change")
-            try:
-                self.plan = plan(prof, self.budget_bytes, levers=("checkpoint",), precision=self.base_precision)
-            except Exception as e:
-                self.action += f" (no plan file: {e})"
-                self.plan = None
-            self._save_plan()
-            return
-        try:
-            new = self._plan(prof)
-        except InfeasibleBudgetError as e:
-            self.notify(f"by the loop's measured steps, {e}; keeping the plan made from the "
-                        f"{'estimate' if estimated else 'first steps'}")
-            self._restore_first_plan()
-            self._check_live(peak_known=None)
-            return
-        self.remove_plan()
-        self.plan = new
-        self.apply_plan(new)
-        modes = [c.mode for c in new.checkpoint]
-        self.action = (f"{self.action}; then measured {_gib(prof.peak_bytes)} and timed the levers in the "
-                       "loop's own steps: applied the plan made from them "
-                       f"({modes.count('full')} full, {modes.count('selective')} selective checkpoints, "
-                       f"{new.precision})")
-        self._save_plan()
-        self._check_live(peak_known=None)
-
-    def _restore_first_plan(self) -> None:
-        if self.handle is None and self.plan is not None:
-            self.apply_plan(self.plan)
-
-    def _calibration_unfinished(self) -> None:
-        """The loop ended while it was being measured: the first plan stays, recorded as not verified."""
-        from .live_check import LiveResult
-
-        self.calibration.remove()
-        self._restore_first_plan()
-        if self.plan is not None and self.check is None:
-            r = LiveResult(self.budget_bytes, self.plan.predicted_peak_bytes,
-                           self.profile.peak_bytes if self.estimate_applied else None, self.plan.predicted_overhead)
-            r.moves.append("the loop ended while its steps were measured for planning")
-            self.verified(r)
-
     def _set_profile(self, prof) -> None:
         self.profile = prof
         if self.profile_path:
@@ -507,7 +436,6 @@ def _estimators(opt) -> bool:
     return False
 
 
-_AUTOCAST = ("fp32", "bf16-autocast")  # fp16 needs the optimizer for loss scaling; bf16 params break its state
 
 
 def _gib(n: int) -> str:

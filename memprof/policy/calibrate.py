@@ -12,15 +12,16 @@ instance, as :class:`~memprof.policy.live_check.LiveCheck` does):
 1. **profiles** — track two plain steps (when the first tracked steps ran with a plan applied before step 1),
    and two steps in each other candidate precision (autocast applied as a plan): the real loop's peaks, the
    memory the planner then works from, for every precision it weighs;
-2. **costs** — time untracked steps of each checkpoint mode on every unit and on the last one, and of each
-   other precision with nothing checkpointed, each in a pair with a plain step (alternating order, one
-   warm-up step each), ``rounds`` pairs per configuration: the per-unit checkpoint costs of
-   :func:`memprof.policy.timing.measure_costs` and the whole-step ratio of each precision (forward,
-   backward and optimizer step together) on this machine;
+2. **costs** — time untracked steps of each checkpoint mode on every unit, and of each other precision with
+   nothing checkpointed, against plain steps exactly as the live check will time the plan (one warm-up
+   step, then ``rounds`` pairs in the order plain, planned, planned, plain, ...; the median ratio): the
+   per-unit checkpoint costs (each mode's measured extra time shared over the units in proportion to the
+   profile's recomputed work) and the whole-step ratio of each precision (forward, backward and optimizer
+   step together) on this machine;
 3. the session plans from these (``on_done``), applies, and the live check verifies the new plan over the
    steps that follow.
 
-Known limits: about ``4 + 2 x (rounds + 1) x configurations`` steps pass before the plan is made (the plain
+Known limits: about ``5 + (2 x rounds + 1) x configurations`` steps pass before the plan is made (the plain
 and planned steps meanwhile run over the budget only where the device allows it); a loop that ends first
 leaves the plan applied before step 1 in place (the session records it unfinished); step times include
 whatever the loop does between steps (medians of pairs keep that down).
@@ -32,7 +33,11 @@ import statistics
 import time
 from dataclasses import replace
 
-__all__ = ["Calibration"]
+__all__ = ["AUTOCAST", "Calibration", "CalibratingSession"]
+
+# The precisions run --budget and @memprof.auto may switch to: fp16 needs the optimizer for loss scaling,
+# bf16 parameters break the optimizer state the loop already holds.
+AUTOCAST = ("fp32", "bf16-autocast")
 
 
 class Calibration:
@@ -71,6 +76,7 @@ class Calibration:
         self._had_attr = False
         self._original = None
         self._timing_built = False
+        self._current = object()  # the configuration applied by this calibration (none yet)
 
     # -- wiring ----------------------------------------------------------------------------------------------
     def install(self) -> Calibration:
@@ -167,10 +173,13 @@ class Calibration:
         self._tracked = tracker.profile
 
     def _set(self, plan) -> None:
+        if plan is self._current and (self.session.handle is not None) == (plan is not None):
+            return  # the same configuration again (planned after planned): no switch, as in the live check
         if self.session.handle is not None:
             self.session.remove_plan()
         if plan is not None:
             self.session.apply_plan(plan)
+        self._current = plan
 
     def _build_timing(self) -> None:
         """The timing tasks, once the plain profile (which names the units) is in hand."""
@@ -190,13 +199,14 @@ class Calibration:
         for p in self.precisions:
             configs[("precision", p)] = _precision_plan(self.session, p)
         self._configs_timed = configs
-        keys = list(configs)
-        for k in keys:  # warm-up: the first step of a configuration (kernel choice, caches) is not counted
-            self._tasks.append(("warm", k, configs[k]))
-        for r in range(self.rounds):
-            for k in (keys if r % 2 == 0 else keys[::-1]):
-                pair = [("time", ("plain", k), None), ("time", k, configs[k])]
-                self._tasks.extend(pair if r % 2 == 0 else pair[::-1])
+        # Each configuration as the live check will time a plan: one warm-up step (kernel choice, caches; not
+        # counted), then plain and planned steps in the order plain, planned, planned, plain, ... (ABBA), so
+        # a step after a switch and one after a step of its own kind weigh alike in both.
+        for k, plan in configs.items():
+            self._tasks.append(("warm", k, plan))
+            order = (["plain", "planned", "planned", "plain"] * ((self.rounds + 1) // 2))[: 2 * self.rounds]
+            self._tasks.extend(("time", ("plain", k), None) if kind == "plain" else ("time", k, plan)
+                               for kind in order)
 
     def _finish(self) -> None:
         from .timing import OptionCosts, _config_name, median_stderr
@@ -241,6 +251,95 @@ class Calibration:
         label = f"CPU ({cpu_name()})" if device == "cpu" else device
         return PrecisionTiming(self.base_precision, dict(self.precision_ratios), self.base_step_ms, self.rounds,
                                label, what="the loop's untracked training step")
+
+
+class CalibratingSession:
+    """The :class:`~memprof.policy.auto.AutoSession` side of calibration: start it, plan from what it measured,
+    apply and check the plan live; keep the first plan when it cannot finish."""
+
+    def _calibrate(self, plain_profile) -> bool:
+        """Start measuring the loop (:mod:`memprof.policy.calibrate`) when the plain step may run; False if not."""
+        if self.optimizer_seen is None or self.model is None or not self._plain_may_run():
+            return False
+        precisions = tuple(p for p in AUTOCAST if p != self.base_precision) if "precision" in self.levers else ()
+        modes = ("full", "selective") if "checkpoint" in self.levers else ()
+        self.calibration = Calibration(self, self.optimizer_seen, plain_profile=plain_profile,
+                                       base_precision=self.base_precision, precisions=precisions, modes=modes,
+                                       on_done=self._calibrated, notify=self.notify).install()
+        return True
+
+    def _calibrated(self, cal) -> None:
+        """The loop's steps are measured: plan from them, apply, and check the plan live."""
+        from .engine import InfeasibleBudgetError
+
+        estimated = self.estimate_applied
+        if cal.error:
+            self.notify(f"could not measure the loop before planning ({cal.error}); keeping the plan made from "
+                        f"the {'estimate' if estimated else 'first steps'}")
+            self._restore_first_plan()
+            self._check_live(peak_known=self.profile.peak_bytes if estimated else None)
+            return
+        prof = cal.plain_profile
+        self.plan_profile = prof
+        self.measured_profiles = {(p, "none"): q for p, q in cal.profiles.items()}
+        self.costs = cal.costs
+        self.step_timing = cal.precision_timing()
+        self._set_profile(prof)
+        self.notify(f"measured {_size(prof.peak_bytes)} in the loop's plain steps; {cal.describe()}")
+        if prof.peak_bytes <= self.budget_bytes:  # the estimate was high: the plain step fits
+            from .engine import plan
+
+            self.remove_plan()
+            self.action = (f"measured {_size(prof.peak_bytes)} in the loop: fits {_size(self.budget_bytes)}, nothing "
+                           "to change")
+            try:
+                self.plan = plan(prof, self.budget_bytes, levers=("checkpoint",), precision=self.base_precision)
+            except Exception as e:
+                self.action += f" (no plan file: {e})"
+                self.plan = None
+            self._save_plan()
+            return
+        try:
+            new = self._plan(prof)
+        except InfeasibleBudgetError as e:
+            self.notify(f"by the loop's measured steps, {e}; keeping the plan made from the "
+                        f"{'estimate' if estimated else 'first steps'}")
+            self._restore_first_plan()
+            self._check_live(peak_known=None)
+            return
+        self.remove_plan()
+        self.plan = new
+        self.apply_plan(new)
+        modes = [c.mode for c in new.checkpoint]
+        self.action = (f"{self.action}; then measured {_size(prof.peak_bytes)} and timed the levers in the "
+                       "loop's own steps: applied the plan made from them "
+                       f"({modes.count('full')} full, {modes.count('selective')} selective checkpoints, "
+                       f"{new.precision})")
+        self._save_plan()
+        self._check_live(peak_known=None)
+
+    def _restore_first_plan(self) -> None:
+        if self.handle is None and self.plan is not None:
+            self.apply_plan(self.plan)
+
+    def _calibration_unfinished(self) -> None:
+        """The loop ended while it was being measured: the first plan stays, recorded as not verified."""
+        from .live_check import LiveResult
+
+        self.calibration.remove()
+        self._restore_first_plan()
+        if self.plan is not None and self.check is None:
+            r = LiveResult(self.budget_bytes, self.plan.predicted_peak_bytes,
+                           self.profile.peak_bytes if self.estimate_applied else None, self.plan.predicted_overhead)
+            r.moves.append("the loop ended while its steps were measured for planning")
+            self.verified(r)
+
+
+
+def _size(n: int) -> str:
+    from ..units import format_bytes
+
+    return format_bytes(n)
 
 
 def _fit_uniform(names, model_costs, ratios: dict, base_ms: float, reps: int, pairs: dict):
