@@ -11,6 +11,10 @@ to the current precision is what the planner uses for that precision's step time
 The user's model is left as it was: random generators are restored (dropout draws), buffers written by the
 forward (BatchNorm's running statistics) are put back, and no gradient is made.
 
+This is the timing a plan made before the first step relies on. Where the plain step may run,
+``run --budget`` and ``@memprof.auto`` then time the loop's whole step in each precision
+(:mod:`memprof.policy.calibrate`) and plan again from that (a :class:`PrecisionTiming` whose ``what`` says so).
+
 Known limits: the forward stands for the whole step (backward runs the same kinds of kernels in the same
 dtype, and autocast's backward follows its forward's dtypes); the optimizer step, in fp32 under autocast, is
 not timed; the first call in each precision is a warm-up and not counted.
