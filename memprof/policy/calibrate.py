@@ -249,8 +249,10 @@ class Calibration:
             return None
         device = self.plain_profile.environment.device if self.plain_profile is not None else "cpu"
         label = f"CPU ({cpu_name()})" if device == "cpu" else device
+        forward = getattr(self.session, "precision_timing", None)  # the forward alone, timed at the first one
         return PrecisionTiming(self.base_precision, dict(self.precision_ratios), self.base_step_ms, self.rounds,
-                               label, what="the loop's untracked training step")
+                               label, what="the loop's untracked training step",
+                               forward=dict(forward.ratios) if forward is not None else {})
 
 
 class CalibratingSession:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,11 +44,14 @@ class PrecisionTiming:
     reps: int
     device: str
     what: str = "the model's forward"  # what was timed: the forward alone, or the loop's whole step
+    forward: dict = field(default_factory=dict)  # precision -> forward-only ratio, when ``what`` is the step
 
     def describe(self) -> str:
         parts = ", ".join(f"{p} {r:.2f}x" for p, r in self.ratios.items() if p != self.base)
+        fwd = ", ".join(f"{p} {r:.2f}x" for p, r in self.forward.items() if p != self.base)
         return (f"measured on this {self.device}: {self.what} in {parts} the time of {self.base} "
-                f"({self.base_ms:.1f} ms; median of {self.reps} alternating pairs)")
+                f"({self.base_ms:.1f} ms; median of {self.reps} alternating pairs)"
+                + (f"; recomputation priced by the forward alone: {fwd}" if fwd else ""))
 
 
 def _forward(model, args, kwargs, precision: str, device_type: str) -> float:
