@@ -9,9 +9,12 @@ GPT-2, a TRL ``SFTTrainer`` with its defaults) this measures its plain peak (``m
   checkpoint-only frontier of the plain profile (``memprof.plan`` on it) nearest to 85% of the peak, with a
   budget just above that point and below the next faster one, run with ``--levers checkpoint``; where the
   frontier has no such point (a script that checkpoints already), 101% of the plain peak instead (a budget
-  the script meets must not be refused).
+  the script meets must not be refused); a refusal below the peak is judged right when the smallest peak
+  the levers reach, as the refusal names it, is no lower than the plain peak.
 
-From each run's plan file it reads the plan finally kept (precision, checkpoint modes), its predicted peak
+Each run measures its own loop before planning (memprof.policy.calibrate: tracked plain and bf16 steps,
+untracked checkpoint and precision timings paired with plain steps; the plan's ``calibration`` line). From
+each run's plan file it reads the plan finally kept (precision, checkpoint modes), its predicted peak
 and overhead, and the live check's ``verified`` line (measured peak of two tracked applied steps, measured
 overhead of untracked steps interleaved with plain ones); the moves come from stderr. A run *holds* when the
 measured peak is ≤ B and within 1% of the predicted peak, and the measured overhead lies within
@@ -20,8 +23,8 @@ max(25% of the predicted overhead, 5 points) of it.
 Limits: step times on a shared CPU are noisy (the JSON records the load average before and after); the
 scripts are tiny, so fixed costs (imports, the precision timing) dominate each run's wall time.
 
-    python experiments/real_scripts.py                 # all five scripts (~15 min on an idle 2-core CPU)
-    python experiments/real_scripts.py --scripts peft_lora,lightning --steps 30
+    python experiments/real_scripts.py                 # all five scripts, 60 steps per run
+    python experiments/real_scripts.py --scripts peft_lora,lightning --steps 60
 """
 
 from __future__ import annotations
@@ -54,9 +57,12 @@ VERIFIED = re.compile(r"measured peak (\d+) bytes \(predicted (\d+)\)"
                       r"(?:; step-time overhead ([+-][\d.]+)% \(predicted ([+-][\d.]+)%)?")
 
 
+EXTRA_ENV: dict = {}  # --caching-malloc: glibc told to keep freed memory (memprof.policy.timing.CACHING_MALLOC_ENV)
+
+
 def memprof_run(options: list[str], script: Path, script_args: list[str], timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **EXTRA_ENV}
     cmd = [sys.executable, "-m", "memprof", "run", *options, str(script), *script_args]
     t0 = time.perf_counter()
     try:
@@ -108,7 +114,23 @@ def plan_summary(path: Path) -> dict:
             "predicted_peak_bytes": d.get("predicted_peak_bytes"),
             "predicted_overhead": d.get("predicted_overhead"),
             "verified": d.get("assumptions", {}).get("verified", ""),
+            "calibration": d.get("assumptions", {}).get("calibration", ""),
             "plan_notes": {k: v for k, v in d.get("assumptions", {}).items() if k.startswith("note")}}
+
+
+SMALLEST = re.compile(r"the smallest achievable peak is ([\d.]+) (KiB|MiB|GiB)")
+
+
+def judge_refusal(row: dict) -> None:
+    """A refusal is right when the smallest peak the levers reach (the planner's words) is above the budget
+    and no lower than the script's own plain peak (within 1%): nothing run --budget applies saves memory."""
+    m = SMALLEST.search(row["refusal"])
+    if not m:
+        row["refusal_right"] = False
+        return
+    smallest = float(m.group(1)) * {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m.group(2)]
+    row["smallest_achievable_bytes"] = int(smallest)
+    row["refusal_right"] = smallest > row["budget_bytes"] and smallest >= 0.99 * row["plain_peak_bytes"]
 
 
 def judge(row: dict) -> None:
@@ -165,6 +187,7 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
         refusal = [line for line in r["stderr"].splitlines() if line.startswith("memprof: error:")]
         if refusal:
             row["refusal"] = refusal[-1]
+            judge_refusal(row)
         if plan_path.exists():
             row.update(plan_summary(plan_path))
             judge(row)
@@ -221,9 +244,16 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated: " + ", ".join(SCRIPTS))
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the live check needs ~16)")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (calibration ~32, the live check ~13 more)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per memprof run")
+    ap.add_argument("--caching-malloc", action="store_true",
+                    help="run the scripts with glibc malloc keeping freed memory, as the plans' note advises "
+                         "(writes results/real-scripts-caching-malloc.json)")
     args = ap.parse_args()
+    if args.caching_malloc:
+        from memprof.policy.timing import CACHING_MALLOC_ENV
+
+        EXTRA_ENV.update(CACHING_MALLOC_ENV)
     names = [s.strip() for s in args.scripts.split(",") if s.strip()]
     for n in names:
         if n not in SCRIPTS:
@@ -240,6 +270,7 @@ def main() -> None:
                    "peak_held": sum(r["script"] == n and r.get("within_budget", False)
                                     and r.get("peak_within_1pct", False) for r in runs),
                    "refused": sum(r["script"] == n and "refusal" in r for r in runs),
+                   "refused_rightly": sum(r["script"] == n and r.get("refusal_right", False) for r in runs),
                    "nothing_applied": sum(r["script"] == n and r.get("nothing_applied", False) for r in runs)}
                for n in names}
     data = {
@@ -255,15 +286,23 @@ def main() -> None:
             "Run on a 2-core CPU shared with other jobs (see the load averages): step times, hence the measured "
             "overheads and the live check's time decisions, are noisy; the peaks are not affected by load.",
             "The 90%/80% budgets use the default levers (checkpoint, precision); the third budget uses "
-            "--levers checkpoint and sits just above a selective point of the plain profile's frontier, but "
-            "the run plans from its own first steps and timings, so the plan it keeps may differ (see modes).",
+            "--levers checkpoint and sits just above a selective point of the plain profile's frontier (made "
+            "with modelled costs). Each run plans from its own loop's steps, tracked and timed before the plan "
+            "is made (see calibration: the every-unit cost of each checkpoint mode and bf16's whole-step "
+            "ratio on this CPU); where selective checkpointing measured slower than full on every unit while "
+            "saving less memory it is dominated, and no budget makes the planner choose it (see modes).",
+            "TRL's SFTTrainer already checkpoints every layer and runs bf16 autocast: below its plain peak "
+            "nothing run --budget applies saves memory, and the refusal is right when the smallest achievable "
+            "peak it names is no lower than the plain peak (refusal_right).",
         ],
         "summary": summary,
         "runs": rows,
     }
-    path = write_result("real-scripts", data)
-    plot(rows, RESULTS / "real-scripts.png")
-    print(f"wrote {path} and {RESULTS / 'real-scripts.png'} in {data['wall_s']} s")
+    name = "real-scripts-caching-malloc" if args.caching_malloc else "real-scripts"
+    data["malloc_env"] = dict(EXTRA_ENV)
+    path = write_result(name, data)
+    plot(rows, RESULTS / f"{name}.png")
+    print(f"wrote {path} and {RESULTS / (name + '.png')} in {data['wall_s']} s")
 
 
 if __name__ == "__main__":

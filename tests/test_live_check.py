@@ -143,14 +143,32 @@ def test_run_budget_on_a_nanogpt_script_measures_the_applied_steps_and_prints_bo
 
 @pytest.mark.slow
 def test_a_precision_plan_slower_than_it_predicted_is_dropped_on_the_users_path(tmp_path):
-    # Only bf16 autocast (with every block checkpointed) reaches 12 MiB on this script; its head's backward
-    # then sleeps 1.5 s in bf16, as on a CPU without bf16 units: the forward timed before planning cannot see it
+    # Only bf16 autocast (with every block checkpointed) reaches 12 MiB on this script. From iteration 36 on,
+    # after memprof has timed the loop's steps in bf16 and planned (about 34 steps), its head's backward sleeps
+    # 1.5 s in bf16, as on a CPU without bf16 units: the applied plan turns slower than it predicted
     plan_out = tmp_path / "plan.toml"
     r = CliRunner().invoke(main, ["run", "--budget", "12MiB", "--out", str(tmp_path / "p.json"), "--plan-out",
-                                  str(plan_out), str(NANOGPT), "--max_iters=24", "--bf16_backward_delay=1.5"])
+                                  str(plan_out), str(NANOGPT), "--max_iters=60", "--bf16_backward_delay=1.5",
+                                  "--bf16_delay_from_iter=36"])
     assert r.exit_code == 0, r.output
     assert "bf16-autocast is slow on this device" in r.stderr
     # no fp32 plan reaches the budget: the plain step is restored, and the smallest peak without bf16 is named
     assert "reverted to the plain step" in r.stderr and "the smallest achievable peak is" in r.stderr
     assert "no plan held" in r.stderr
     assert "no plan held: plain step restored" in memprof.load(plan_out).assumptions["verified"]
+
+
+@pytest.mark.slow
+def test_a_precision_slow_in_backward_is_timed_on_the_whole_step_before_the_plan_is_made(tmp_path):
+    # The head's backward sleeps 1.5 s in bf16 from the start: the forward timed before step 1 cannot see it
+    # (its ratio stays near 1), the loop's whole steps timed before the plan is made do.
+    plan_out = tmp_path / "plan.toml"
+    r = CliRunner().invoke(main, ["run", "--budget", "12MiB", "--out", str(tmp_path / "p.json"), "--plan-out",
+                                  str(plan_out), str(NANOGPT), "--max_iters=60", "--bf16_backward_delay=1.5"])
+    assert r.exit_code == 0, r.output
+    plan = memprof.load(plan_out)
+    step_ratio = float(plan.assumptions["calibration"].split("bf16-autocast ")[1].split("x")[0])
+    timing = next(v for k, v in plan.assumptions.items() if k.startswith("note") and "precision time" in v)
+    forward_ratio = float(timing.split("forward alone: bf16-autocast ")[1].split("x")[0])
+    assert forward_ratio < 3 < step_ratio, (forward_ratio, step_ratio)
+    assert plan.precision == "bf16-autocast" and plan.predicted_overhead > 2  # the slowdown is in the prediction

@@ -8,8 +8,15 @@
    the estimate and applies the plan right away, so the first step does not run out of memory;
 2. otherwise it tracks the first two steps for real (the second is steady: optimizer state exists), plans
    from the measured profile, and applies the plan (if anything needs to change) before the third step;
-3. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did;
-4. once a plan is applied, checks it in the running loop (:class:`memprof.policy.live_check.LiveCheck`):
+3. where the plain step may run on this device (a CPU, or a plain peak that fits the device), it does not
+   stop at that first plan: it measures the loop's own steps first
+   (:mod:`memprof.policy.calibrate`: tracked plain steps and steps in each other precision, untracked steps
+   of each checkpoint mode and precision paired with plain ones) and plans again from them, so the plan's
+   peak is the real loop's (its loss outside the model, what it drops before backward) and its step time
+   this machine's; the plan made before step 1 stays applied meanwhile (on a CPU the plain and timed
+   steps may exceed the budget, which is not the device's limit);
+4. writes the profile and the plan files and logs one line (logger ``memprof``) saying what it did;
+5. once a plan is applied, checks it in the running loop (:class:`memprof.policy.live_check.LiveCheck`):
    the applied steps' peak (tracked) and step time (untracked, interleaved with plain steps where those may
    run), and moves to another plan, or back to the plain step, when it is over budget or slower than
    predicted; the figures go into the plan file and :attr:`AutoSession.verification`.
@@ -39,6 +46,8 @@ import logging
 from ..errors import MemprofError
 from ..tracking.first_forward import FirstRootForward
 from ..training import autocast
+from .calibrate import AUTOCAST as _AUTOCAST
+from .calibrate import CalibratingSession
 
 __all__ = ["auto", "AutoSession", "first_call_context"]
 
@@ -90,7 +99,7 @@ def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str 
     return wrapper
 
 
-class AutoSession:
+class AutoSession(CalibratingSession):
     """One auto-planning run: estimate at the first forward, track the first step, plan, apply, report."""
 
     def __init__(self, budget_bytes: int, levers, optimizer: str, profile_path, plan_path, notify=None) -> None:
@@ -118,6 +127,11 @@ class AutoSession:
         self._step_watch = None
         self.replan_refusal = ""  # why the last replan found nothing (the planner's words)
         self.plan_saved = False
+        self.calibration = None  # the Calibration measuring the loop before the plan is made
+        self.costs = None  # checkpoint costs timed in the loop (OptionCosts)
+        self.measured_profiles: dict = {}  # (precision, "none") -> the loop's tracked steps in it
+        self.step_timing = None  # whole-step precision ratios timed in the loop (PrecisionTiming)
+        self.plan_profile = None  # the tracked plain profile the plan was made from, once calibrated
 
     def start(self) -> None:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
@@ -144,9 +158,13 @@ class AutoSession:
         if self._step_watch is not None:
             self._step_watch.remove()
             self._step_watch = None
+        if self.calibration is not None and not self.calibration.done:
+            self._calibration_unfinished()
         if self.check is not None:
             if not self.check.done:  # the loop ended during the check: record what was measured, said so
                 self.verified(self.check.result)
+                if self.handle is None and self.plan is not None:  # it ended on a plain step: the plan stays
+                    self.apply_plan(self.plan)
             self.check.remove()
 
     def finish(self, quiet: bool = False) -> None:
@@ -225,9 +243,15 @@ class AutoSession:
                 except MemprofError as e:
                     self.action += f" (no plan file: {e})"
             else:
-                self.plan = self._plan(self.profile)
-                self._apply(f"measured {_gib(self.profile.peak_bytes)} > budget: applied from step 3")
-        if self.plan is not None and self.handle is not None:
+                self.plan = self._plan(self.profile)  # refuses now when nothing fits (before calibrating)
+                if self._calibrate(self.profile):
+                    self.action = (f"measured {_gib(self.profile.peak_bytes)} > budget: measuring the loop's steps "
+                                   "before planning")
+                else:
+                    self._apply(f"measured {_gib(self.profile.peak_bytes)} > budget: applied from step 3")
+        elif self.plan is not None and self.handle is not None and self._calibrate(None):
+            pass  # the plan applied before step 1 stays until the loop's own steps are measured
+        if self.plan is not None and self.handle is not None and self.calibration is None:
             self._check_live(peak_known=self.profile.peak_bytes if self.estimate_applied else None)
         if self.plan is not None and self.plan_path:
             try:
@@ -265,10 +289,20 @@ class AutoSession:
             self.tracker.pause()  # estimating other precisions runs fake ops
         try:
             allowed = precisions or (_AUTOCAST if self.base_precision == "fp32" else (self.base_precision,))
-            return plan(prof, budget_bytes or self.budget_bytes, levers=self.levers, precisions=allowed,
+            calibrated = prof is self.plan_profile
+            made = plan(prof, budget_bytes or self.budget_bytes, levers=self.levers, precisions=allowed,
                         source=self.source, precision=self.base_precision,
-                        precision_timing=self.precision_timing, applicable=("checkpoint", "precision"),
-                        modes=tuple(m for m in MODES if m not in without_modes))
+                        precision_timing=self.step_timing if calibrated and self.step_timing else self.precision_timing,
+                        applicable=("checkpoint", "precision"),
+                        modes=tuple(m for m in MODES if m not in without_modes),
+                        costs=self.costs if calibrated else None,
+                        profiles=self.measured_profiles if calibrated else None)
+            if calibrated and self.calibration is not None:
+                import dataclasses
+
+                made = dataclasses.replace(made, assumptions={**made.assumptions,
+                                                              "calibration": self.calibration.describe()})
+            return made
         finally:
             if running:
                 self.tracker.resume()
@@ -301,7 +335,7 @@ class AutoSession:
         None if none fits."""
         from .engine import InfeasibleBudgetError
 
-        base = self.estimate if self.estimate_applied else self.profile
+        base = self.plan_profile or (self.estimate if self.estimate_applied else self.profile)
         if budget_bytes <= 0:
             return None
         try:
@@ -310,17 +344,37 @@ class AutoSession:
             self.replan_refusal = str(e)
             return None
 
+    def _plain_may_run(self) -> bool:
+        """Whether the plain step may run on this device: its peak (measured, else estimated) fits it (on a CPU
+        without a capacity set: always)."""
+        plain_peak = self.estimate.peak_bytes if self.estimate_applied else self.profile.peak_bytes
+        capacity = self.profile.capacity_bytes
+        on_cpu = self.profile.environment.device == "cpu"
+        return (capacity is not None and plain_peak <= capacity) or (capacity is None and on_cpu)
+
     def _check_live(self, peak_known: int | None) -> None:
         from .live_check import LiveCheck
 
         if self.optimizer_seen is None:
             return
-        plain_peak = self.estimate.peak_bytes if self.estimate_applied else self.profile.peak_bytes
-        capacity = self.profile.capacity_bytes
-        on_cpu = self.profile.environment.device == "cpu"
-        plain_may_run = (capacity is not None and plain_peak <= capacity) or (capacity is None and on_cpu)
-        self.check = LiveCheck(self, self.optimizer_seen, notify=self.notify, plain_may_run=plain_may_run,
+        self.check = LiveCheck(self, self.optimizer_seen, notify=self.notify, plain_may_run=self._plain_may_run(),
                                peak_known=peak_known, tracked_step_ms=self.plan.baseline_step_ms).install()
+
+    def _set_profile(self, prof) -> None:
+        self.profile = prof
+        if self.profile_path:
+            try:
+                prof.save(self.profile_path)
+            except OSError as e:
+                self.notify(f"could not write the profile to {self.profile_path}: {e.strerror or e}")
+
+    def _save_plan(self) -> None:
+        if self.plan is not None and self.plan_path:
+            try:
+                self.plan.save(self.plan_path)
+                self.plan_saved = True
+            except OSError as e:
+                self.notify(f"could not write the plan to {self.plan_path}: {e.strerror or e}")
 
     def verified(self, result) -> None:
         """The live check is done: keep its figures, in the plan file too."""
@@ -392,7 +446,6 @@ def _estimators(opt) -> bool:
     return False
 
 
-_AUTOCAST = ("fp32", "bf16-autocast")  # fp16 needs the optimizer for loss scaling; bf16 params break its state
 
 
 def _gib(n: int) -> str:

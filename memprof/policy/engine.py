@@ -242,6 +242,14 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 ps = source.profile(p, s, world_size if s != "none" else 1, shard_group_size, offload=o)
             names = find_units(ps, unit_names) if unit_names else find_units(ps)
             measured = costs if (costs is not None and ps is prof) else None
+            # Costs measured in the base precision stand for another precision too when its whole-step ratio
+            # was measured on this device (unsharded): the step scales by it, recomputation (forward work) by
+            # the forward's ratio when that was timed too.
+            step_ratio = (precision_timing.ratios.get(p) if costs is not None and measured is None and s == "none"
+                          and not o and precision_timing is not None
+                          and getattr(precision_timing, "what", "") != "the model's forward" else None)
+            if step_ratio is not None:
+                measured = costs
             unit_modes = modes if "checkpoint" in levers else ("keep",)
             if p in _AUTOCAST and "selective" in unit_modes:
                 unit_modes = tuple(m for m in unit_modes if m != "selective")
@@ -250,8 +258,9 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             model = chain_model(ps, budget_bytes, names, unit_modes,
                                 extra_ms=measured.extra_ms if measured else None)
             # Step time without recomputation: measured for given profiles, else scaled from the model.
-            if measured is not None:
-                base_ms, scale = measured.base_step_ms, 1.0
+            if measured is not None:  # recomputation is forward work: priced by the forward's ratio if known
+                base_ms = measured.base_step_ms * (step_ratio or 1.0)
+                scale = precision_timing.forward.get(p, step_ratio) if step_ratio is not None else 1.0
             elif key in profiles and _steady_step_ms(ps):
                 base_ms = _steady_step_ms(ps)
                 scale = 1.0

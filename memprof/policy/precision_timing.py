@@ -11,6 +11,10 @@ to the current precision is what the planner uses for that precision's step time
 The user's model is left as it was: random generators are restored (dropout draws), buffers written by the
 forward (BatchNorm's running statistics) are put back, and no gradient is made.
 
+This is the timing a plan made before the first step relies on. Where the plain step may run,
+``run --budget`` and ``@memprof.auto`` then time the loop's whole step in each precision
+(:mod:`memprof.policy.calibrate`) and plan again from that (a :class:`PrecisionTiming` whose ``what`` says so).
+
 Known limits: the forward stands for the whole step (backward runs the same kinds of kernels in the same
 dtype, and autocast's backward follows its forward's dtypes); the optimizer step, in fp32 under autocast, is
 not timed; the first call in each precision is a warm-up and not counted.
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,11 +43,15 @@ class PrecisionTiming:
     base_ms: float  # median forward time in the base precision
     reps: int
     device: str
+    what: str = "the model's forward"  # what was timed: the forward alone, or the loop's whole step
+    forward: dict = field(default_factory=dict)  # precision -> forward-only ratio, when ``what`` is the step
 
     def describe(self) -> str:
         parts = ", ".join(f"{p} {r:.2f}x" for p, r in self.ratios.items() if p != self.base)
-        return (f"measured on this {self.device}: the model's forward in {parts} the time of {self.base} "
-                f"({self.base_ms:.1f} ms; median of {self.reps} alternating pairs)")
+        fwd = ", ".join(f"{p} {r:.2f}x" for p, r in self.forward.items() if p != self.base)
+        return (f"measured on this {self.device}: {self.what} in {parts} the time of {self.base} "
+                f"({self.base_ms:.1f} ms; median of {self.reps} alternating pairs)"
+                + (f"; recomputation priced by the forward alone: {fwd}" if fwd else ""))
 
 
 def _forward(model, args, kwargs, precision: str, device_type: str) -> float:
