@@ -43,11 +43,12 @@ def _nano_pair():
     return plain, copy.deepcopy(plain)
 
 
-def test_nanogpt_chunked_loss_and_gradients_equal_the_plain_step_with_dropout_on():
+@pytest.mark.parametrize("recompute", [False, True])  # gradients made in the loss's forward, or recomputed
+def test_nanogpt_chunked_loss_and_gradients_equal_the_plain_step_with_dropout_on(recompute):
     plain, chunked = _nano_pair()
     x, y = _batch()
     want, _ = _nano_step(plain, x, y)
-    handle = chunk_loss_head(chunked, chunk_tokens=100)  # 512 tokens: 5 full chunks and a partial one
+    handle = chunk_loss_head(chunked, chunk_tokens=100, recompute=recompute)  # 5 full chunks and a partial one
     got, logits = _nano_step(chunked, x, y)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     _assert_same_grads(plain, chunked)
@@ -55,11 +56,12 @@ def test_nanogpt_chunked_loss_and_gradients_equal_the_plain_step_with_dropout_on
     assert isinstance(logits, DeferredLogits) and logits.shape == (8, 64, VOCAB) and logits.dtype == torch.float32
 
 
-def test_nanogpt_chunked_step_peak_drops_by_at_least_the_logits_and_their_gradient():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_nanogpt_chunked_step_peak_drops_by_at_least_the_logits_and_their_gradient(recompute):
     plain, chunked = _nano_pair()
     x, y = _batch()
     plain_peak, _ = allocator_peak(lambda: _nano_step(plain, x, y))
-    chunk_loss_head(chunked, chunk_tokens=128)
+    chunk_loss_head(chunked, chunk_tokens=128, recompute=recompute)
     chunked_peak, _ = allocator_peak(lambda: _nano_step(chunked, x, y))
     logits_bytes = 8 * 64 * VOCAB * 4
     # Plain holds the logits and their gradient (and log-softmax) at once; chunked holds a few chunks' worth.
@@ -194,17 +196,17 @@ def test_bad_arguments_are_memprof_errors():
         chunk_loss_head(nn.Sequential(nn.Linear(2, 2)))
 
 
-def _nano_build():
-    model = GPT(NANO)
-    chunk_loss_head(model, chunk_tokens=128)
-    return model
-
-
-def test_the_estimator_sees_the_chunked_head_to_the_byte_of_the_real_cpu_run():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_estimator_sees_the_chunked_head_to_the_byte_of_the_real_cpu_run(recompute):
     from tests.common import real_cpu_peak
 
-    est = memprof.estimate(_nano_build, _batch, device="cpu", blocks="all")
-    assert est.peak_bytes == real_cpu_peak(_nano_build, _batch)
+    def build():
+        model = GPT(NANO)
+        chunk_loss_head(model, chunk_tokens=128, recompute=recompute)
+        return model
+
+    est = memprof.estimate(build, _batch, device="cpu", blocks="all")
+    assert est.peak_bytes == real_cpu_peak(build, _batch)
 
 
 @pytest.mark.slow

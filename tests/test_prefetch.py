@@ -43,10 +43,18 @@ def test_profiles_estimated_in_worker_processes_equal_the_ones_made_in_process(m
         assert _strip(ahead.profile(*key).to_dict()) == _strip(here.profile(*key).to_dict()), key
 
 
-def test_no_workers_unless_turned_on_or_with_too_few_estimates(monkeypatch):
+def test_workers_only_where_a_core_is_free_or_asked_for_and_not_for_few_estimates(monkeypatch):
     monkeypatch.delenv("MEMPROF_WORKERS", raising=False)
-    assert workers_for(_source(), 20) == 0  # off by default
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))  # both cores busy
+    assert workers_for(_source(), 20) == 0
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # the planner alone: a core is free
+    assert workers_for(_source(), 20) == 2
+    monkeypatch.setenv("MEMPROF_WORKERS", "1")
+    assert workers_for(_source(), 20) == 0
     monkeypatch.setenv("MEMPROF_WORKERS", "2")
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert workers_for(_source(), 20) == 2  # asked for: whatever the load
     assert workers_for(_source(), 2) == 0
     cpu = _source()
     cpu.device = "cpu"  # CPU estimates measure op scratch on the real kernels: in the planner's process

@@ -7,9 +7,12 @@ one that returns a *deferred* logits tensor: a 1-element placeholder expanded to
 remembers the head's input, weight and bias and the autocast and grad mode of the call. When
 ``F.cross_entropy`` (the functional or ``nn.CrossEntropyLoss``, called inside the model's forward as
 nanoGPT and Hugging Face causal LMs do, or by the training loop) receives it, possibly after ``.float()``
-and a ``.view(-1, vocab)``, the loss is computed chunk by chunk by an autograd function that keeps only the
-head's input and one log-sum-exp per token, and recomputes each chunk's logits in backward. The full
-logits and their gradient never exist at once: about ``chunk × vocab`` elements do.
+and a ``.view(-1, vocab)``, the loss is computed chunk by chunk by an autograd function: the loss is the
+step's last op, so each chunk's gradients are computed with its loss and kept until backward scales them
+(Liger's fused linear cross-entropy does the same: no recomputation), or with ``recompute=True`` each
+chunk's logits are recomputed in backward (one more head matmul; the gradients of the head's weight and
+input are not held from the loss to backward). The full logits and their gradient never exist at once:
+about ``chunk × vocab`` elements do.
 
 Any other use of the deferred logits (sampling, metrics, ``repr``) materialises them: the head runs as
 it would have, under the recorded autocast and grad mode, once per placeholder, and the handle counts it
@@ -238,12 +241,25 @@ def _chunked_cross_entropy(input, target, weight=None, size_average=None, ignore
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``linear(hidden)`` against ``target``, ``chunk`` rows at a time; backward
-    recomputes each chunk's logits and backpropagates its loss alone, so only one chunk's logits (and
-    their gradient) exist at a time."""
+    """Summed cross-entropy of ``linear(hidden)`` against ``target``, ``chunk`` rows at a time, so that only
+    one chunk's logits (and their gradient) exist at a time.
+
+    The loss is the step's last op, so its gradients are known up to the scalar backward brings: by
+    default they are computed in forward, chunk by chunk, and kept until backward scales them (as Liger's
+    fused linear cross-entropy does: no recomputation; the head's weight gradient and the input's gradient
+    live from the loss to backward). With ``recompute`` forward computes the loss alone and backward
+    recomputes each chunk's logits (least memory, one more head matmul)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, src, logits_dtype, ce_autocast, ignore_index, chunk):
+        needs = ctx.needs_input_grad[:3]
+        ctx.src, ctx.logits_dtype, ctx.ce_autocast = src, logits_dtype, ce_autocast
+        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        ctx.bias_given = bias is not None
+        ctx.grads = None
+        if any(needs) and not src.handle.recompute:
+            total, ctx.grads = _chunked_grads(hidden, target, src, ctx, None)
+            return total
         total = None
         with torch.no_grad():
             for s in range(0, hidden.shape[0], chunk):
@@ -251,41 +267,51 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                                    ignore_index)
                 total = part if total is None else total + part
         ctx.save_for_backward(hidden, target)
-        ctx.src, ctx.logits_dtype, ctx.ce_autocast = src, logits_dtype, ce_autocast
-        ctx.ignore_index, ctx.chunk = ignore_index, chunk
-        ctx.bias_given = bias is not None
         return total
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, target = ctx.saved_tensors
-        src = ctx.src
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        weight = src.weight.detach().requires_grad_(need_w)
-        bias = src.bias.detach().requires_grad_(need_b) if ctx.bias_given else None
-        leaf = _Leaves(src, weight, bias)
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk].detach().requires_grad_(need_h)
-            with torch.enable_grad():
-                part = _chunk_loss(h, target[s:s + ctx.chunk], leaf, ctx.logits_dtype, ctx.ce_autocast,
-                                   ctx.ignore_index)
-            inputs = [x for x, need in ((h, need_h), (weight, need_w), (bias, need_b)) if need and x is not None]
-            grads = torch.autograd.grad(part, inputs, grad_loss)
-            it = iter(grads)
-            if need_h:
-                grad_h[s:s + ctx.chunk] = next(it)
-            if need_w:
-                g = next(it)
-                if weight.grad is None:
-                    weight.grad = g
-                else:
-                    weight.grad += g
-            if need_b and bias is not None:
-                g = next(it)
-                bias.grad = g if bias.grad is None else bias.grad + g
-        return (grad_h, weight.grad if need_w else None, bias.grad if need_b and bias is not None else None,
-                None, None, None, None, None, None)
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            for g in grads:
+                if g is not None:
+                    g.mul_(grad_loss)
+        else:
+            hidden, target = ctx.saved_tensors
+            _, grads = _chunked_grads(hidden, target, ctx.src, ctx, grad_loss)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _chunked_grads(hidden, target, src, ctx, grad_loss):
+    """(summed loss, (grad of hidden, of weight, of bias)) chunk by chunk, scaled by ``grad_loss`` if given."""
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    weight = src.weight.detach().requires_grad_(need_w)
+    bias = src.bias.detach().requires_grad_(need_b) if ctx.bias_given else None
+    leaf = _Leaves(src, weight, bias)
+    total = None
+    for s in range(0, hidden.shape[0], ctx.chunk):
+        h = hidden[s:s + ctx.chunk].detach().requires_grad_(need_h)
+        with torch.enable_grad():
+            part = _chunk_loss(h, target[s:s + ctx.chunk], leaf, ctx.logits_dtype, ctx.ce_autocast,
+                               ctx.ignore_index)
+        inputs = [x for x, need in ((h, need_h), (weight, need_w), (bias, need_b)) if need and x is not None]
+        grads = torch.autograd.grad(part, inputs, grad_loss)
+        part = part.detach()
+        total = part if total is None else total + part
+        it = iter(grads)
+        if need_h:
+            grad_h[s:s + ctx.chunk] = next(it)
+        if need_w:
+            g = next(it)
+            if weight.grad is None:
+                weight.grad = g
+            else:
+                weight.grad += g
+        if need_b and bias is not None:
+            g = next(it)
+            bias.grad = g if bias.grad is None else bias.grad + g
+    return total, (grad_h, weight.grad if need_w else None, bias.grad if need_b and bias is not None else None)
 
 
 class _Leaves:
@@ -312,8 +338,9 @@ class LossHeadHandle:
     ``chunked`` counts losses computed in chunks, ``materialised`` the head calls whose full logits a caller
     needed (the lever saved nothing there)."""
 
-    def __init__(self, model: nn.Module, fqn: str, head: nn.Linear, chunk_tokens: int):
+    def __init__(self, model: nn.Module, fqn: str, head: nn.Linear, chunk_tokens: int, recompute: bool = False):
         self.model, self.head_name, self.head, self.chunk_tokens = model, fqn, head, chunk_tokens
+        self.recompute = recompute
         self.chunked = 0
         self.materialised = 0
         self._removed = False
@@ -338,15 +365,16 @@ class LossHeadHandle:
 
 
 def chunk_loss_head(model: nn.Module, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                    head: str | None = None) -> LossHeadHandle:
+                    head: str | None = None, recompute: bool = False) -> LossHeadHandle:
     """Make the model's head return deferred logits that ``cross_entropy`` consumes in chunks of
-    ``chunk_tokens`` tokens (see the module docstring). Undo with ``handle.remove()``."""
+    ``chunk_tokens`` tokens (see the module docstring): gradients computed in the loss's forward, or with
+    ``recompute`` recomputed in backward. Undo with ``handle.remove()``."""
     if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
         raise LossHeadError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
     fqn, module = find_head(model, head)
     if getattr(module, "_memprof_loss_head", None) is not None:
         raise LossHeadError(f"{fqn!r} is chunked already: remove the first handle before applying again")
-    handle = LossHeadHandle(model, fqn, module, chunk_tokens)
+    handle = LossHeadHandle(model, fqn, module, chunk_tokens, bool(recompute))
     original = module.forward
 
     def forward(x):

@@ -9,9 +9,11 @@ configuration, so its profile is the one the planner would have made itself (the
 Used only where forking is safe and pays: Linux, at least two usable cores, at least three estimates to make,
 CUDA not initialised in this process, no ``torch.distributed`` job running, estimates of a CUDA device emulated
 on CPU kernels (a CPU estimate measures op scratch on the real kernels: left to the planner's process).
-Off by default: ``MEMPROF_WORKERS=2`` turns it on. Measured on a 2-core host shared with other work, it did
-not pay for the README's plan example (49.0 s against 37.5 s one after the other at a load average of 3; 137
-s against 130 s at 8): each worker warms its own caches, and no core was free. A worker that fails gives nothing back: the planner then estimates that
+Two workers by default when a core is free (the 1-minute load average below the usable cores less a half,
+the planner's own process included), else none; ``MEMPROF_WORKERS=1`` turns them off and ``=2`` on whatever
+the load. Measured on this project's 2-core host (results/estimate-speed.json): the README's plan example took
+25.1 s with two workers against 40.5 s one after the other at a load of 1 (the experiment's own); at a load
+of 3 it took 49.0 s against 37.5 s (each worker warms its own caches, and no core was free). A worker that fails gives nothing back: the planner then estimates that
 configuration itself (and reports its error, if any).
 """
 
@@ -24,7 +26,15 @@ __all__ = ["prefetch", "workers_for"]
 
 _SOURCE = None  # the source being prefetched, read by the forked workers
 MAX_WORKERS = 2
-DEFAULT_WORKERS = 1  # off unless MEMPROF_WORKERS=2 (see the module's docstring)
+
+
+def _default_workers(cores: int) -> int:
+    """Two when a core is free (see the module's docstring), else one (none in parallel)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1
+    return MAX_WORKERS if load < cores - 0.5 else 1
 
 
 def workers_for(source, missing: int) -> int:
@@ -32,13 +42,13 @@ def workers_for(source, missing: int) -> int:
     import torch
 
     try:
-        wanted = int(os.environ.get("MEMPROF_WORKERS", DEFAULT_WORKERS))
-    except ValueError:
-        wanted = DEFAULT_WORKERS
-    try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
+    try:
+        wanted = int(os.environ["MEMPROF_WORKERS"])
+    except (KeyError, ValueError):
+        wanted = _default_workers(cores)
     n = min(wanted, cores, MAX_WORKERS)
     if (n < 2 or missing < 3 or not sys.platform.startswith("linux") or source.device != "cuda"
             or torch.cuda.is_available() or torch.cuda.is_initialized()):
