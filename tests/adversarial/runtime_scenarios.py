@@ -10,6 +10,7 @@ and buffers (objects, dtypes, shapes: values change by training).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -115,9 +116,26 @@ def interrupt_trial(seed: int, steps: int = 50, out_dir: str | None = None) -> s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _interrupt_trial(seed, steps, out_dir)
+        with pythons_sigint():
+            return _interrupt_trial(seed, steps, out_dir)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def pythons_sigint():
+    """SIGINT handled by Python's own handler (KeyboardInterrupt) while it lasts, as in a script started from
+    a terminal: a process started in the background by a shell without job control (a CI runner) inherits
+    SIGINT ignored, and Python then installs no handler of its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:  # in the child before exec: Python installs its own handler at start
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt_trial(seed: int, steps: int, out_dir: str | None) -> str | None:
@@ -181,7 +199,7 @@ def child_interrupt_trial(seed: int, out_dir: str, steps: int = 50) -> str | Non
     KeyboardInterrupt (its traceback's last line) with nothing left behind."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, str(CHILD), str(seed), str(steps), out_dir], capture_output=True,
-                       text=True, env=env, timeout=300, cwd=out_dir)
+                       text=True, env=env, timeout=300, cwd=out_dir, preexec_fn=_default_sigint)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return f"seed {seed}: no report (exit {r.returncode}): {r.stderr[-300:]}"

@@ -23,6 +23,13 @@ _set_interrupt = ctypes.pythonapi.PyErr_SetInterruptEx
 _set_interrupt.argtypes = [ctypes.c_int]
 
 
+@pytest.fixture(autouse=True)
+def _pythons_sigint():
+    """Python's own SIGINT handler, also when the test process inherited SIGINT ignored (a CI runner)."""
+    with scenarios.pythons_sigint():
+        yield
+
+
 def _free_with_signal_due(holder: list, signum: int = signal.SIGINT) -> None:
     """Make ``signum`` due and free the tensors in ``holder`` with no Python bytecode between the two."""
     list(map(operator.call, [functools.partial(_set_interrupt, signum), holder.clear]))
