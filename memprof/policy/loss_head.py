@@ -95,8 +95,8 @@ class _Source:
         return self._logits
 
 
-# Calls answered from the placeholder's metadata (shape, dtype, device, storage identity): they neither
-# need the values nor make the logits exist.
+# Calls answered from the placeholder's metadata (shape, dtype, device, strides): they neither need the
+# values nor make the logits exist. ``requires_grad`` answers False (the placeholder is in no graph).
 _METADATA = {
     torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.element_size,
     torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.get_device,
