@@ -1,26 +1,11 @@
 """Choosing one option per unit of a chain (keep, checkpoint, ...) so that the step fits a memory budget.
 
-The model: repeated blocks ("units") run forward in order 1..n and backward in order n..1. For each unit the
-planner picks one :class:`Option`: its ``retained_bytes`` r stay live from the end of the unit's forward until its
-backward, its ``local_bytes`` l are live during its own backward on top of everything else (recomputed
-activations included), and ``extra_ms`` is the step time it costs. Unit i also has ``base_bytes`` b_i, live during
-its backward whatever is chosen (parameters, grads of units already done, optimizer state, ...), and the problem
-has ``forward_base_bytes`` F, live at the end of forward besides the retained activations. The peak of a choice is
-the largest of
-
-    end of forward:      F + sum_j r_j
-    backward of unit i:  b_i + sum_{j<i} r_j + l_i          (units after i are done, units before still hold r)
-
-and the goal is the least total ``extra_ms`` whose peak fits ``budget_bytes``, ties broken by the lower peak.
+The problem, a choice's peak and what the solvers share are in :mod:`.chain_problem`: the least total
+``extra_ms`` whose peak fits ``budget_bytes``, ties broken by the lower peak.
 
 Solvers (each one's answer is re-checked with :func:`peak_of`; peak is not monotonic in the choices):
 
-* :func:`solve_dp` — exact dynamic program, fast on long chains. It runs from the last unit to the first with the
-  state q_i = the peak of units i..n measured from the memory level at the start of unit i's forward:
-  q_{n+1} = F and q_i = max(b_i + l_i, r_i + q_{i+1}), so q_1 is the peak and every backward position is checked.
-  q_i grows with q_{i+1}, so a state with lower-or-equal q and lower-or-equal cost dominates: the states kept per
-  step are exactly the Pareto front of (q, cost). (The forward-order DP over the running sum sum_{j<i} r_j needs
-  the peak so far as a third dimension to break ties by peak; this order does not.)
+* :func:`solve_dp` — exact dynamic program, fast on long chains (:mod:`.solver_dp` says how it works).
 * :func:`solve_ilp` — the same model as a MILP (``scipy.optimize.milp``, HiGHS), for cross-checks and for
   structures other than chains later. Needs scipy (the ``dev`` extra).
 * :func:`solve_brute_force` — every combination, for tests (at most 16 units).
