@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
+from .advice import allocator_advice
 from .errors import MemprofError
 from .peak_words import loss_head, shape_text
 from .profiles import Profile
@@ -125,6 +126,7 @@ class Summary:
     assumptions: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     peak_words: str = ""  # where the peak is, in words a user acts on (the loss head), when known
+    advice: tuple[str, ...] = ()  # settings no lever applies (the CUDA allocator's), one sentence each
 
     def to_dict(self) -> dict[str, Any]:
         d = {}
@@ -212,6 +214,7 @@ def summary(prof: Profile) -> Summary:
         world_size=env.world_size, rank=env.rank, estimated=prof.estimated,
         assumptions=MappingProxyType(dict(prof.assumptions)), notes=tuple(prof.notes),
         peak_words=head.sentence() if (head := loss_head(prof)) is not None else "",
+        advice=tuple(a.sentence() for a in allocator_advice(prof)),
     )
 
 
@@ -383,6 +386,7 @@ def _summary_pairs(s: Summary, units: str) -> list[tuple[str, str]]:
     phases = ", ".join(f"{p} {b(v)}" for p, v in s.phase_peak_bytes.items() if v)
     pairs.append(("Phase peaks", phases or "-"))
     pairs.append(("Estimated", "yes (fake tensors, not a real run)" if s.estimated else "no (measured)"))
+    pairs.extend(("Advice", a) for a in s.advice)
     pairs.extend((f"Assumption: {k}", str(v)) for k, v in s.assumptions.items())
     pairs.extend(("Note", n) for n in s.notes)
     return pairs
