@@ -42,3 +42,13 @@ def test_no_advice_for_small_relative_slack_cpu_only_profiles_or_when_already_se
     assert len(allocator_advice(slack, alloc_conf="max_split_size_mb:128")) == 1
     missing = _with_devices(cpu_profile, DeviceStats(device="cuda:0", peak_bytes=1))
     assert allocator_advice(missing) == []
+
+
+def test_the_report_prints_the_advice_of_a_profile_with_allocator_slack(cpu_profile):
+    from memprof.report import render, summary
+
+    prof = _with_devices(cpu_profile, _cuda(0, 40 * GiB, 30 * GiB))
+    assert summary(prof).advice == (allocator_advice(prof)[0].sentence(),)
+    text = render(prof, "table")
+    assert "Advice       cuda:0: the CUDA caching allocator reserved 40.00 GiB" in text
+    assert "Advice" not in render(cpu_profile, "table")
