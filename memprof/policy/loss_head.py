@@ -332,7 +332,7 @@ def _chunk_loss(h, t, src, logits_dtype, ce_autocast, ignore_index):
         return F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
 
 
-class LossHeadHandle:
+class LossHeadHandle(overrides.Undoable):
     """What :func:`chunk_loss_head` changed; ``remove()`` (or leaving ``with``) restores the head's forward.
 
     ``chunked`` counts losses computed in chunks, ``materialised`` the head calls whose full logits a caller
@@ -351,13 +351,6 @@ class LossHeadHandle:
         self._removed = True
         overrides.pop(self.head, "forward", self)
         del self.head._memprof_loss_head
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
     def __repr__(self) -> str:
         return (f"LossHeadHandle({self.head_name!r}, chunk_tokens={self.chunk_tokens}, chunked={self.chunked}, "

@@ -11,7 +11,7 @@ scheduler's wrapper of ``step``) is dropped when the stack changes under it.
 
 from __future__ import annotations
 
-__all__ = ["push", "pop"]
+__all__ = ["push", "pop", "Undoable"]
 
 _KEY = "_memprof_overrides"
 _MISSING = object()
@@ -48,3 +48,17 @@ def pop(obj, attr: str, owner) -> None:
         obj.__dict__.pop(attr, None)
     else:
         setattr(obj, attr, original)
+
+
+class Undoable:
+    """A lever's handle: ``remove()`` undoes what the lever changed; ``with handle:`` removes it on leaving."""
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False

@@ -35,7 +35,7 @@ class StatePrecisionError(MemprofError):
     """The optimizer's state cannot be kept in a lower precision by this lever."""
 
 
-class StatePrecisionHandle:
+class StatePrecisionHandle(overrides.Undoable):
     """What :func:`low_precision_state` changed; ``remove()`` (or leaving ``with``) undoes it."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, dtype: torch.dtype):
@@ -61,13 +61,6 @@ class StatePrecisionHandle:
         for target in self._patched:
             overrides.pop(target, "step", self)
         del opt._memprof_state_precision
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
     def __repr__(self) -> str:
         return f"StatePrecisionHandle(dtype={self.dtype})"

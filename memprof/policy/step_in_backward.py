@@ -35,7 +35,7 @@ class StepInBackwardError(MemprofError):
     """The optimizer or the training loop cannot have its step moved into backward."""
 
 
-class StepInBackwardHandle:
+class StepInBackwardHandle(overrides.Undoable):
     """What :func:`step_in_backward` changed; ``remove()`` (or leaving ``with``) undoes it.
 
     ``steps`` counts the loop's ``optimizer.step()`` calls while applied; ``stepped`` the parameter steps
@@ -60,13 +60,6 @@ class StepInBackwardHandle:
         overrides.pop(self.optimizer, "step", self)
         if getattr(self.optimizer, "_memprof_step_in_backward", None) is self:
             del self.optimizer._memprof_step_in_backward
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
     def __repr__(self) -> str:
         return f"StepInBackwardHandle(steps={self.steps}, stepped={self.stepped})"

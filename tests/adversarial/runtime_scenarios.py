@@ -27,6 +27,7 @@ import torch
 import memprof
 from memprof.policy import apply as apply_mod
 from memprof.policy.timing import uniform_plan
+from memprof.tracking import interrupts
 from memprof.tracking import tracker as tracker_mod
 from tests.common import hook_registries
 
@@ -69,19 +70,9 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def signal_handlers() -> dict:
-    out = {}
-    for signum in signal.valid_signals():
-        try:
-            out[int(signum)] = signal.getsignal(signum)
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def process_state(model=None, opt=None) -> dict:
     # getattr: the same scenarios run against older memprof code, which kept none of these registries
-    state = {**hook_registries(model, opt), "signals": signal_handlers(),
+    state = {**hook_registries(model, opt), "signals": interrupts.handler_state(),
              "live_trackers": list(getattr(tracker_mod, "_installed", [])),
              "applied_plans": len(getattr(apply_mod, "_APPLIED", {}))}
     if model is not None:
