@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from memprof.estimation.sources import EstimateSource
     from memprof.policy.chain import chain_model
     from memprof.policy.engine import plan
     from memprof.policy.solver import min_peak
-    from memprof.policy.sources import EstimateSource
     from tests.distributed import fsdp_cases
     from tests.distributed.launch import free_port
 

@@ -43,7 +43,7 @@ def demo() -> None:
 
 def llama(world_size: int, master_weights: bool = False) -> None:
     from memprof.estimation import get_architecture
-    from memprof.policy.sources import EstimateSource
+    from memprof.estimation.sources import EstimateSource
 
     arch = get_architecture("llama-2-7b")
     source = EstimateSource(arch.build_model, lambda: arch.make_batch(1, 4096), device="cuda",

@@ -1,5 +1,7 @@
-"""Reading and writing memprof files: profiles (JSON, ``memprof.profile/1``), plans (TOML, ``memprof.plan/1``),
-figures (PNG) and reports (HTML). Every file memprof writes goes through :func:`atomic_write_bytes`.
+"""Reading and writing the bytes of memprof's files: profiles (JSON), plans (TOML), figures (PNG), reports (HTML).
+
+Every file memprof writes goes through :func:`atomic_write_bytes`; every file it reads through
+:func:`read_text`/:func:`read_json`. What a file means (a profile, a plan) is :mod:`memprof.loading`'s.
 
 Writes are atomic: the bytes go to a temporary file in the target's folder (named
 ``.memprof-tmp-<pid>-<name>-<random>``), which is then renamed over the target, so a reader, an interrupted run
@@ -29,7 +31,7 @@ from typing import Any
 from .errors import MemprofError, ProfileFormatError
 
 __all__ = ["OutputRefused", "TEMP_PREFIX", "atomic_write_bytes", "atomic_write_text", "check_output",
-           "clean_stale_temps", "load", "load_profile", "made_by_memprof", "read_json", "read_text"]
+           "clean_stale_temps", "made_by_memprof", "read_json", "read_text"]
 
 TEMP_PREFIX = ".memprof-tmp-"
 _TEMP_RE = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
@@ -206,34 +208,3 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProfileFormatError(path, "not a memprof file (the JSON is not an object)")
     return data
-
-
-def load_profile(path: str | os.PathLike):
-    """Read a profile JSON file written by ``Profile.save``; every field's type and range is checked."""
-    from .profile_schema import SchemaError, check_profile
-    from .profiles import SCHEMA, Profile
-
-    data = read_json(path)
-    schema = data.get("schema")
-    if schema != SCHEMA:
-        if schema is None:
-            raise ProfileFormatError(path, f"not a memprof profile (no 'schema' field; expected {SCHEMA!r})")
-        raise ProfileFormatError(path, f"schema {str(schema)[:80]!r} is not supported (expected {SCHEMA!r})")
-    try:
-        check_profile(data)
-        return Profile.from_dict(data)
-    except SchemaError as e:
-        raise ProfileFormatError(path, f"malformed profile field {e.field}: {e.problem}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
-        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-        raise ProfileFormatError(path, f"malformed profile: {what}") from None
-
-
-def load(path: str | os.PathLike):
-    """Load a memprof file: a profile (``.json``) or a plan (``.toml``), chosen by content."""
-    p = Path(path)
-    if p.suffix.lower() == ".toml":
-        from .policy.plan import load_plan
-
-        return load_plan(p)
-    return load_profile(p)

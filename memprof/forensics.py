@@ -20,20 +20,26 @@ partial profile of a real OOM. The library only returns text: the CLI prints it.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-
+from .categories import CATEGORIES
 from .errors import DeviceMemoryExceeded
 from .peak_words import shape_text
 from .profiles import Profile, TensorInfo
-from .tracking.categories import CATEGORIES
 from .units import format_bytes
 
 __all__ = ["Moment", "OomCause", "failure_moment", "find_oom", "module_totals", "render_oom"]
 
-_OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+def _is_torch_oom(error: BaseException) -> bool:
+    """Whether ``error`` is torch's out-of-memory error (without importing torch: a process that has not
+    imported it cannot have raised it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
 _OP = re.compile(r" at (\S+) in ")
 _TRIED = re.compile(r"Tried to allocate ([0-9.]+ ?[KMGT]i?B)")
 _REHEARSED = re.compile(r"rehearsed device memory: (\d+) bytes")
@@ -69,7 +75,7 @@ def find_oom(error: BaseException | None) -> OomCause | None:
         seen.add(id(error))
         if isinstance(error, DeviceMemoryExceeded):
             found = OomCause("rehearsal", error)
-        elif isinstance(error, _OutOfMemoryError):
+        elif _is_torch_oom(error):
             found = OomCause("cuda", error)
         error = error.__cause__ or error.__context__
     return found

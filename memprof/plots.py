@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from .categories import CATEGORIES
 from .errors import MemprofError
 from .profiles import Profile
 from .report import OWNED_CATEGORIES, render
-from .tracking.categories import CATEGORIES
 from .units import format_bytes
 
 __all__ = [

@@ -3,7 +3,7 @@
 A profile is a data file that people share and download: every field is checked, and the first problem is
 reported as a :class:`SchemaError` naming the field (``modules["blocks.0"].peak_bytes``, ``steps[3].index``)
 and what was expected. Bytes are non-negative integers below 2**63, times finite non-negative numbers,
-phases and categories from :mod:`memprof.tracking.categories`. Unknown keys are ignored (a newer memprof may
+phases and categories from :mod:`memprof.categories`. Unknown keys are ignored (a newer memprof may
 add fields). Limits: relations between fields (the peak equal to the highest step, modules' names matching
 their parents) are not checked; renderers cope with profiles where they disagree.
 """
@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .categories import CATEGORIES, PHASES
 from .errors import MemprofError
-from .tracking.categories import CATEGORIES, PHASES
 
 __all__ = ["SchemaError", "check_profile"]
 

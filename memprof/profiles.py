@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from .tracking.categories import CATEGORIES, PHASES
+from .categories import CATEGORIES, PHASES
 
 __all__ = [
     "SCHEMA",
@@ -250,12 +250,14 @@ class Profile:
     def capacity_bytes(self) -> int | None:
         return self.environment.device_capacity_bytes
 
-    def table(self, **kwargs) -> str:
-        """The report as text: ``format`` table|markdown|csv|json, ``units``, ``depth``, ``top``, ``sort``
-        (see :func:`memprof.report.render`)."""
-        from .report import table
-
-        return table(self, **kwargs)
+    @property
+    def steady_step_ms(self) -> float:
+        """The step time memprof plans with and checks against: the fastest whole step after the first (a
+        process's first tracked steps also measure op scratch; a tracked step only gets slower). 0.0 without
+        steps."""
+        steps = [s.duration_ms for s in self.steps if s.micro_batches]
+        steps = steps[1:] if len(steps) > 1 else steps
+        return min(steps) if steps else 0.0
 
     def module_tree(self) -> dict[str, list[str]]:
         """Children of each module FQN, in the order modules were first seen."""

@@ -31,10 +31,10 @@ from types import MappingProxyType
 from typing import Any
 
 from .advice import allocator_advice
+from .categories import CATEGORIES, PHASES
 from .errors import MemprofError
 from .peak_words import loss_head, shape_text
 from .profiles import Profile
-from .tracking.categories import CATEGORIES, PHASES
 from .units import UNITS, format_bytes
 
 __all__ = [

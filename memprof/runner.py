@@ -328,7 +328,7 @@ def _created_at(prof: Profile) -> float | None:
 
 def _fresh_profile(path: Path, since: float) -> Profile | None:
     """The profile at ``path`` if it is complete and from this launch (tracking began after ``since``)."""
-    from .files import load_profile
+    from .loading import load_profile
 
     if not path.is_file():
         return None

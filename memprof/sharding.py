@@ -27,16 +27,15 @@ import torch
 import torch.nn as nn
 
 from .errors import MemprofError
+from .vocab import SHARDING_STRATEGIES
 
-__all__ = ["STRATEGIES", "check_strategy", "check_offload", "build_mesh", "shard_model"]
-
-STRATEGIES = ("none", "full", "shard-grad-op", "hybrid")
+__all__ = ["check_strategy", "check_offload", "build_mesh", "shard_model"]
 
 
 def check_strategy(strategy: str | None) -> str:
     strategy = strategy or "none"
-    if strategy not in STRATEGIES:
-        raise MemprofError(f"unknown sharding {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in SHARDING_STRATEGIES:
+        raise MemprofError(f"unknown sharding {strategy!r}; choose one of {', '.join(SHARDING_STRATEGIES)}")
     return strategy
 
 

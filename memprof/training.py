@@ -20,10 +20,10 @@ from typing import NamedTuple
 import torch
 
 from .errors import MemprofError
+from .vocab import OPTIMIZERS, PRECISIONS
 
 __all__ = [
     "PRECISIONS",
-    "OPTIMIZERS",
     "check_precision",
     "check_optimizer",
     "autocast",
@@ -37,12 +37,6 @@ __all__ = [
     "CallArgs",
 ]
 
-PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
-OPTIMIZERS = (
-    "adamw", "adamw-forloop", "adamw-foreach", "adamw-fused",
-    "adam", "adam-forloop", "adam-foreach", "adam-fused",
-    "sgd",
-)
 
 
 def check_precision(precision: str) -> str:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import memprof
+from memprof.plans import CheckpointChoice, Plan, Sharding, Source
 from memprof.policy.apply import ApplyError, apply
-from memprof.policy.plan import CheckpointChoice, Plan, Sharding, Source
 from memprof.zoo import GPT, GPTConfig, gpt_batch
 from tests.common import hook_registries
 

@@ -111,7 +111,7 @@ def test_dpo_from_the_cli_estimates_within_half_a_percent_of_the_dpo_step_run(tm
 @pytest.mark.slow
 def test_the_planner_re_estimates_the_same_fine_tuning_method_of_a_catalog_model(tmp_path):
     pytest.importorskip("peft")
-    from memprof.policy.sources import source_from_profile
+    from memprof.estimation.sources import source_from_profile
 
     prof = _saved(tmp_path, "--hf", "gpt2", "--seq-len", "8", "--lora", "8")  # GPT-2's Conv1D attention
     assert prof.assumptions["source"].endswith(":lora=8")

@@ -186,8 +186,8 @@ def test_blocks_must_be_auto_repeated_or_all():
 
 
 def test_sources_with_one_cache_key_estimate_each_configuration_once(monkeypatch):
-    import memprof.estimation as est
-    from memprof.policy.sources import EstimateSource
+    import memprof.estimation.repeated as est
+    from memprof.estimation.sources import EstimateSource
 
     calls = []
     real = est.estimate

@@ -166,7 +166,7 @@ def _conv_backward():
 
 def test_scratch_measured_natively_equals_a_profiler_session():
     func, args = _conv_backward()
-    out, excess = scratch._cpu_measure(func, args, {})
+    out, excess = scratch.cpu_measure(func, args, {})
     del out
     out, by_profiler = scratch._kineto_measure(func, args, {})
     assert excess == by_profiler
@@ -182,7 +182,7 @@ def test_turned_off_it_says_why_and_scratch_falls_back(monkeypatch):
         with pytest.raises(native.NativeUnavailable, match="MEMPROF_NATIVE=0"):
             native.AllocationRecorder()
         func, args = _conv_backward()
-        _, excess = scratch._cpu_measure(func, args, {})
+        _, excess = scratch.cpu_measure(func, args, {})
         assert excess > 1 << 20
     finally:
         native._reset_for_tests()

@@ -12,11 +12,11 @@ import torch
 
 from memprof.errors import MemprofError
 from memprof.estimation import EstimateError, estimate
+from memprof.estimation.sources import EstimateSource
+from memprof.plans import Plan, PlanValueError, Sharding, Source, load_plan
 from memprof.policy.apply import ApplyError, apply
 from memprof.policy.costs import CommModel, cpu_optimizer_ms, host_transfer_ms, offload_ms
 from memprof.policy.engine import plan
-from memprof.policy.plan import Plan, PlanValueError, Sharding, Source, load_plan
-from memprof.policy.sources import EstimateSource
 from memprof.sharding import shard_model
 from tests.distributed import fsdp_cases
 

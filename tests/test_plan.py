@@ -10,11 +10,7 @@ from hypothesis import strategies as st
 
 import memprof
 from memprof.errors import MemprofError, ProfileFormatError
-from memprof.policy.plan import (
-    CHECKPOINT_MODES,
-    LEVERS,
-    PRECISIONS,
-    SHARDING_STRATEGIES,
+from memprof.plans import (
     CheckpointChoice,
     FrontierPoint,
     Plan,
@@ -24,6 +20,7 @@ from memprof.policy.plan import (
     Source,
     load_plan,
 )
+from memprof.vocab import CHECKPOINT_MODES, LEVERS, PRECISIONS, SHARDING_STRATEGIES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,7 +66,7 @@ def test_round_trip_through_a_file(tmp_path):
     plan = _plan()
     path = plan.save(tmp_path / "policies" / "gpt2.toml")
     assert load_plan(path) == plan
-    assert memprof.load(path) == plan  # through memprof.files.load
+    assert memprof.load(path) == plan  # through memprof.loading.load
     assert plan.checkpoint_modes() == {"blocks.0": "full", "blocks.1": "selective", "blocks.2": "keep",
                                        "blocks.3": "full"}
     assert (plan.budget_bytes, plan.predicted_peak_bytes, plan.predicted_overhead) == (24 * GiB,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from memprof import plots
+from memprof.categories import CATEGORIES
 from memprof.errors import MemprofError
-from memprof.tracking.categories import CATEGORIES
 from tests import report_fixtures
 from tests.report_fixtures import with_capacity
 

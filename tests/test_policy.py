@@ -6,10 +6,11 @@ import math
 import pytest
 
 import memprof
+from memprof.plans import CheckpointChoice
 from memprof.policy.apply import apply
 from memprof.policy.chain import chain_model, find_units
-from memprof.policy.engine import InfeasibleBudgetError, plan
-from memprof.policy.plan import CheckpointChoice
+from memprof.policy.chain_problem import InfeasibleBudget
+from memprof.policy.engine import plan
 from memprof.policy.solver import frontier, peak_of
 from memprof.zoo import GPT, gpt_batch
 from tests.common import POLICY_GPT
@@ -79,7 +80,7 @@ def test_infeasible_budget_states_the_smallest_peak_and_what_dominates(gpt):
     *_, prof = gpt
     cm = chain_model(prof, 1)
     smallest = min(s.peak_bytes for s in frontier(cm.problem))
-    with pytest.raises(InfeasibleBudgetError) as info:
+    with pytest.raises(InfeasibleBudget) as info:
         plan(prof, smallest - 1)
     e = info.value
     assert e.min_peak_bytes == max(smallest, cm.floor_bytes)
@@ -134,7 +135,7 @@ def test_plan_file_round_trips_and_names_the_profile(gpt, tmp_path):
 
 
 def test_precision_lever_with_an_estimate_source_picks_a_cheaper_precision(gpt):
-    from memprof.policy.sources import EstimateSource
+    from memprof.estimation.sources import EstimateSource
 
     *_, prof = gpt
     source = EstimateSource(lambda: GPT(CFG), lambda: gpt_batch(CFG, 4), device="cpu")

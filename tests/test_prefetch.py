@@ -5,8 +5,8 @@ import os
 import pytest
 
 from memprof.estimation import Architecture
-from memprof.policy.prefetch import workers_for
-from memprof.policy.sources import EstimateSource
+from memprof.estimation.prefetch import workers_for
+from memprof.estimation.sources import EstimateSource
 
 _HOST_TIMED = ("forward_op_ms", "recompute_fraction", "estimate_seconds", "created")
 

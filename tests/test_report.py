@@ -10,8 +10,8 @@ import json
 import pytest
 
 from memprof import report
+from memprof.categories import CATEGORIES
 from memprof.errors import MemprofError
-from memprof.tracking.categories import CATEGORIES
 from tests import report_fixtures
 from tests.report_fixtures import grown, with_capacity, with_peak
 

@@ -311,8 +311,8 @@ def test_errors_survive_pickling_and_the_policy_modules_do_not_import_torch():
     import pickle
     from pathlib import Path
 
+    import memprof.plans
     import memprof.policy.chain_problem
-    import memprof.policy.plan
     import memprof.policy.solver
     import memprof.policy.solver_dp
     import memprof.policy.solver_exact
@@ -322,7 +322,7 @@ def test_errors_survive_pickling_and_the_policy_modules_do_not_import_torch():
     again = pickle.loads(pickle.dumps(info.value))
     assert (str(again), again.min_peak_bytes, again.budget_bytes) == (str(info.value), 112, 100)
     for module in (memprof.policy.solver, memprof.policy.chain_problem, memprof.policy.solver_dp,
-                   memprof.policy.solver_exact, memprof.policy.plan):
+                   memprof.policy.solver_exact, memprof.plans):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}

@@ -88,12 +88,7 @@ def _register() -> None:
     import importlib
 
     for name in ("demo_cmds", "run_cmds", "report_cmds", "estimate_cmds", "plan_cmds"):
-        try:
-            module = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{name}":
-                continue  # that command group is not built yet
-            raise
+        module = importlib.import_module(f".{name}", __name__)
         for command in getattr(module, "COMMANDS", ()):
             main.add_command(command)
 

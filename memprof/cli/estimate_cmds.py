@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import click
 
 from ..errors import MemprofError
-from ..estimation.finetune import DPO_REFERENCES, METHODS, finetune_source, finetune_spec, parse_targets
-from ..sharding import STRATEGIES
-from ..training import OPTIMIZERS, PRECISIONS
+from ..importer import import_attr, import_module
+from ..vocab import DPO_REFERENCES, FINETUNE_METHODS, OPTIMIZERS, PRECISIONS, SHARDING_STRATEGIES
 from .common import FORMAT, UNITS, echo_json, fmt_bytes
 
 __all__ = ["COMMANDS", "estimate_cmd"]
 
 
-def _import_attr(spec: str, what: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise MemprofError(f"{what} must look like PKG.MODULE:NAME, got {spec!r}")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # like python -m: the current folder is importable
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise MemprofError(f"cannot import {module_name!r} for {what}: {e}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise MemprofError(f"{module_name!r} has no {attr!r} (for {what})") from None
-
-
-def _source(model_spec, hf, batch_spec, seq_len):
+def model_source(model_spec, hf, batch_spec, seq_len):
     """(build_model, make_batch(batch_size), description, source(batch_size) for the profile)."""
-    from ..policy.sources import describe_factory, describe_hf
+    from ..estimation.sources import describe_factory, describe_hf
 
     if bool(model_spec) == bool(hf):
         raise click.UsageError("give exactly one of --model PKG.MODULE:FACTORY or --hf NAME|CONFIG.json")
@@ -48,12 +29,12 @@ def _source(model_spec, hf, batch_spec, seq_len):
             raise MemprofError(f"--seq-len {seq_len} exceeds {arch.name}'s maximum of {max_len} positions")
         return (arch.build_model, (lambda b: arch.make_batch(b, seq_len)), f"{arch.name} ({arch.source})",
                 (lambda b: describe_hf(hf, b, seq_len)) if not hf.endswith(".json") else (lambda b: ""))
-    factory = _import_attr(model_spec, "--model")
+    factory = import_attr(model_spec, "--model")
     module_name = model_spec.partition(":")[0]
     if batch_spec:
-        batch_fn = _import_attr(batch_spec, "--batch")
+        batch_fn = import_attr(batch_spec, "--batch")
     else:
-        module = importlib.import_module(module_name)
+        module = import_module(module_name, "--model")
         batch_fn = getattr(module, "make_batch", None)
         if batch_fn is None:
             raise MemprofError(f"{module_name!r} has no make_batch(batch_size, seq_len); pass --batch PKG.MODULE:FUNC")
@@ -87,7 +68,7 @@ def _parse_sweep(sweep: str | None):
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--sharding", type=click.Choice(STRATEGIES), default="none", show_default=True)
+@click.option("--sharding", type=click.Choice(SHARDING_STRATEGIES), default="none", show_default=True)
 @click.option("--shard-group-size", type=click.IntRange(min=1), help="Ranks per shard group (hybrid).")
 @click.option("--offload", is_flag=True,
               help="FSDP2 CPU offload of parameter shards, gradients and optimizer state (with --sharding; at "
@@ -105,7 +86,7 @@ def _parse_sweep(sweep: str | None):
 @click.option("--lora", type=click.IntRange(min=1), metavar="R",
               help="Fine-tune with PEFT LoRA of rank R (on the attention projections: PEFT's defaults per family).")
 @click.option("--lora-targets", metavar="NAME,NAME", help="Modules LoRA adapts (with --lora), e.g. q_proj,v_proj.")
-@click.option("--method", type=click.Choice(METHODS), default="sft", show_default=True,
+@click.option("--method", type=click.Choice(FINETUNE_METHODS), default="sft", show_default=True,
               help="sft: the model's own loss (else output.sum()); dpo: DPO on chosen/rejected pairs "
                    "(--batch-size pairs), a frozen reference model's forward beside the policy's.")
 @click.option("--dpo-reference", type=click.Choice(DPO_REFERENCES), default="model", show_default=True,
@@ -130,7 +111,7 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
       memprof estimate --model mypkg.models:build --batch mypkg.data:make_batch --device-memory 24GiB
     """
     from ..estimation import CATALOG, estimate
-    from ..estimation.devices import DEVICES
+    from ..hardware import DEVICES
 
     if list_models:
         rows = [(a.name, a.model_class, a.task, a.seq_len, a.source) for a in CATALOG.values()]
@@ -155,9 +136,11 @@ def estimate_cmd(model_spec, batch_spec, hf, batch_size, seq_len, precision, opt
         shown, out = out, check_output(out, "profile", inputs=[hf if hf and Path(hf).is_file() else None], force=force)
     device = "cpu" if (device_name or "").lower() == "cpu" else "cuda"
     capacity = device_memory or (device_name if device == "cuda" else None)
-    build, batch_for, description, source_for = _source(model_spec, hf, batch_spec, seq_len)
+    build, batch_for, description, source_for = model_source(model_spec, hf, batch_spec, seq_len)
     if dpo_reference != "model" and method != "dpo":
         raise click.UsageError("--dpo-reference goes with --method dpo")
+    from ..estimation.finetune import finetune_source, finetune_spec, parse_targets
+
     targets = parse_targets(lora_targets)
     build, batch_for, step, tuning = finetune_source(build, batch_for, lora=lora, lora_targets=targets,
                                                      method=method, dpo_reference=dpo_reference)

@@ -12,8 +12,8 @@ from .common import echo_json, fmt_bytes
 __all__ = ["COMMANDS", "plan_cmd"]
 
 
-def _levers(text: str) -> tuple[str, ...]:
-    from ..policy.engine import LEVERS
+def parse_levers(text: str) -> tuple[str, ...]:
+    from ..vocab import LEVERS
 
     levers = tuple(x.strip() for x in text.split(",") if x.strip())
     bad = [x for x in levers if x not in LEVERS]
@@ -60,9 +60,9 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
       memprof plan prof.json --budget 16GiB --levers checkpoint,precision --hf llama-3.2-1b --seq-len 2048
     """
     from .. import load
+    from ..estimation.sources import EstimateSource, describe_hf, source_from_profile
     from ..files import check_output
     from ..policy.engine import UnweighableLeverError, plan
-    from ..policy.sources import EstimateSource, describe_hf, source_from_profile
     from ..profiles import Profile
 
     inputs = [profile, hf if hf and Path(hf).is_file() else None]
@@ -76,14 +76,14 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
     prof = load(profile)
     if not isinstance(prof, Profile):
         raise ProfileFormatError(profile, f"is a {type(prof).__name__}, not a profile")
-    lever_list = _levers(levers)
+    lever_list = parse_levers(levers)
     source = None
     if batch_spec and not model_spec:
         raise click.UsageError("--batch goes with --model")
     if hf or model_spec:
-        from .estimate_cmds import _source
+        from .estimate_cmds import model_source
 
-        build, make, description, _ = _source(model_spec, hf, batch_spec, seq_len)
+        build, make, description, _ = model_source(model_spec, hf, batch_spec, seq_len)
         catalog = hf and not model_spec and not (hf.endswith(".json") or Path(hf).is_file())
         source = EstimateSource(build, lambda: make(batch_size), prof.assumptions.get("optimizer", "adamw"),
                                 "cpu" if prof.environment.device == "cpu" else "cuda", budget,

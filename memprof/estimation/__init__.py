@@ -1,14 +1,14 @@
-"""Estimate before you allocate: fake-tensor estimation for any model, precision, batch and world size.
+"""Estimate before you allocate: a training step of fake tensors, for any model, precision, batch and world size.
 
-(Named ``estimation`` because ``memprof.estimate`` is the function of the public API.)
-
-(A package rather than DESIGN.md's single ``estimate.py``: the estimator, the catalog of architectures and
-the device table are separate concerns that the CLI and the policy engine use separately.)
+:func:`estimate` (``memprof.estimate``) runs the step under fake tensors with the tracker attached and
+returns a :class:`~memprof.profiles.Profile` marked ``estimated``; :mod:`.catalog` names architectures
+(HF configs: data, not code); :mod:`.sources` gives the planner estimates of configurations it was not
+given; :mod:`.live` estimates a model already in memory. Device capacities are :mod:`memprof.hardware`'s.
 """
 
+from ..hardware import DEVICES, SPECS, device_capacity, resolve_capacity
 from .catalog import CATALOG, Architecture, architecture_from_config_file, get_architecture
 from .core import EstimateError
-from .devices import DEVICES, SPECS, device_capacity, resolve_capacity
 from .repeated import estimate
 
 __all__ = [

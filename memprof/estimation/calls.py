@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ..errors import MemprofError
 
-__all__ = ["EstimateError"]
+__all__ = ["EstimateError", "call_fake", "current_fake_mode", "fake_process_group"]
 
 
 class EstimateError(MemprofError):
@@ -16,7 +16,7 @@ class EstimateError(MemprofError):
 
 
 @contextlib.contextmanager
-def _fake_process_group(world_size: int, needed: bool = True):
+def fake_process_group(world_size: int, needed: bool = True):
     import torch.distributed as dist
 
     if not needed:
@@ -34,7 +34,8 @@ def _fake_process_group(world_size: int, needed: bool = True):
         dist.destroy_process_group()
 
 
-def _call(what: str, fn: Callable, *args):
+def call_fake(what: str, fn: Callable, *args):
+    """``fn(*args)`` of user code under fake tensors; its failures become an :class:`EstimateError` saying what."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
     try:
@@ -47,3 +48,14 @@ def _call(what: str, fn: Callable, *args):
     except Exception as e:
         name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
         raise EstimateError(f"{what} {name} failed under fake tensors: {type(e).__name__}: {e}") from e
+
+
+def current_fake_mode():
+    """The innermost FakeTensorMode on the dispatch-mode stack (RuntimeError when there is none)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in reversed(_get_current_dispatch_mode_stack()):
+        if isinstance(mode, FakeTensorMode):
+            return mode
+    raise RuntimeError("fake_copy must run under a FakeTensorMode")

@@ -46,10 +46,11 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..hardware import DeviceSpec, device_spec, host_spec, resolve_capacity
 from ..rng import preserved_rng
 from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
-from ..tracking.scratch import _CACHE, SKIP_NAMESPACES, signature
+from ..tracking.scratch import CACHE, SKIP_NAMESPACES, signature
 from ..tracking.tracker import Tracker
 from ..training import (
     autocast,
@@ -60,8 +61,7 @@ from ..training import (
     make_optimizer,
     make_scaler,
 )
-from .calls import EstimateError, _call, _fake_process_group
-from .devices import DeviceSpec, device_spec, host_spec, resolve_capacity
+from .calls import EstimateError, call_fake, current_fake_mode, fake_process_group
 from .factories import factory_notes, unwrap_compiled, user_code
 from .fake_dtypes import OutputDtypes
 from .hf_paths import RealCodePaths
@@ -146,7 +146,7 @@ class _FakeOpModel:
             return out, 0, None
         try:
             key = signature(func, args, kwargs)
-            hit = _CACHE.get(key)
+            hit = CACHE.get(key)
         except TypeError:
             return out, 0, None
         if hit is not None:
@@ -154,7 +154,7 @@ class _FakeOpModel:
         excess = self._measure(func, args, kwargs, key, out)
         if excess is None:
             return out, 0, None
-        _CACHE[key] = (excess, self._cpu)
+        CACHE[key] = (excess, self._cpu)
         return self.dtypes.fix(key, out), excess, self._cpu
 
     # -- shadows ---------------------------------------------------------------------------------------
@@ -165,9 +165,8 @@ class _FakeOpModel:
         from torch._subclasses.fake_tensor import FakeTensor
         from torch.utils._pytree import tree_map
 
-        from .live import _current_fake_mode
 
-        mode = _current_fake_mode()
+        mode = current_fake_mode()
 
         def conv(x):
             if not isinstance(x, torch.Tensor):
@@ -342,12 +341,12 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
             fp16-autocast, loss scaling is then the step's business); default: forward under autocast, the
             model's own loss else ``output.sum()`` (:func:`~memprof.training.find_loss`; assumption ``loss``),
             backward (through a GradScaler for fp16), optimizer step, ``zero_grad``.
-        optimizer: one of :data:`memprof.training.OPTIMIZERS`.
+        optimizer: one of :data:`memprof.vocab.OPTIMIZERS`.
         precision: one of :data:`memprof.training.PRECISIONS`.
         device: ``"cuda"`` (the caching allocator's view) or ``"cpu"``.
         world_size, sharding: per-rank memory of FSDP2 ``"full"``, ``"shard-grad-op"``, ``"hybrid"`` (with
             ``shard_group_size``) or ``"none"`` at this world size, without starting that many processes.
-        device_memory: a device name from :data:`memprof.estimation.devices.DEVICES` or a size, to say
+        device_memory: a device name from :data:`memprof.hardware.DEVICES` or a size, to say
             whether it fits (it also picks the throughput used for modelled times).
         units: FSDP units (class names or FQN globs); default: the model's repeated blocks.
         offload: FSDP2 CPU offload of the sharded parameters, gradients and optimizer state (needs a sharding
@@ -413,7 +412,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
 
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_fake_process_group(world_size, needed=strategy != "none"))
+        stack.enter_context(fake_process_group(world_size, needed=strategy != "none"))
         if offload and emulate:
             stack.enter_context(emulated_host_copies())
         mesh = build_mesh(fake_device, world_size, strategy, shard_group_size) if strategy != "none" else None
@@ -422,7 +421,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         real_paths = stack.enter_context(RealCodePaths()) if hf_real_paths else None
         cuda_to_cpu = fake_device == "cpu"  # the user's .cuda() stays on the estimate's device
         with user_code(cuda_to_cpu) as moves:
-            model = _call("build_model", build_model)
+            model = call_fake("build_model", build_model)
         model, compiled = unwrap_compiled(model)
         if not isinstance(model, torch.nn.Module):
             raise EstimateError(f"build_model must return an nn.Module, got {type(model).__name__}")
@@ -448,16 +447,16 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
             # The batch is made under the tracker so that its small tensors (masks, ids) get shadows; real
             # tensors it returns (a live batch) become fake ones with their data as shadows.
             with user_code(cuda_to_cpu) as batch_moves:
-                batch = op_model.fake_batch(_call("make_batch", make_batch))
+                batch = op_model.fake_batch(call_fake("make_batch", make_batch))
             if real_paths is not None:
                 real_paths.refresh()  # transformers may have been imported by the factories
             for _ in range(steps):
                 if step is None:
-                    loss = _call("the training step", default_step, model, batch, opt, precision, scaler,
+                    loss = call_fake("the training step", default_step, model, batch, opt, precision, scaler,
                                  fake_device)
                 else:
                     with autocast(precision, fake_device), user_code(cuda_to_cpu) as step_moves:
-                        _call("step", step, model, batch, opt)
+                        call_fake("step", step, model, batch, opt)
     prof = tracker.profile
     extra = {"estimate_seconds": f"{time.perf_counter() - t_start:.2f}",
              "loss": loss if step is None else getattr(step, "loss_said", "the given step's own (step=)")}

@@ -31,13 +31,12 @@ import torch.nn.functional as F
 
 from ..errors import MemprofError
 from ..training import call_model
+from ..vocab import DPO_REFERENCES, FINETUNE_METHODS
 
-__all__ = ["METHODS", "DPO_REFERENCES", "require_peft", "default_targets", "lora_factory", "DPOPair", "dpo_factory",
+__all__ = ["require_peft", "default_targets", "lora_factory", "DPOPair", "dpo_factory",
            "dpo_batch", "dpo_step", "finetune_source", "finetune_spec", "finetuned_source", "parse_targets"]
 
-METHODS = ("sft", "dpo")
 PEFT_DEFAULTS = "PEFT's default targets for the family (its attention projections)"
-DPO_REFERENCES = ("model", "precomputed")
 
 
 def require_peft():
@@ -232,8 +231,8 @@ def finetune_source(build_model: Callable[[], nn.Module], make_batch: Callable[[
     ``method="sft"`` keeps the default step (the model's own loss); ``"dpo"`` makes ``b`` the number of
     chosen/rejected pairs and the step :func:`dpo_step`. ``lora``: the LoRA rank, or None for full training.
     """
-    if method not in METHODS:
-        raise MemprofError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in FINETUNE_METHODS:
+        raise MemprofError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(FINETUNE_METHODS)}")
     parts = []
     build = build_model
     if lora is not None:

@@ -14,22 +14,14 @@ import copy
 import torch
 import torch.nn as nn
 
+from .calls import current_fake_mode
+
 __all__ = ["fake_copy", "estimate_live", "live_source"]
-
-
-def _current_fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    for mode in reversed(_get_current_dispatch_mode_stack()):
-        if isinstance(mode, FakeTensorMode):
-            return mode
-    raise RuntimeError("fake_copy must run under a FakeTensorMode")
 
 
 def fake_copy(model: nn.Module) -> nn.Module:
     """A structural deep copy of ``model`` whose tensors are fake (call under a FakeTensorMode)."""
-    mode = _current_fake_mode()
+    mode = current_fake_mode()
     memo: dict[int, object] = {}
     for p in model.parameters():
         if id(p) not in memo:
@@ -57,8 +49,8 @@ def _batch(args, kwargs):
 
 
 def live_source(model: nn.Module, args=(), kwargs=None, *, optimizer: str = "adamw", device_memory=None):
-    """An :class:`~memprof.policy.sources.EstimateSource` for this live model and batch (any precision)."""
-    from ..policy.sources import EstimateSource
+    """An :class:`~memprof.estimation.sources.EstimateSource` for this live model and batch (any precision)."""
+    from .sources import EstimateSource
 
     batch = _batch(args, kwargs)
     device = "cuda" if any(p.device.type == "cuda" for p in model.parameters()) else "cpu"

@@ -40,7 +40,7 @@ import time
 
 import torch.nn as nn
 
-from ..tracking.categories import CATEGORIES
+from ..categories import CATEGORIES
 from ..tracking.replay import downsample
 from ..tracking.tracker import _sort_key
 from . import core

@@ -126,17 +126,17 @@ class MadeUpInputs:
         backward, measured another way)."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        from ..tracking.scratch import _cpu_measure
+        from ..tracking.scratch import cpu_measure
 
         with unset_fake_temporarily():
             try:
                 r_args, r_kwargs = materialize_args(args, kwargs, shadow_of)
                 if decide(func) == RNN_BACKWARD:
-                    excess = measure_rnn_backward(r_args, r_kwargs, _cpu_measure)
+                    excess = measure_rnn_backward(r_args, r_kwargs, cpu_measure)
                     self.other_way.setdefault(str(func), "measured on the output, states and workspace of a "
                                               "real forward on the same inputs")
                     return excess
-                r_out, excess = _cpu_measure(func, r_args, r_kwargs)
+                r_out, excess = cpu_measure(func, r_args, r_kwargs)
                 if seen is not None:
                     seen(r_out)
                 return excess

@@ -1,5 +1,5 @@
-"""The decision engine: which levers make a training step fit a memory budget at the least step time, the
-plan file that records the decision, and applying it to a model.
+"""The decision engine: which levers make a training step fit a memory budget at the least step time, and
+applying the decision (a :class:`~memprof.plans.Plan`) to a model.
 
 Submodules: :mod:`.chain_problem` and :mod:`.solver` (the exact chain solvers: DP, MILP cross-check, brute
 force, Pareto frontier), :mod:`.chain` (a profile as a chain problem), :mod:`.engine` (``plan()``: checkpoint
@@ -7,15 +7,11 @@ modes per unit x precision x sharding/offload), :mod:`.plan` (the file, schema `
 :mod:`.apply` (``apply``/``remove``), :mod:`.auto` and :mod:`.live_check` (``@memprof.auto``, ``run
 --budget``: plan, apply, verify in the loop), :mod:`.timing` and :mod:`.costs` (time costs), and the levers
 used in code and not chosen by the planner yet: :mod:`.loss_head`, :mod:`.microbatch`,
-:mod:`.step_in_backward`, :mod:`.state_precision`. This package's ``__init__``, the plan file and the
-solvers do not import torch.
+:mod:`.step_in_backward`, :mod:`.state_precision`. This package's ``__init__`` and the solvers do not import
+torch.
 """
 
-from .plan import (
-    CHECKPOINT_MODES,
-    LEVERS,
-    PRECISIONS,
-    SHARDING_STRATEGIES,
+from ..plans import (
     CheckpointChoice,
     FrontierPoint,
     Plan,
@@ -25,6 +21,7 @@ from .plan import (
     Source,
     load_plan,
 )
+from ..vocab import CHECKPOINT_MODES, LEVERS, PRECISIONS, SHARDING_STRATEGIES
 from .solver import (
     ChainProblem,
     InfeasibleBudget,

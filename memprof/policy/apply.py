@@ -41,6 +41,7 @@ import torch.nn as nn
 from ..errors import MemprofError
 from ..sharding import shard_model
 from ..training import autocast, cast_floating
+from ..vocab import AUTOCAST_PRECISIONS, RECOMPUTE_MODES
 from .selective import context_fn as selective_context
 
 __all__ = ["apply", "ApplyHandle", "ApplyError", "resolve_units"]
@@ -118,7 +119,7 @@ class ApplyHandle:
             raise errors[0]
 
     def __repr__(self) -> str:
-        modes = {m: sum(1 for v in self.units.values() if v == m) for m in ("full", "selective")}
+        modes = {m: sum(1 for v in self.units.values() if v == m) for m in RECOMPUTE_MODES}
         return (f"ApplyHandle(precision={self.plan.precision!r}, sharding={self.plan.sharding.strategy!r}, "
                 f"checkpoint={modes}, removed={self._removed})")
 
@@ -171,7 +172,7 @@ def _offload_device_type() -> str:
 
 def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
     """Apply ``plan`` to ``model`` (and, for fp16, ``optimizer``); returns a handle that can remove it."""
-    from .plan import Plan
+    from ..plans import Plan
 
     if not isinstance(model, nn.Module):
         raise ApplyError(f"apply() needs an nn.Module, got {type(model).__name__}")
@@ -211,7 +212,7 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         if any(m != "keep" for m in units.values()):
             _no_kv_cache(handle, model)
         for fqn, mode in units.items():
-            if mode in ("full", "selective"):
+            if mode in RECOMPUTE_MODES:
                 _swap_forward(handle, model.get_submodule(fqn), lambda f, m=mode: _checkpointed(f, m))
                 handle.units[fqn] = mode
         _apply_precision(handle, model, plan.precision, device_type, optimizer)
@@ -259,7 +260,7 @@ def _apply_precision(handle: ApplyHandle, model: nn.Module, precision: str, devi
                         mod._buffers[name] = b.to(was)
         handle._undo.append(undo)
         return
-    if precision not in ("bf16-autocast", "fp16-autocast"):
+    if precision not in AUTOCAST_PRECISIONS:
         return
     scaler = None
     if precision == "fp16-autocast":

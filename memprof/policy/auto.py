@@ -46,6 +46,7 @@ import logging
 from ..errors import MemprofError
 from ..tracking.first_forward import FirstRootForward
 from ..training import autocast
+from ..vocab import AUTOCAST_PRECISIONS, CHECKPOINT_MODES
 from .calibrate import AUTOCAST as _AUTOCAST
 from .calibrate import CalibratingSession
 
@@ -56,7 +57,7 @@ log = logging.getLogger("memprof")
 
 def first_call_context(plan, model):
     """The precision context a freshly applied plan needs for the call already under way (or None)."""
-    if plan.precision in ("bf16-autocast", "fp16-autocast"):
+    if plan.precision in AUTOCAST_PRECISIONS:
         device_type = next((p.device.type for p in model.parameters()), "cpu")
         return autocast(plan.precision, device_type)
     return None
@@ -68,7 +69,7 @@ def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str 
     if fn is None:
         return functools.partial(auto, budget=budget, levers=levers, optimizer=optimizer,
                                  profile_path=profile_path, plan_path=plan_path)
-    from ..estimation.devices import resolve_capacity
+    from ..hardware import resolve_capacity
 
     levers = tuple(levers)
     if "sharding" in levers:
@@ -213,11 +214,11 @@ class AutoSession(CalibratingSession):
             self._time_precisions(model, args, kwargs)
         if self.estimate.peak_bytes <= self.budget_bytes:
             return None
-        from .engine import InfeasibleBudgetError
+        from .chain_problem import InfeasibleBudget
 
         try:
             self.plan = self._plan(self.estimate)
-        except InfeasibleBudgetError as e:  # an estimate is no reason to refuse: measure what the script does
+        except InfeasibleBudget as e:  # an estimate is no reason to refuse: measure what the script does
             self.notify(f"by the estimate of the first step, {e}; measuring the first steps before deciding")
             return None
         return self._apply(f"estimated {_gib(self.estimate.peak_bytes)} > budget: applied before the first step")
@@ -281,7 +282,6 @@ class AutoSession(CalibratingSession):
                 self.tracker.resume()
 
     def _plan(self, prof, budget_bytes: int | None = None, precisions=None, without_modes=()):
-        from .chain import MODES
         from .engine import plan
 
         running = self.tracker is not None and self.tracker.active
@@ -294,7 +294,7 @@ class AutoSession(CalibratingSession):
                         source=self.source, precision=self.base_precision,
                         precision_timing=self.step_timing if calibrated and self.step_timing else self.precision_timing,
                         applicable=("checkpoint", "precision"),
-                        modes=tuple(m for m in MODES if m not in without_modes),
+                        modes=tuple(m for m in CHECKPOINT_MODES if m not in without_modes),
                         costs=self.costs if calibrated else None,
                         profiles=self.measured_profiles if calibrated else None)
             if calibrated and self.calibration is not None:
@@ -333,14 +333,14 @@ class AutoSession(CalibratingSession):
     def replan(self, budget_bytes: int, precisions, without_modes=()):
         """A plan for a lower budget, fewer precisions or checkpoint modes, from what the plan was made from;
         None if none fits."""
-        from .engine import InfeasibleBudgetError
+        from .chain_problem import InfeasibleBudget
 
         base = self.plan_profile or (self.estimate if self.estimate_applied else self.profile)
         if budget_bytes <= 0:
             return None
         try:
             return self._plan(base, budget_bytes, precisions, without_modes)
-        except InfeasibleBudgetError as e:
+        except InfeasibleBudget as e:
             self.replan_refusal = str(e)
             return None
 

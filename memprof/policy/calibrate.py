@@ -33,6 +33,8 @@ import statistics
 import time
 from dataclasses import replace
 
+from ..vocab import RECOMPUTE_MODES
+
 __all__ = ["AUTOCAST", "Calibration", "CalibratingSession"]
 
 # The precisions run --budget and @memprof.auto may switch to: fp16 needs the optimizer for loss scaling,
@@ -183,14 +185,14 @@ class Calibration:
 
     def _build_timing(self) -> None:
         """The timing tasks, once the plain profile (which names the units) is in hand."""
-        from .timing import _cost_configurations
+        from .timing import cost_configurations
 
         self._timing_built = True
         configs: dict = {}
         self._names = self._model_costs = None
         if self.modes:
             try:
-                self._names, self._model_costs, ck = _cost_configurations(self.plain_profile, None, self.modes,
+                self._names, self._model_costs, ck = cost_configurations(self.plain_profile, None, self.modes,
                                                                            self.base_precision)
                 configs.update({m: ck[m] for m in self.modes})  # every unit in each mode
             except Exception as e:  # e.g. no repeated units: nothing to checkpoint, nothing to time for it
@@ -209,7 +211,7 @@ class Calibration:
                                for kind in order)
 
     def _finish(self) -> None:
-        from .timing import OptionCosts, _config_name, median_stderr
+        from .timing import OptionCosts, config_name, median_stderr
 
         self._set(None)
         ratios, plain = {}, []
@@ -220,7 +222,7 @@ class Calibration:
         base_ms = statistics.median(plain) * 1e3 if plain else 0.0
         ck = {k: v for k, v in ratios.items() if not (isinstance(k, tuple) and k[0] == "precision")}
         if ck and base_ms:
-            pairs = {_config_name(k): (len(v), median_stderr(v)) for k, v in ck.items()}
+            pairs = {config_name(k): (len(v), median_stderr(v)) for k, v in ck.items()}
             self.costs = _fit_uniform(self._names, self._model_costs, ck, base_ms, self.rounds, pairs)
         elif base_ms:
             self.costs = OptionCosts(base_ms, {}, self.rounds)
@@ -264,7 +266,7 @@ class CalibratingSession:
         if self.optimizer_seen is None or self.model is None or not self._plain_may_run():
             return False
         precisions = tuple(p for p in AUTOCAST if p != self.base_precision) if "precision" in self.levers else ()
-        modes = ("full", "selective") if "checkpoint" in self.levers else ()
+        modes = RECOMPUTE_MODES if "checkpoint" in self.levers else ()
         self.calibration = Calibration(self, self.optimizer_seen, plain_profile=plain_profile,
                                        base_precision=self.base_precision, precisions=precisions, modes=modes,
                                        on_done=self._calibrated, notify=self.notify).install()
@@ -272,7 +274,7 @@ class CalibratingSession:
 
     def _calibrated(self, cal) -> None:
         """The loop's steps are measured: plan from them, apply, and check the plan live."""
-        from .engine import InfeasibleBudgetError
+        from .chain_problem import InfeasibleBudget
 
         estimated = self.estimate_applied
         if cal.error:
@@ -303,7 +305,7 @@ class CalibratingSession:
             return
         try:
             new = self._plan(prof)
-        except InfeasibleBudgetError as e:
+        except InfeasibleBudget as e:
             self.notify(f"by the loop's measured steps, {e}; keeping the plan made from the "
                         f"{'estimate' if estimated else 'first steps'}")
             self._restore_first_plan()

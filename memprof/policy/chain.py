@@ -38,13 +38,11 @@ import re
 from dataclasses import dataclass
 
 from ..errors import MemprofError
+from ..vocab import CHECKPOINT_MODES
 from .selective import SAVE_OP_NAMES
 from .solver import ChainProblem, Option, Unit
 
-__all__ = ["UnitStats", "ChainModel", "find_units", "unit_stats", "chain_model", "MODES"]
-
-MODES = ("keep", "full", "selective")
-
+__all__ = ["UnitStats", "ChainModel", "find_units", "unit_stats", "chain_model"]
 
 @dataclass(frozen=True)
 class UnitStats:
@@ -147,13 +145,13 @@ def _floor(prof) -> tuple[int, str]:
     return best, phase
 
 
-def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=MODES,
+def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=CHECKPOINT_MODES,
                 extra_ms: dict | None = None) -> ChainModel:
     """The chain problem of a profile's units under ``budget_bytes``; ``extra_ms`` (mode -> unit -> ms, from
     :func:`memprof.policy.timing.measure_costs`) replaces the modelled cost of options it names."""
     for mode in modes:
-        if mode not in MODES:
-            raise MemprofError(f"unknown checkpoint mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode not in CHECKPOINT_MODES:
+            raise MemprofError(f"unknown checkpoint mode {mode!r}; choose from {', '.join(CHECKPOINT_MODES)}")
     names = units if units is not None else find_units(prof)
     if not names:
         raise MemprofError("no repeated units found in the profile to checkpoint; name them (units=[...])")

@@ -45,21 +45,25 @@ class SolverError(MemprofError, RuntimeError):
 
 
 class InfeasibleBudget(MemprofError):
-    """No choice of options fits the budget. ``min_peak_bytes`` is the smallest achievable peak."""
+    """No choice fits the budget: of a chain's options (the solvers) or of the levers' configurations (the
+    planner, which says in ``message`` which configuration came closest and what would help).
+    ``min_peak_bytes`` is the smallest achievable peak; ``dominant`` the term that sets it, when known."""
 
-    def __init__(self, min_peak_bytes: int, budget_bytes: int, dominant: PeakTerm | None = None) -> None:
+    def __init__(self, min_peak_bytes: int, budget_bytes: int, dominant: PeakTerm | None = None,
+                 message: str | None = None) -> None:
         self.min_peak_bytes = min_peak_bytes
         self.budget_bytes = budget_bytes
         self.dominant = dominant
+        self.message = message
         where = f", set by {dominant.describe()}" if dominant is not None else ""
-        super().__init__(
+        super().__init__(message or (
             f"no plan fits the budget of {format_bytes(budget_bytes)}: the smallest achievable peak is "
             f"{format_bytes(min_peak_bytes)} ({format_bytes(min_peak_bytes - budget_bytes)} over){where}. "
             "Raise the budget or use more levers (precision, sharding) to lower that term."
-        )
+        ))
 
     def __reduce__(self):  # picklable despite the custom signature (e.g. across processes)
-        return (type(self), (self.min_peak_bytes, self.budget_bytes, self.dominant))
+        return (type(self), (self.min_peak_bytes, self.budget_bytes, self.dominant, self.message))
 
 
 def _check_bytes(value: object, what: str) -> None:
@@ -231,7 +235,7 @@ def _extra_ms(problem: ChainProblem, idx: Sequence[int]) -> float:
     return math.fsum(u.options[k].extra_ms for u, k in zip(problem.units, idx))
 
 
-def _solution(problem: ChainProblem, idx: Sequence[int], method: str, exact: bool = True) -> Solution:
+def solution(problem: ChainProblem, idx: Sequence[int], method: str, exact: bool = True) -> Solution:
     choices = tuple(u.options[k].name for u, k in zip(problem.units, idx))
     return Solution(choices, max(t.total_bytes for t in _terms(problem, idx)), _extra_ms(problem, idx),
                     method, exact)
@@ -242,7 +246,7 @@ def _solution(problem: ChainProblem, idx: Sequence[int], method: str, exact: boo
 
 
 @dataclass(frozen=True)
-class _Tables:
+class Tables:
     r: list[np.ndarray]  # per unit, int64 per option
     local: list[np.ndarray]  # b_i + l, int64 per option
     e: list[np.ndarray]  # extra time in whole nanoseconds (int64) per option
@@ -250,11 +254,11 @@ class _Tables:
     prefix_min_r: list[int]  # sum over units before i of their smallest r (a lower bound on what they retain)
 
 
-def _ns(ms: float) -> int:
+def ns(ms: float) -> int:
     return round(ms * _NS_PER_MS)
 
 
-def _tables(problem: ChainProblem) -> _Tables:
+def tables(problem: ChainProblem) -> Tables:
     cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]] = {}
     r, local, e, ms, prefix = [], [], [], [], [0]
     for u in problem.units:
@@ -263,7 +267,7 @@ def _tables(problem: ChainProblem) -> _Tables:
             arrays = (
                 np.array([o.retained_bytes for o in u.options], dtype=np.int64),
                 np.array([o.local_bytes for o in u.options], dtype=np.int64),
-                np.array([_ns(o.extra_ms) for o in u.options], dtype=np.int64),
+                np.array([ns(o.extra_ms) for o in u.options], dtype=np.int64),
                 np.array([o.extra_ms for o in u.options], dtype=np.float64),
                 min(o.retained_bytes for o in u.options),
             )
@@ -274,10 +278,10 @@ def _tables(problem: ChainProblem) -> _Tables:
         e.append(arrays[2])
         ms.append(arrays[3])
         prefix.append(prefix[-1] + arrays[4])
-    return _Tables(r, local, e, ms, prefix)
+    return Tables(r, local, e, ms, prefix)
 
 
-def _min_peak_indices(problem: ChainProblem, t: _Tables) -> tuple[int, list[int]]:
+def _min_peak_indices(problem: ChainProblem, t: Tables) -> tuple[int, list[int]]:
     """Smallest achievable peak and a choice reaching it: q_i = min_o max(b_i + l_o, r_o + q_{i+1}) is exact
     because q_i grows with q_{i+1}."""
     q = problem.forward_base_bytes
@@ -291,11 +295,11 @@ def _min_peak_indices(problem: ChainProblem, t: _Tables) -> tuple[int, list[int]
 
 def min_peak(problem: ChainProblem) -> Solution:
     """A choice with the smallest achievable peak (exact; its extra time is not minimised). Ignores the budget."""
-    _, idx = _min_peak_indices(problem, _tables(problem))
-    return _solution(problem, idx, "min-peak")
+    _, idx = _min_peak_indices(problem, tables(problem))
+    return solution(problem, idx, "min-peak")
 
 
-def _infeasible(problem: ChainProblem, t: _Tables) -> InfeasibleBudget | None:
+def infeasible(problem: ChainProblem, t: Tables) -> InfeasibleBudget | None:
     peak, idx = _min_peak_indices(problem, t)
     if peak <= problem.budget_bytes:
         return None

@@ -3,14 +3,14 @@
 For every configuration of the allowed levers — precision x sharding strategy x CPU offload (outer
 enumeration; offload belongs to the sharding lever and is weighed at world size 1 too, as FSDP on one rank, but
 not for CPU profiles, where host memory is the device's) — the planner takes that configuration's profile (the
-one given, or an estimate of the same model from a :class:`~memprof.policy.sources.EstimateSource`), builds
+one given, or an estimate of the same model from a :class:`~memprof.estimation.sources.EstimateSource`), builds
 the chain model of its units (:mod:`memprof.policy.chain`) and solves checkpointing exactly with the DP
 (:mod:`memprof.policy.solver`). Predicted step time = base step time x precision ratio + recomputation +
 exposed communication (+ with offload: host copies not hidden by compute and the optimizer step on the CPU;
 :mod:`memprof.policy.costs`). The plan is the feasible configuration with the least predicted time
 (ties: the lower peak); the Pareto frontier (peak vs time) over all configurations comes with it, and an
 explanation of each lever's effect and of the choice. An infeasible budget raises
-:class:`InfeasibleBudgetError` naming the smallest achievable peak and what dominates it.
+:class:`~memprof.policy.solver.InfeasibleBudget` naming the smallest achievable peak and what dominates it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ from dataclasses import dataclass
 
 from .._version import __version__
 from ..errors import MemprofError
-from ..estimation.devices import resolve_capacity
+from ..hardware import resolve_capacity
+from ..plans import CheckpointChoice, FrontierPoint, Plan, Sharding, Source
 from ..training import check_precision
 from ..units import format_bytes
-from .chain import MODES, chain_model, find_units
+from ..vocab import (
+    AUTOCAST_PRECISIONS,
+    CHECKPOINT_MODES,
+    LEVERS,
+    PRECISIONS,
+    RECOMPUTE_MODES,
+    SHARDING_STRATEGIES,
+)
+from .chain import chain_model, find_units
 from .costs import CommModel, comm_ms, offload_ms
-from .plan import CheckpointChoice, FrontierPoint, Plan, Sharding, Source
 from .solver import (
     InfeasibleBudget,
     Solution,
@@ -36,11 +44,8 @@ from .solver import (
     solve_with_surcharges,
 )
 
-__all__ = ["plan", "InfeasibleBudgetError", "UnweighableLeverError", "Candidate", "LEVERS"]
+__all__ = ["plan", "InfeasibleBudget", "UnweighableLeverError", "Candidate"]
 
-LEVERS = ("checkpoint", "precision", "sharding")
-_PRECISION_ORDER = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
-_AUTOCAST = ("bf16-autocast", "fp16-autocast")
 # Under autocast a selectively checkpointed step measured 0.4-9.1% above the chain model's peak (a GPT, 1 to
 # 6 of 6 blocks; the forward peak rises, not the retained bytes): not weighed until it is modelled right.
 _SELECTIVE_AUTOCAST_NOTE = ("selective checkpointing not weighed under autocast: its forward peak is not "
@@ -59,15 +64,6 @@ class UnweighableLeverError(MemprofError):
             f"lever {' and '.join(levers)} cannot be weighed from this profile alone: its configurations "
             f"({shown}) need the model to estimate them (source=EstimateSource(...)) or measured profiles of "
             "them (profiles=); or plan with levers=('checkpoint',)")
-
-
-class InfeasibleBudgetError(MemprofError):
-    """No configuration of the allowed levers fits the budget."""
-
-    def __init__(self, message: str, min_peak_bytes: int, budget_bytes: int):
-        super().__init__(message)
-        self.min_peak_bytes = min_peak_bytes
-        self.budget_bytes = budget_bytes
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ class Candidate:
     def describe(self) -> str:
         modes = list(self.solution.choices)
         parts = [self.precision, _sharding_words(self.sharding, self.offload)]
-        counted = {m: modes.count(m) for m in MODES if modes.count(m)}
+        counted = {m: modes.count(m) for m in CHECKPOINT_MODES if modes.count(m)}
         if counted.get("full") or counted.get("selective"):
             parts.append(", ".join(f"{n} of {len(modes)} units {m}" for m, n in counted.items() if m != "keep"))
         else:
@@ -131,16 +127,9 @@ def _profile_hash(prof) -> str:
     return "sha256:" + hashlib.sha256(prof.to_json().encode()).hexdigest()[:16]
 
 
-def _steady_step_ms(prof) -> float:
-    """The fastest step after the first: a tracked step only gets slower (the first ones measure op scratch)."""
-    steps = [s.duration_ms for s in prof.steps if s.micro_batches]
-    steps = steps[1:] if len(steps) > 1 else steps
-    return min(steps) if steps else 0.0
-
-
 def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
     """Bytes of params in their compute dtype and of grads in their reduce dtype (whole model)."""
-    if precision in ("bf16-autocast", "fp16-autocast"):  # MixedPrecisionPolicy: 16-bit all-gathers, fp32 reductions
+    if precision in AUTOCAST_PRECISIONS:  # MixedPrecisionPolicy: 16-bit all-gathers, fp32 reductions
         return fp32_param_bytes // 2, fp32_param_bytes
     if precision == "bf16":
         return fp32_param_bytes // 2, fp32_param_bytes // 2
@@ -148,7 +137,7 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
 
 
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
-         source=None, precision: str | None = None, modes=MODES, comm: CommModel | None = None,
+         source=None, precision: str | None = None, modes=CHECKPOINT_MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
          precisions: tuple[str, ...] | None = None, costs=None, precision_timing=None,
          applicable=LEVERS) -> Plan:
@@ -190,8 +179,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     profiles.setdefault((base_precision, base_sharding if world_size > 1 or base_offload else "none", base_offload),
                         prof)
 
-    allowed = [check_precision(p) for p in (precisions or _PRECISION_ORDER)]
-    precisions = [p for p in _PRECISION_ORDER if p in allowed] if "precision" in levers else [base_precision]
+    allowed = [check_precision(p) for p in (precisions or PRECISIONS)]
+    precisions = [p for p in PRECISIONS if p in allowed] if "precision" in levers else [base_precision]
     if base_precision not in precisions:
         precisions.insert(0, base_precision)
     configs = [("none", False)]  # (strategy, offload)
@@ -210,13 +199,13 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         if missing:  # weigh the measured profiles given (profiles=), and say which configurations were not
             notes.append("not weighed (no model to estimate them, no profile given): "
                          + ", ".join(_describe_config(*k) for k in missing))
-            precisions = sorted({p for p, _, _ in profiles}, key=_PRECISION_ORDER.index)
+            precisions = sorted({p for p, _, _ in profiles}, key=PRECISIONS.index)
             configs = sorted({(s, o) for _, s, o in profiles},
-                             key=lambda c: (c[1], ["none", "full", "shard-grad-op", "hybrid"].index(c[0])))
+                             key=lambda c: (c[1], SHARDING_STRATEGIES.index(c[0])))
     if "sharding" in levers and prof.environment.device == "cpu" and not any(o for _, o in configs):
         notes.append("CPU offload not weighed: on a CPU the host's memory is the device's")
 
-    base_measured_ms = _steady_step_ms(prof)
+    base_measured_ms = prof.steady_step_ms
     full_params = prof.modules[""].param_bytes if "" in prof.modules else 0  # the given profile is unsharded
     fp32_params = full_params * (2 if base_precision == "bf16" else 1)
     modelled_base = None
@@ -227,7 +216,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             wanted.insert(0, (base_precision, "none", 1, None, False))
         source.prefetch(wanted)
     if source is not None and (len(precisions) > 1 or len(configs) > 1):
-        modelled_base = _steady_step_ms(source.profile(base_precision, "none", 1))
+        modelled_base = source.profile(base_precision, "none", 1).steady_step_ms
 
     candidates: list[Candidate] = []
     frontier_points: list[tuple[int, float, str]] = []
@@ -251,7 +240,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             if step_ratio is not None:
                 measured = costs
             unit_modes = modes if "checkpoint" in levers else ("keep",)
-            if p in _AUTOCAST and "selective" in unit_modes:
+            if p in AUTOCAST_PRECISIONS and "selective" in unit_modes:
                 unit_modes = tuple(m for m in unit_modes if m != "selective")
                 if _SELECTIVE_AUTOCAST_NOTE not in notes:
                     notes.append(_SELECTIVE_AUTOCAST_NOTE)
@@ -261,16 +250,16 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             if measured is not None:  # recomputation is forward work: priced by the forward's ratio if known
                 base_ms = measured.base_step_ms * (step_ratio or 1.0)
                 scale = precision_timing.forward.get(p, step_ratio) if step_ratio is not None else 1.0
-            elif key in profiles and _steady_step_ms(ps):
-                base_ms = _steady_step_ms(ps)
+            elif key in profiles and ps.steady_step_ms:
+                base_ms = ps.steady_step_ms
                 scale = 1.0
             else:
-                ratio = _steady_step_ms(ps) / modelled_base if modelled_base else 1.0
+                ratio = ps.steady_step_ms / modelled_base if modelled_base else 1.0
                 measured_ratio = precision_timing.ratios.get(p) if precision_timing is not None else None
                 if measured_ratio is not None and modelled_base:  # this device's precision cost, not the model's
-                    unsharded = _steady_step_ms(source.profile(p, "none", 1)) if s != "none" or o else 0.0
-                    ratio = measured_ratio * (_steady_step_ms(ps) / unsharded if unsharded else 1.0)
-                    scale = base_measured_ms * ratio / _steady_step_ms(ps) if _steady_step_ms(ps) else 1.0
+                    unsharded = source.profile(p, "none", 1).steady_step_ms if s != "none" or o else 0.0
+                    ratio = measured_ratio * (ps.steady_step_ms / unsharded if unsharded else 1.0)
+                    scale = base_measured_ms * ratio / ps.steady_step_ms if ps.steady_step_ms else 1.0
                 else:
                     scale = base_measured_ms / modelled_base if modelled_base else 1.0
                 base_ms = base_measured_ms * ratio
@@ -330,7 +319,7 @@ def _describe_config(precision: str, sharding: str, offload: bool) -> str:
 
 
 def _describe(precision: str, sharding: str, choices, offload: bool = False) -> str:
-    counted = {m: list(choices).count(m) for m in ("full", "selective")}
+    counted = {m: list(choices).count(m) for m in RECOMPUTE_MODES}
     ck = ", ".join(f"{n}/{len(choices)} {m}" for m, n in counted.items() if n) or "no checkpointing"
     return f"{precision}, {_sharding_words(sharding, offload)}, {ck}"
 
@@ -354,7 +343,7 @@ def _pareto(points: list[tuple[int, float, str]], limit: int = 40) -> list[tuple
     return out
 
 
-def _infeasible(candidates, budget_bytes, levers, world_size, applicable=LEVERS) -> InfeasibleBudgetError:
+def _infeasible(candidates, budget_bytes, levers, world_size, applicable=LEVERS) -> InfeasibleBudget:
     _, smallest, model = min(candidates, key=lambda c: c[1].peak_bytes)
     why = _dominant(smallest, model)
     hints = []
@@ -367,10 +356,9 @@ def _infeasible(candidates, budget_bytes, levers, world_size, applicable=LEVERS)
     if "checkpoint" not in levers and "checkpoint" in applicable:
         hints.append("allow checkpointing")
     hint = ("; " + " or ".join(hints)) if hints else "; use a smaller batch or a lighter optimizer"
-    return InfeasibleBudgetError(
-        f"no plan fits {format_bytes(budget_bytes)}: the smallest achievable peak is "
-        f"{format_bytes(smallest.peak_bytes)} ({smallest.describe()}), dominated by {why}{hint}",
-        smallest.peak_bytes, budget_bytes)
+    return InfeasibleBudget(
+        smallest.peak_bytes, budget_bytes, message=f"no plan fits {format_bytes(budget_bytes)}: the smallest achievable peak is "
+        f"{format_bytes(smallest.peak_bytes)} ({smallest.describe()}), dominated by {why}{hint}")
 
 
 def _dominant(c: Candidate, model) -> str:

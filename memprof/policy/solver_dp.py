@@ -23,9 +23,9 @@ from .chain_problem import (
     ProblemError,
     Solution,
     SolverError,
-    _infeasible,
-    _Tables,
-    _tables,
+    Tables,
+    infeasible,
+    tables,
 )
 
 __all__ = ["solve_dp", "frontier", "DEFAULT_BUCKETS", "MAX_EXACT_STATES"]
@@ -43,7 +43,7 @@ class _Front:
     exact: bool = True
 
 
-def _dp(problem: ChainProblem, t: _Tables, limit: int | None, resolution: int, max_states: int) -> _Front:
+def _dp(problem: ChainProblem, t: Tables, limit: int | None, resolution: int, max_states: int) -> _Front:
     """Pareto fronts of (q, cost) from the last unit to the first; ``limit`` drops states whose peak must exceed it.
 
     Option k extends a slice ``first[k]:last[k]`` of the previous front, which is sorted by q: the states that
@@ -113,7 +113,7 @@ def _trace(front: _Front, js: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _solutions(problem: ChainProblem, t: _Tables, idx: np.ndarray, method: str, exact: bool) -> list[Solution]:
+def _solutions(problem: ChainProblem, t: Tables, idx: np.ndarray, method: str, exact: bool) -> list[Solution]:
     """Solutions for many rows of option indices at once; peaks recomputed with the forward-order formula."""
     rows, n = idx.shape
     peak = np.full(rows, problem.forward_base_bytes, dtype=np.int64)
@@ -149,8 +149,8 @@ def solve_dp(problem: ChainProblem, resolution_bytes: int | None = None, *,
     ``resolution_bytes`` of q (default: budget / 20,000; 0 or 1 never thins). Thinning never yields an
     infeasible plan. Raises :class:`InfeasibleBudget` when no choice fits.
     """
-    t = _tables(problem)
-    err = _infeasible(problem, t)
+    t = tables(problem)
+    err = infeasible(problem, t)
     if err is not None:
         raise err
     front = _dp(problem, t, problem.budget_bytes, _resolution(resolution_bytes, problem.budget_bytes),
@@ -171,7 +171,7 @@ def frontier(problem: ChainProblem, resolution_bytes: int | None = None, *,
     ``max_points`` keeps that many points (at least 2), evenly spread by peak, both ends included: long chains
     can have thousands of points, and each carries one choice per unit.
     """
-    t = _tables(problem)
+    t = tables(problem)
     scale = problem.forward_base_bytes
     for i in range(len(problem.units) - 1, -1, -1):  # the largest achievable peak, for the default resolution
         scale = int(np.max(np.maximum(t.local[i], t.r[i] + scale)))

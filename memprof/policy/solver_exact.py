@@ -12,10 +12,10 @@ from .chain_problem import (
     ProblemError,
     Solution,
     SolverError,
-    _infeasible,
-    _ns,
-    _solution,
-    _tables,
+    infeasible,
+    ns,
+    solution,
+    tables,
 )
 
 __all__ = ["solve_brute_force", "solve_ilp"]
@@ -36,12 +36,12 @@ def solve_brute_force(problem: ChainProblem) -> Solution:
     cost = np.zeros(1, dtype=np.int64)  # nanoseconds, as in the DP
     for u in problem.units:  # combination index = sum_i option_i * prod_{j<i} k_j
         peak = np.concatenate([np.maximum(peak, u.base_bytes + retained + o.local_bytes) for o in u.options])
-        cost = np.concatenate([cost + _ns(o.extra_ms) for o in u.options])
+        cost = np.concatenate([cost + ns(o.extra_ms) for o in u.options])
         retained = np.concatenate([retained + o.retained_bytes for o in u.options])
     peak = np.maximum(peak, problem.forward_base_bytes + retained)
     fits = np.flatnonzero(peak <= problem.budget_bytes)
     if len(fits) == 0:
-        raise _infeasible(problem, _tables(problem)) or SolverError("brute force and min-peak disagree (a bug)")
+        raise infeasible(problem, tables(problem)) or SolverError("brute force and min-peak disagree (a bug)")
     best = int(fits[np.lexsort((peak[fits], cost[fits]))[0]])  # least cost, then lowest peak
     # decode: the concatenations above put the last unit's option outermost
     idx = [0] * n
@@ -49,7 +49,7 @@ def solve_brute_force(problem: ChainProblem) -> Solution:
     for i in range(n - 1, -1, -1):
         block //= len(problem.units[i].options)
         idx[i], best = divmod(best, block)
-    return _solution(problem, idx, "brute-force")
+    return solution(problem, idx, "brute-force")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,13 +66,13 @@ def solve_ilp(problem: ChainProblem, *, time_limit_s: float = 60.0) -> Solution:
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError as e:  # pragma: no cover - scipy is a dev dependency
         raise SolverError("solve_ilp needs scipy: pip install 'memprof[dev]' (or scipy)") from e
-    t = _tables(problem)
-    err = _infeasible(problem, t)
+    t = tables(problem)
+    err = infeasible(problem, t)
     if err is not None:
         raise err
     n = len(problem.units)
     if n == 0:
-        return _solution(problem, [], "ilp")
+        return solution(problem, [], "ilp")
     sizes = [len(u.options) for u in problem.units]
     start = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     nvar = int(start[-1])  # x[i,o] is variable start[i] + o
@@ -135,7 +135,7 @@ def solve_ilp(problem: ChainProblem, *, time_limit_s: float = 60.0) -> Solution:
         if out is None:
             break
         idx, exact = out
-        sol = _solution(problem, idx, "ilp", exact)
+        sol = solution(problem, idx, "ilp", exact)
         if sol.peak_bytes <= problem.budget_bytes:
             return sol
         budget -= sol.peak_bytes - problem.budget_bytes  # HiGHS's tolerance let it slip over: tighten

@@ -93,7 +93,7 @@ def low_precision_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype = t
             if isinstance(st.get(name), torch.Tensor):
                 st[name] = st[name].to(dtype)
 
-    step = _adam_step(dtype)
+    step = adam_step(dtype)
 
     # With the step moved into backward (memprof.policy.step_in_backward) the parameters are stepped by
     # its one-parameter optimizers, which share this optimizer's state: the update goes there.
@@ -104,7 +104,7 @@ def low_precision_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype = t
     return handle
 
 
-def _adam_step(dtype: torch.dtype):
+def adam_step(dtype: torch.dtype):
     """An optimizer ``step`` method that updates every parameter with a gradient, moments in ``dtype``."""
 
     @torch.no_grad()

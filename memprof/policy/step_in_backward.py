@@ -111,10 +111,10 @@ def step_in_backward(model: nn.Module, optimizer: torch.optim.Optimizer) -> Step
     optimizer._memprof_step_in_backward = handle
     low = getattr(optimizer, "_memprof_state_precision", None)
     if low is not None:  # moments kept in a lower precision (memprof.policy.state_precision): the subs too
-        from .state_precision import _adam_step
+        from .state_precision import adam_step
 
         for sub in handle.subs:
-            low._patch(sub, _adam_step(low.dtype))
+            low._patch(sub, adam_step(low.dtype))
     return handle
 
 

@@ -30,6 +30,8 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 
+from ..vocab import RECOMPUTE_MODES
+
 __all__ = ["CACHING_MALLOC_ENV", "OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead",
            "predicted_overhead", "time_overhead", "uniform_plan", "verify_overheads"]
 
@@ -132,7 +134,7 @@ def measure_overhead(model, step, plan, reps: int = 21, stderr: float | None = N
 
 def uniform_plan(units: list[str], mode: str):
     """A plan checkpointing every unit the same way (for timing), fp32, no sharding."""
-    from .plan import CheckpointChoice, Plan, Sharding, Source
+    from ..plans import CheckpointChoice, Plan, Sharding, Source
 
     return Plan(created="1970-01-01T00:00:00+00:00", memprof_version="timing", budget_bytes=1, world_size=1,
                 device="", levers=("checkpoint",),
@@ -142,7 +144,7 @@ def uniform_plan(units: list[str], mode: str):
                 source=Source("timing", "", False))
 
 
-def _cost_configurations(prof, units, modes, precision):
+def cost_configurations(prof, units, modes, precision):
     """(unit names, modelled per-unit costs, the timed configurations): each mode on every unit and on
     the last one."""
     from .chain import chain_model, find_units
@@ -163,7 +165,7 @@ def _cost_configurations(prof, units, modes, precision):
     return names, model_costs, plans
 
 
-def _config_name(key) -> str:
+def config_name(key) -> str:
     return key if isinstance(key, str) else f"{key[0]}@{key[1]}"
 
 
@@ -199,7 +201,7 @@ def _warm(model, step, plans) -> None:
             step()
 
 
-def measure_costs(model, step, prof, units: list[str] | None = None, modes=("full", "selective"),
+def measure_costs(model, step, prof, units: list[str] | None = None, modes=RECOMPUTE_MODES,
                   reps: int = 5, precision: str | None = None, *, stderr: float | None = None,
                   max_reps: int | None = None) -> OptionCosts:
     """Time ``step()`` (one training step) with each mode applied to all units and to the last one, each
@@ -207,7 +209,7 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
     (see the module docstring). ``reps`` pairs per configuration, or with ``stderr``
     (a share, e.g. 0.1) more until each configuration's median ratio has that relative standard error
     (at most ``max_reps`` pairs)."""
-    names, model_costs, plans = _cost_configurations(prof, units, modes, precision)
+    names, model_costs, plans = cost_configurations(prof, units, modes, precision)
     _warm(model, step, plans.values())
     # Each configuration is timed in pairs with the plain step, in alternating order, exactly as
     # measure_overhead times a plan: whatever one step leaves to the next (heap size, caches) is the same
@@ -218,7 +220,7 @@ def measure_costs(model, step, prof, units: list[str] | None = None, modes=("ful
     for key, p in plans.items():
         ratios[key], plain = _paired(model, step, p, reps, stderr, max_reps)
         keep_times += plain
-        pairs[_config_name(key)] = (len(plain), median_stderr(ratios[key]))
+        pairs[config_name(key)] = (len(plain), median_stderr(ratios[key]))
     return _fit(names, modes, model_costs, ratios, statistics.median(keep_times) * 1e3, reps, pairs)
 
 
@@ -275,7 +277,7 @@ def _rounds(model, step, plans: dict, reps: int, stderr: float | None, max_reps:
 
 
 def verify_overheads(model, step, prof, plans: dict, units: list[str] | None = None,
-                     modes=("full", "selective"), reps: int = 21, precision: str | None = None, *,
+                     modes=RECOMPUTE_MODES, reps: int = 21, precision: str | None = None, *,
                      stderr: float | None = None, max_reps: int | None = None):
     """Time the cost configurations of :func:`measure_costs` and every plan of ``plans`` (label -> Plan) in
     the same rounds, each against a plain step next to it: ``(costs, timings)``, the costs fitted from these
@@ -285,14 +287,14 @@ def verify_overheads(model, step, prof, plans: dict, units: list[str] | None = N
     ``predicted_overhead(costs, plan)`` against ``timings[label].overhead`` tests the cost model itself
     (per-unit costs adding up to a plan's), not the drift. Rounds go on until every configuration has
     ``reps`` pairs and, with ``stderr``, that relative standard error (at most ``max_reps`` rounds)."""
-    names, model_costs, configs = _cost_configurations(prof, units, modes, precision)
+    names, model_costs, configs = cost_configurations(prof, units, modes, precision)
     timed = {("cost", k): p for k, p in configs.items()}
     timed.update({("plan", label): p for label, p in plans.items()})
     _warm(model, step, timed.values())
     ratios, plain = _rounds(model, step, timed, reps, stderr, max_reps)
     base_ms = statistics.median(plain) * 1e3
     cost_ratios = {k: ratios[("cost", k)] for k in configs}
-    pairs = {_config_name(k): (len(v), median_stderr(v)) for k, v in cost_ratios.items()}
+    pairs = {config_name(k): (len(v), median_stderr(v)) for k, v in cost_ratios.items()}
     costs = _fit(names, modes, model_costs, cost_ratios, base_ms, reps, pairs)
     timings = {}
     for label in plans:

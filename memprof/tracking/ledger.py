@@ -35,8 +35,8 @@ from time import perf_counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
+from ..categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
 from . import interrupts as _interrupts
-from .categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
 from .native import device_name as _native_device_name
 
 __all__ = ["StorageRecord", "ModuleNode", "PatternRun", "Ledger", "expand_pattern_runs", "real_tensors"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 
-from .categories import (
+from ..categories import (
     ACTIVATION,
     BACKWARD,
     CATEGORIES,

@@ -32,7 +32,7 @@ from . import native
 __all__ = ["ScratchCalibrator", "signature", "clear_cache"]
 
 _Tensor = torch.Tensor
-_CACHE: dict = {}  # signature -> (excess bytes, device), at most CACHE_LIMIT entries
+CACHE: dict = {}  # signature -> (excess bytes, device), at most CACHE_LIMIT entries
 CACHE_LIMIT = 20_000
 
 # Never calibrated: collectives run on worker threads (a profiler session stopped under a running collective
@@ -41,7 +41,7 @@ SKIP_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_dt
 
 
 def clear_cache() -> None:
-    _CACHE.clear()
+    CACHE.clear()
 
 
 def _meta(a):
@@ -92,7 +92,7 @@ class ScratchCalibrator:
             return func(*args, **kwargs), 0, None
         key = signature(func, args, kwargs)
         try:
-            hit = _CACHE.get(key)
+            hit = CACHE.get(key)
         except TypeError:  # an unhashable argument: run it plainly
             return func(*args, **kwargs), 0, None
         if hit is not None:
@@ -104,14 +104,14 @@ class ScratchCalibrator:
         if device.type == "cpu":
             if torch._C._autograd._profiler_enabled():
                 return func(*args, **kwargs), 0, None
-            out, excess = _cpu_measure(func, args, kwargs)
+            out, excess = cpu_measure(func, args, kwargs)
         elif device.type == "cuda" and self._cuda is not None:
             out, excess = self._cuda.measure(func, args, kwargs, device)
         else:
             return func(*args, **kwargs), 0, None
-        if len(_CACHE) >= CACHE_LIMIT:  # bounded: drop the oldest signature (it is measured again if seen)
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = (excess, device)
+        if len(CACHE) >= CACHE_LIMIT:  # bounded: drop the oldest signature (it is measured again if seen)
+            CACHE.pop(next(iter(CACHE)))
+        CACHE[key] = (excess, device)
         self.calibrated += 1
         return out, excess, device
 
@@ -119,7 +119,7 @@ class ScratchCalibrator:
 _warmed = False
 
 
-def _cpu_measure(func, args, kwargs):
+def cpu_measure(func, args, kwargs):
     """Run ``func`` once, recording the allocations it makes: with the C++ recorder (:mod:`.native`) where it
     can be built, else under a minimal Kineto session recording only CPU allocations."""
     if native.available():

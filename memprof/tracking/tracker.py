@@ -57,11 +57,7 @@ from torch.utils._python_dispatch import (
 from torch.utils._pytree import tree_leaves
 
 from .._version import __version__
-from ..errors import DeviceMemoryExceeded, MemprofError, TrackingError
-from ..structure import structure_hashes
-from ..units import format_bytes
-from . import interrupts, native, optpattern
-from .categories import (
+from ..categories import (
     ACTIVATION,
     BACKWARD,
     BUFFER,
@@ -77,6 +73,10 @@ from .categories import (
     PHASES,
     TEMPORARY,
 )
+from ..errors import DeviceMemoryExceeded, MemprofError, TrackingError
+from ..structure import structure_hashes
+from ..units import format_bytes
+from . import interrupts, native, optpattern
 from .devices import CudaPeakFolder, cpu_name, cuda_available, cuda_device_facts, host_memory_bytes
 from .exitguard import guard_distributed_exit
 from .ledger import Ledger, ModuleNode, expand_pattern_runs, real_tensors

@@ -50,7 +50,7 @@ def corpus() -> dict[str, str]:
 
 
 def _toml_inline(v) -> str:
-    from memprof.policy.plan import _toml_key, _toml_str
+    from memprof.plan_toml import _toml_key, _toml_str
 
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -71,7 +71,7 @@ def _toml_text(data) -> str | None:
     """``data`` (a mutated plan dict) written back as TOML, or None when TOML cannot hold it."""
     import tomllib
 
-    from memprof.policy.plan import _toml_key
+    from memprof.plan_toml import _toml_key
 
     try:
         lines, tables = [], []
@@ -192,8 +192,8 @@ def render_all(obj, other, tmp: Path, draw: bool) -> None:
     """Every renderer on a loaded file; ``other``: a good profile to diff against."""
     from memprof import plots
     from memprof.cli.plan_cmds import _echo_plan
+    from memprof.plans import Plan
     from memprof.policy.engine import plan
-    from memprof.policy.plan import Plan
     from memprof.report import diff, render, render_diff
 
     if isinstance(obj, Plan):

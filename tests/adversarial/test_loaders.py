@@ -8,7 +8,7 @@ import pytest
 import memprof
 from memprof import plots
 from memprof.errors import MemprofError, ProfileFormatError
-from memprof.policy.plan import PlanFormatError
+from memprof.plans import PlanFormatError
 from memprof.report import render
 
 

@@ -28,10 +28,10 @@ def _apply_and_measure(rank, world_size, plan_path):
 
 
 def _sharded_plan(tmp_path, levers):
+    from memprof.estimation.sources import EstimateSource
     from memprof.policy.chain import chain_model
     from memprof.policy.engine import plan
     from memprof.policy.solver import min_peak
-    from memprof.policy.sources import EstimateSource
 
     source = EstimateSource(fsdp_cases.build, fsdp_cases.batch, device="cpu")
     single = source.profile("fp32")

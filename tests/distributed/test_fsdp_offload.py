@@ -51,9 +51,9 @@ def _apply_train_and_measure(rank, world_size, plan_path):
 
 def _offload_plan(world_size: int, tmp_path):
     """(the estimate, a plan file) for CPU offload at this world size."""
+    from memprof.estimation.sources import EstimateSource
+    from memprof.plans import CheckpointChoice, Plan, Sharding, Source
     from memprof.policy.engine import plan
-    from memprof.policy.plan import CheckpointChoice, Plan, Sharding, Source
-    from memprof.policy.sources import EstimateSource
 
     source = EstimateSource(fsdp_cases.build, fsdp_cases.batch, device="cpu")
     offload = source.profile("fp32", "full", world_size, offload=True)

@@ -1,4 +1,4 @@
-"""Device capacities for "will it fit?" questions.
+"""Accelerators memprof knows by name: memory capacities for "will it fit?" and spec-sheet speeds for the time model.
 
 Totals are what ``nvidia-smi`` reports as total memory (MiB) for these boards in public listings — a little
 less than the marketing size (an "80GB" H100 shows 81559 MiB). Pass ``device_memory=`` (or
@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from ..errors import MemprofError
-from ..units import parse_size
+from .errors import MemprofError
+from .units import parse_size
 
 __all__ = ["DEVICES", "SPECS", "DeviceSpec", "device_capacity", "resolve_capacity", "device_spec", "host_spec"]
 

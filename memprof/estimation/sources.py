@@ -62,7 +62,7 @@ class EstimateSource:
 
     def prefetch(self, keys: list[tuple]) -> int:
         """Estimate several configurations ahead, in worker processes where that is safe
-        (:mod:`memprof.policy.prefetch`); returns how many were made there."""
+        (:mod:`memprof.estimation.prefetch`); returns how many were made there."""
         from .prefetch import prefetch
 
         return prefetch(self, keys)
@@ -73,7 +73,7 @@ class EstimateSource:
         return (self.cache_key, self.optimizer, self.device, str(self.device_memory), self.description, key)
 
     def _estimate(self, precision, sharding, world_size, shard_group_size, offload):
-        from ..estimation import estimate
+        from .repeated import estimate
 
         return estimate(
             self.build_model, self.make_batch, step=self.step, optimizer=self.optimizer, precision=precision,
@@ -106,7 +106,7 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
     text = prof.assumptions.get("source")
     if not text:
         return None
-    from ..estimation.finetune import finetuned_source
+    from .finetune import finetuned_source
 
     kind, _, rest = text.partition(":")
     parts = dict(p.split("=", 1) for p in rest.split(":") if "=" in p)
@@ -119,7 +119,7 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
     optimizer = prof.assumptions.get("optimizer", "adamw")
     device = "cpu" if prof.environment.device == "cpu" else "cuda"
     if kind == "hf":
-        from ..estimation import get_architecture
+        from .catalog import get_architecture
 
         arch = get_architecture(rest.split(":")[0])
         build, make, step = finetuned_source(arch.build_model, lambda b: arch.make_batch(b, seq), batch, parts)
