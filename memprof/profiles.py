@@ -23,6 +23,7 @@ from .categories import CATEGORIES, PHASES
 
 __all__ = [
     "SCHEMA",
+    "sharding_words",
     "TensorInfo",
     "PeakInfo",
     "StepStats",
@@ -222,6 +223,15 @@ class Environment(_Record):
     rank: int = 0
 
 
+_OFFLOAD_WORDS = " + cpu offload"
+
+
+def sharding_words(strategy: str, shard_group_size: int | None, offload: bool) -> str:
+    """The ``sharding`` assumption of an estimate, read back by :attr:`Profile.sharding`."""
+    words = strategy if strategy != "hybrid" else f"hybrid (shard groups of {shard_group_size})"
+    return words + (_OFFLOAD_WORDS if offload else "")
+
+
 @dataclass(frozen=True)
 class Profile:
     """Memory of one or more training steps, by module, category and phase, with the peak explained."""
@@ -258,6 +268,24 @@ class Profile:
         steps = [s.duration_ms for s in self.steps if s.micro_batches]
         steps = steps[1:] if len(steps) > 1 else steps
         return min(steps) if steps else 0.0
+
+    @property
+    def sharding(self) -> tuple[str, bool]:
+        """``(strategy, cpu_offload)`` the profile was made under (an estimate says so in ``assumptions``, as
+        :func:`sharding_words` wrote it; a measured profile: ``("none", False)``)."""
+        words = self.assumptions.get("sharding", "none")
+        return words.split(" ")[0], words.endswith(_OFFLOAD_WORDS)
+
+    @property
+    def offload_host_bytes(self) -> tuple[int, int] | None:
+        """``(resident, peak)`` host bytes per rank of an estimate with FSDP CPU offload (parameter shards,
+        gradients and optimizer state; with the optimizer step's temporaries at the peak); None otherwise.
+        The profile file keeps them as text in ``assumptions``; this is the one place that reads them."""
+        a = self.assumptions
+        if "host_bytes" not in a:
+            return None
+        resident = int(a["host_bytes"])
+        return resident, int(a.get("host_peak_bytes", resident))
 
     def module_tree(self) -> dict[str, list[str]]:
         """Children of each module FQN, in the order modules were first seen."""

@@ -208,9 +208,10 @@ def _echo_estimate(prof, fmt, units, depth, said="") -> None:
     if said:
         click.echo(said)
     click.echo(f"Estimated (fake tensors) per rank: {_fits(prof)}")
-    if "host_bytes" in prof.assumptions:
-        click.echo(f"CPU offload: {fmt_bytes(int(prof.assumptions['host_peak_bytes']))} of host memory per rank "
-                   f"({fmt_bytes(int(prof.assumptions['host_bytes']))} of parameter shards, gradients and "
+    if prof.offload_host_bytes is not None:
+        resident, host_peak = prof.offload_host_bytes
+        click.echo(f"CPU offload: {fmt_bytes(host_peak)} of host memory per rank "
+                   f"({fmt_bytes(resident)} of parameter shards, gradients and "
                    "optimizer state, and the optimizer step's temporaries)")
     click.echo("")
     click.echo(render(prof, format=fmt, units=units, depth=depth, sections=None if fmt != "csv" else ["modules"]),

@@ -47,6 +47,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..hardware import DeviceSpec, device_spec, host_spec, resolve_capacity
+from ..profiles import sharding_words
 from ..rng import preserved_rng
 from ..sharding import build_mesh, check_offload, check_strategy, shard_model
 from ..structure import select_units
@@ -381,8 +382,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         "precision": precision,
         "optimizer": optimizer,
         "world_size": str(world_size),
-        "sharding": (strategy if strategy != "hybrid" else f"hybrid (shard groups of {shard_group_size})")
-        + (" + cpu offload" if offload else ""),
+        "sharding": sharding_words(strategy, shard_group_size, offload),
         "steps": f"{steps} (the first creates optimizer state; later ones are steady)",
         "time": (f"modelled: roofline at {spec.bf16_tflops:g} (bf16) / {spec.fp32_tflops:g} (fp32) TFLOP/s x "
                  f"{_MATMUL_EFFICIENCY} and {spec.bandwidth_gbs:g} GB/s x {_BANDWIDTH_EFFICIENCY} ({spec.name})"),

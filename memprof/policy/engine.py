@@ -107,10 +107,8 @@ def _sharding_words(sharding: str, offload: bool) -> str:
 def _host_bytes(prof) -> tuple[int, int]:
     """(resident, peak) host bytes per rank of an offload profile: the estimator's, else (host and device being
     one, e.g. a CPU profile) its parameters, gradients and optimizer state."""
-    a = prof.assumptions
-    if "host_bytes" in a:
-        resident = int(a["host_bytes"])
-        return resident, int(a.get("host_peak_bytes", resident))
+    if prof.offload_host_bytes is not None:
+        return prof.offload_host_bytes
     root = prof.modules.get("")
     resident = root.param_bytes + root.grad_bytes + root.optimizer_bytes if root is not None else 0
     return resident, resident
@@ -172,8 +170,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     if budget_bytes is None or budget_bytes <= 0:
         raise MemprofError(f"budget must be a positive size or a device name, got {budget!r}")
     base_precision = check_precision(precision or prof.assumptions.get("precision", "fp32"))
-    base_sharding = prof.assumptions.get("sharding", "none").split(" ")[0]
-    base_offload = "cpu offload" in prof.assumptions.get("sharding", "")
+    base_sharding, base_offload = prof.sharding
     comm = comm or CommModel()
     profiles = {_config_key(k): v for k, v in (profiles or {}).items()}
     profiles.setdefault((base_precision, base_sharding if world_size > 1 or base_offload else "none", base_offload),
