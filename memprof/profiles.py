@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .categories import CATEGORIES, PHASES
+from .files import atomic_write_text
 
 __all__ = [
     "SCHEMA",
@@ -335,7 +336,6 @@ class Profile:
 
     def save(self, path) -> None:
         """Write the profile as JSON, atomically (a reader never sees a half-written file)."""
-        from .files import atomic_write_text
 
         atomic_write_text(path, self.to_json() + "\n")
 

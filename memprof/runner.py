@@ -46,6 +46,7 @@ import torch
 from .errors import MemprofError, ProfileFormatError
 from .files import check_output
 from .forensics import find_oom
+from .loading import load_profile
 from .profiles import Profile
 from .tracking.first_forward import FirstRootForward
 from .tracking.tracker import Tracker
@@ -328,7 +329,6 @@ def _created_at(prof: Profile) -> float | None:
 
 def _fresh_profile(path: Path, since: float) -> Profile | None:
     """The profile at ``path`` if it is complete and from this launch (tracking began after ``since``)."""
-    from .loading import load_profile
 
     if not path.is_file():
         return None

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..structure import structure_hashes
+from .catalog import Architecture
 
 __all__ = ["repeated_blocks", "probe", "full_structure", "catalog_layers", "with_layers"]
 
@@ -78,7 +79,6 @@ def probe(build_model):
 def catalog_layers(build_model) -> str | None:
     """The config key of the layer count when ``build_model`` is a catalog architecture's own factory (its
     models can be built with fewer layers from the config), else None."""
-    from .catalog import Architecture
 
     arch = getattr(build_model, "__self__", None)
     if not isinstance(arch, Architecture) or getattr(build_model, "__func__", None) is not Architecture.build_model:

@@ -14,7 +14,9 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..training import CallArgs
 from .calls import current_fake_mode
+from .sources import EstimateSource
 
 __all__ = ["fake_copy", "estimate_live", "live_source"]
 
@@ -38,7 +40,6 @@ def fake_copy(model: nn.Module) -> nn.Module:
 
 def _batch(args, kwargs):
     """The default step's batch for these forward arguments."""
-    from ..training import CallArgs
 
     kwargs = dict(kwargs or {})
     if not kwargs:
@@ -50,7 +51,6 @@ def _batch(args, kwargs):
 
 def live_source(model: nn.Module, args=(), kwargs=None, *, optimizer: str = "adamw", device_memory=None):
     """An :class:`~memprof.estimation.sources.EstimateSource` for this live model and batch (any precision)."""
-    from .sources import EstimateSource
 
     batch = _batch(args, kwargs)
     device = "cuda" if any(p.device.type == "cuda" for p in model.parameters()) else "cpu"

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..profiles import Profile
+
 __all__ = ["prefetch", "workers_for"]
 
 _SOURCE = None  # the source being prefetched, read by the forked workers
@@ -76,7 +78,6 @@ def prefetch(source, keys: list[tuple]) -> int:
     returns how many the workers made."""
     import multiprocessing
 
-    from ..profiles import Profile
 
     global _SOURCE
     missing = [k for k in dict.fromkeys(keys) if not source.has(*k)]

@@ -41,6 +41,7 @@ import time
 import torch.nn as nn
 
 from ..categories import CATEGORIES
+from ..profiles import PeakInfo, Sample, StepStats
 from ..tracking.replay import downsample
 from ..tracking.tracker import _sort_key
 from . import core
@@ -194,7 +195,6 @@ def _tags(samples) -> tuple:
 
 def _combine(short3, short4, prefix: str, units: int, p: int, structure: dict):
     """The full model's profile from the 3- and 4-unit runs (see the module's docstring)."""
-    from ..profiles import PeakInfo, Sample, StepStats
 
     k = units - _SHORT[0]
     d3, d4 = _Depth(prefix, _SHORT[0], p), _Depth(prefix, _SHORT[1], p)

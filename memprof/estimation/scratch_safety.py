@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tracking.scratch import cpu_measure
+
 __all__ = ["RUN", "NEEDS_VALUES", "RNN_BACKWARD", "SKIP", "RNN_FORWARD", "decide", "MadeUpInputs",
            "materialize", "rnn_workspace_bytes", "measure_rnn_backward"]
 
@@ -126,7 +128,6 @@ class MadeUpInputs:
         backward, measured another way)."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        from ..tracking.scratch import cpu_measure
 
         with unset_fake_temporarily():
             try:

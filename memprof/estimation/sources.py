@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import MemprofError
+from .finetune import finetuned_source
+from .prefetch import prefetch
+from .repeated import estimate
 
 __all__ = ["EstimateSource", "SourceNotRebuilt", "source_from_profile", "describe_hf", "describe_factory"]
 
@@ -63,7 +66,6 @@ class EstimateSource:
     def prefetch(self, keys: list[tuple]) -> int:
         """Estimate several configurations ahead, in worker processes where that is safe
         (:mod:`memprof.estimation.prefetch`); returns how many were made there."""
-        from .prefetch import prefetch
 
         return prefetch(self, keys)
 
@@ -73,7 +75,6 @@ class EstimateSource:
         return (self.cache_key, self.optimizer, self.device, str(self.device_memory), self.description, key)
 
     def _estimate(self, precision, sharding, world_size, shard_group_size, offload):
-        from .repeated import estimate
 
         return estimate(
             self.build_model, self.make_batch, step=self.step, optimizer=self.optimizer, precision=precision,
@@ -106,7 +107,6 @@ def source_from_profile(prof, device_memory=None) -> EstimateSource | None:
     text = prof.assumptions.get("source")
     if not text:
         return None
-    from .finetune import finetuned_source
 
     kind, _, rest = text.partition(":")
     parts = dict(p.split("=", 1) for p in rest.split(":") if "=" in p)

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MemprofError
+from ..plans import Plan
 from ..sharding import shard_model
 from ..training import autocast, cast_floating
 from ..vocab import AUTOCAST_PRECISIONS, RECOMPUTE_MODES
@@ -172,7 +173,6 @@ def _offload_device_type() -> str:
 
 def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
     """Apply ``plan`` to ``model`` (and, for fp16, ``optimizer``); returns a handle that can remove it."""
-    from ..plans import Plan
 
     if not isinstance(model, nn.Module):
         raise ApplyError(f"apply() needs an nn.Module, got {type(model).__name__}")

@@ -44,11 +44,20 @@ import functools
 import logging
 
 from ..errors import MemprofError
+from ..estimation.live import live_source
+from ..hardware import resolve_capacity
 from ..tracking.first_forward import FirstRootForward
+from ..tracking.tracker import Tracker
 from ..training import autocast
+from ..units import format_bytes
 from ..vocab import AUTOCAST_PRECISIONS, CHECKPOINT_MODES
+from .apply import apply
 from .calibrate import AUTOCAST as _AUTOCAST
 from .calibrate import CalibratingSession
+from .chain_problem import InfeasibleBudget
+from .engine import plan
+from .live_check import LiveCheck
+from .precision_timing import measure_precision_ratios
 
 __all__ = ["auto", "AutoSession", "first_call_context"]
 
@@ -69,7 +78,6 @@ def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str 
     if fn is None:
         return functools.partial(auto, budget=budget, levers=levers, optimizer=optimizer,
                                  profile_path=profile_path, plan_path=plan_path)
-    from ..hardware import resolve_capacity
 
     levers = tuple(levers)
     if "sharding" in levers:
@@ -136,7 +144,6 @@ class AutoSession(CalibratingSession):
 
     def start(self) -> None:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
-        from ..tracking.tracker import Tracker
 
         self._first = FirstRootForward(self.first_forward, grad_only=True).install()
         self.watch_steps()
@@ -190,7 +197,6 @@ class AutoSession(CalibratingSession):
 
     # -- before the first step ---------------------------------------------------------------------------
     def first_forward(self, model, args, kwargs):
-        from ..estimation.live import live_source
 
         self.model = model
         self.source = live_source(model, args, kwargs, optimizer=self.optimizer)
@@ -214,7 +220,6 @@ class AutoSession(CalibratingSession):
             self._time_precisions(model, args, kwargs)
         if self.estimate.peak_bytes <= self.budget_bytes:
             return None
-        from .chain_problem import InfeasibleBudget
 
         try:
             self.plan = self._plan(self.estimate)
@@ -225,7 +230,6 @@ class AutoSession(CalibratingSession):
 
     # -- after the first step ----------------------------------------------------------------------------
     def first_steps_done(self, profile) -> None:
-        from .engine import plan
 
         self.profile = profile
         if self.profile_path:
@@ -265,7 +269,6 @@ class AutoSession(CalibratingSession):
                  100 * (self.plan.predicted_overhead if self.plan else 0.0), self.profile_path or "-")
 
     def _time_precisions(self, model, args, kwargs) -> None:
-        from .precision_timing import measure_precision_ratios
 
         running = self.tracker is not None and self.tracker.active
         if running:
@@ -282,7 +285,6 @@ class AutoSession(CalibratingSession):
                 self.tracker.resume()
 
     def _plan(self, prof, budget_bytes: int | None = None, precisions=None, without_modes=()):
-        from .engine import plan
 
         running = self.tracker is not None and self.tracker.active
         if running:
@@ -321,7 +323,6 @@ class AutoSession(CalibratingSession):
 
     # -- the live check's side ------------------------------------------------------------------------------
     def apply_plan(self, plan) -> None:
-        from .apply import apply
 
         self.handle = apply(self.model, plan)
 
@@ -333,7 +334,6 @@ class AutoSession(CalibratingSession):
     def replan(self, budget_bytes: int, precisions, without_modes=()):
         """A plan for a lower budget, fewer precisions or checkpoint modes, from what the plan was made from;
         None if none fits."""
-        from .chain_problem import InfeasibleBudget
 
         base = self.plan_profile or (self.estimate if self.estimate_applied else self.profile)
         if budget_bytes <= 0:
@@ -353,7 +353,6 @@ class AutoSession(CalibratingSession):
         return (capacity is not None and plain_peak <= capacity) or (capacity is None and on_cpu)
 
     def _check_live(self, peak_known: int | None) -> None:
-        from .live_check import LiveCheck
 
         if self.optimizer_seen is None:
             return
@@ -449,6 +448,5 @@ def _estimators(opt) -> bool:
 
 
 def _gib(n: int) -> str:
-    from ..units import format_bytes
 
     return format_bytes(n)

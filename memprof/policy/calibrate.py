@@ -33,7 +33,13 @@ import statistics
 import time
 from dataclasses import replace
 
+from ..tracking.devices import cpu_name
+from ..units import format_bytes
 from ..vocab import RECOMPUTE_MODES
+from .chain_problem import InfeasibleBudget
+from .live_check import LiveResult
+from .precision_timing import PrecisionTiming
+from .timing import OptionCosts, config_name, cost_configurations, median_stderr, uniform_plan
 
 __all__ = ["AUTOCAST", "Calibration", "CalibratingSession"]
 
@@ -185,7 +191,6 @@ class Calibration:
 
     def _build_timing(self) -> None:
         """The timing tasks, once the plain profile (which names the units) is in hand."""
-        from .timing import cost_configurations
 
         self._timing_built = True
         configs: dict = {}
@@ -211,7 +216,6 @@ class Calibration:
                                for kind in order)
 
     def _finish(self) -> None:
-        from .timing import OptionCosts, config_name, median_stderr
 
         self._set(None)
         ratios, plain = {}, []
@@ -244,8 +248,6 @@ class Calibration:
 
     def precision_timing(self):
         """The measured whole-step ratios as a :class:`~memprof.policy.precision_timing.PrecisionTiming`."""
-        from ..tracking.devices import cpu_name
-        from .precision_timing import PrecisionTiming
 
         if len(self.precision_ratios) < 2:
             return None
@@ -274,7 +276,6 @@ class CalibratingSession:
 
     def _calibrated(self, cal) -> None:
         """The loop's steps are measured: plan from them, apply, and check the plan live."""
-        from .chain_problem import InfeasibleBudget
 
         estimated = self.estimate_applied
         if cal.error:
@@ -328,7 +329,6 @@ class CalibratingSession:
 
     def _calibration_unfinished(self) -> None:
         """The loop ended while it was being measured: the first plan stays, recorded as not verified."""
-        from .live_check import LiveResult
 
         self.calibration.remove()
         self._restore_first_plan()
@@ -341,7 +341,6 @@ class CalibratingSession:
 
 
 def _size(n: int) -> str:
-    from ..units import format_bytes
 
     return format_bytes(n)
 
@@ -349,7 +348,6 @@ def _size(n: int) -> str:
 def _fit_uniform(names, model_costs, ratios: dict, base_ms: float, reps: int, pairs: dict):
     """Each mode's per-unit costs from its every-unit configuration: the measured extra time shared among the
     units in proportion to the profile's modelled costs (recomputed forward work), equally if none."""
-    from .timing import OptionCosts
 
     extra: dict = {}
     for mode, rs in ratios.items():
@@ -362,6 +360,5 @@ def _fit_uniform(names, model_costs, ratios: dict, base_ms: float, reps: int, pa
 
 def _precision_plan(session, precision: str):
     """A plan that changes only the precision (nothing checkpointed)."""
-    from .timing import uniform_plan
 
     return replace(uniform_plan([], "keep"), precision=precision)

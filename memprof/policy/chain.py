@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from ..errors import MemprofError
 from ..vocab import CHECKPOINT_MODES
 from .selective import SAVE_OP_NAMES
-from .solver import ChainProblem, Option, Unit
+from .solver import ChainProblem, Option, Unit, peak_of
 
 __all__ = ["UnitStats", "ChainModel", "find_units", "unit_stats", "chain_model"]
 
@@ -73,7 +73,6 @@ class ChainModel:
     floor_phase: str
 
     def peak(self, choices) -> int:
-        from .solver import peak_of
 
         return max(self.floor_bytes, peak_of(self.problem, choices))
 

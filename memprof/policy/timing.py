@@ -30,7 +30,10 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 
+from ..plans import CheckpointChoice, Plan, Sharding, Source
 from ..vocab import RECOMPUTE_MODES
+from .apply import apply
+from .chain import chain_model, find_units
 
 __all__ = ["CACHING_MALLOC_ENV", "OptionCosts", "PairedTiming", "cpu_allocator_note", "measure_costs", "measure_overhead",
            "predicted_overhead", "time_overhead", "uniform_plan", "verify_overheads"]
@@ -53,7 +56,6 @@ class OptionCosts:
 
 
 def _timed(step, plan, model) -> float:
-    from .apply import apply
 
     if plan is None:
         t0 = time.perf_counter()
@@ -134,7 +136,6 @@ def measure_overhead(model, step, plan, reps: int = 21, stderr: float | None = N
 
 def uniform_plan(units: list[str], mode: str):
     """A plan checkpointing every unit the same way (for timing), fp32, no sharding."""
-    from ..plans import CheckpointChoice, Plan, Sharding, Source
 
     return Plan(created="1970-01-01T00:00:00+00:00", memprof_version="timing", budget_bytes=1, world_size=1,
                 device="", levers=("checkpoint",),
@@ -147,7 +148,6 @@ def uniform_plan(units: list[str], mode: str):
 def cost_configurations(prof, units, modes, precision):
     """(unit names, modelled per-unit costs, the timed configurations): each mode on every unit and on
     the last one."""
-    from .chain import chain_model, find_units
 
     names = units or find_units(prof)
     model_costs = {u.name: {o.name: o.extra_ms for o in u.options}
@@ -193,7 +193,6 @@ def _fit(names, modes, model_costs, ratios: dict, base_ms: float, reps: int, pai
 
 
 def _warm(model, step, plans) -> None:
-    from .apply import apply
 
     step()
     for p in plans:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..tracking.tracker import Tracker
+from ..units import format_bytes
+from .apply import apply
+from .timing import measure_overhead
+
 __all__ = ["Verification", "verify"]
 
 
@@ -27,7 +32,6 @@ class Verification:
         return self.measured_peak_bytes / self.predicted_peak_bytes - 1
 
     def rows(self) -> list[tuple[str, str, str]]:
-        from ..units import format_bytes
 
         rows = [("peak", format_bytes(self.predicted_peak_bytes), format_bytes(self.measured_peak_bytes))]
         if self.measured_overhead is not None:
@@ -38,9 +42,6 @@ class Verification:
 def verify(model, step, plan, *, optimizer=None, steps: int = 2, time_reps: int = 0) -> Verification:
     """Apply ``plan`` to ``model``, track ``steps`` calls of ``step()``, and (``time_reps`` > 0) time steps with
     and without the plan, interleaved and untracked. The model is left as it was."""
-    from ..tracking.tracker import Tracker
-    from .apply import apply
-    from .timing import measure_overhead
 
     with apply(model, plan, optimizer=optimizer):
         with Tracker(model, optimizer) as tracker:
