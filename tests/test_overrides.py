@@ -31,3 +31,24 @@ def test_every_removal_order_leaves_the_top_remaining_override_and_finally_the_o
     assert ("go" in t.__dict__) == own and "_memprof_overrides" not in t.__dict__
     overrides.pop(t, "go", owners[0])  # popping again is a no-op
     assert t.go() == ("instance" if own else "class")
+
+
+def test_call_after_runs_after_each_call_and_unwraps_only_while_it_is_on_top():
+    from memprof.policy.overrides import CallAfter
+
+    class Opt:
+        def step(self, x):
+            return x + 1
+
+    seen = []
+    opt = Opt()
+    hook = CallAfter(opt, "step", lambda: seen.append("after"))
+    assert opt.step(1) == 2 and seen == ["after"]
+    hook.remove()
+    assert "step" not in opt.__dict__ and opt.step(1) == 2 and seen == ["after"]
+
+    hook = CallAfter(opt, "step", lambda: seen.append("again"))
+    inner = opt.step
+    opt.step = lambda x: inner(x) * 10  # someone wraps over memprof's wrapper
+    hook.remove()
+    assert opt.step(1) == 20 and seen == ["after", "again"]  # their wrapper stays and still calls through

@@ -38,6 +38,7 @@ from ..units import format_bytes
 from ..vocab import RECOMPUTE_MODES
 from .chain_problem import InfeasibleBudget
 from .live_check import LiveResult
+from .overrides import CallAfter
 from .precision_timing import PrecisionTiming
 from .timing import OptionCosts, config_name, cost_configurations, median_stderr, uniform_plan
 
@@ -80,30 +81,20 @@ class Calibration:
         self._tracked = None
         self._t_last: float | None = None
         self._times: dict = {}
-        self._wrapped = None
-        self._had_attr = False
-        self._original = None
+        self._step_hook: CallAfter | None = None
         self._timing_built = False
         self._current = object()  # the configuration applied by this calibration (none yet)
 
     # -- wiring ----------------------------------------------------------------------------------------------
     def install(self) -> Calibration:
-        opt = self.optimizer
-        self._had_attr = "step" in opt.__dict__
-        original = opt.step
-        self._original = original
-
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
+        def after_step():
             if not self.done:
                 try:
                     self._after_step()
                 except Exception as e:  # never break the user's training: stop calibrating, say why
                     self._fail(f"{type(e).__name__}: {e}")
-            return out
 
-        self._wrapped = step
-        opt.step = step
+        self._step_hook = CallAfter(self.optimizer, "step", after_step)
         if self.plain_profile is None:
             self._tasks.append(("track", self.base_precision, None))
         for p in self.precisions:
@@ -117,12 +108,9 @@ class Calibration:
                 self._tracker.stop()
             finally:
                 self._tracker = None
-        opt = self.optimizer
-        if opt is not None and opt.__dict__.get("step") is self._wrapped:
-            if self._had_attr:
-                opt.step = self._original
-            else:
-                del opt.step
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
         self.optimizer = None
 
     def describe(self) -> str:

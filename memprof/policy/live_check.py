@@ -30,6 +30,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from .overrides import CallAfter
+
 __all__ = ["LiveCheck", "LiveResult", "time_tolerance"]
 
 
@@ -100,42 +102,30 @@ class LiveCheck:
         self._times: dict[str, list[float]] = {"plain": [], "planned": []}
         self._order: list[str] = []
         self._t_last: float | None = None
-        self._wrapped = None
-        self._had_attr = False
+        self._step_hook: CallAfter | None = None
         self.tried: list = []  # (plan, its LiveResult) measured so far
         self.excluded_modes: set = set()
 
     # -- wiring ----------------------------------------------------------------------------------------------
     def install(self) -> LiveCheck:
-        opt = self.optimizer
-        self._had_attr = "step" in opt.__dict__
-        original = opt.step
-        self._original = original
-
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
+        def after_step():
             try:
                 self._after_step()
             except Exception as e:  # the check must never break the user's training: stop checking, say why
                 self.result.moves.append(f"live check stopped: {type(e).__name__}: {e}")
                 self.result.finished = True
                 self.notify(self.result.moves[-1])
-            return out
 
-        self._wrapped = step
-        opt.step = step
+        self._step_hook = CallAfter(self.optimizer, "step", after_step)
         return self
 
     def remove(self) -> None:
         if self._tracker is not None:
             self._tracker.stop()
             self._tracker = None
-        opt = self.optimizer
-        if opt is not None and opt.__dict__.get("step") is self._wrapped:
-            if self._had_attr:
-                opt.step = self._original
-            else:
-                del opt.step
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
         self.optimizer = None
 
     @property

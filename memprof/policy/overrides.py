@@ -11,7 +11,7 @@ scheduler's wrapper of ``step``) is dropped when the stack changes under it.
 
 from __future__ import annotations
 
-__all__ = ["push", "pop", "Undoable"]
+__all__ = ["push", "pop", "Undoable", "CallAfter"]
 
 _KEY = "_memprof_overrides"
 _MISSING = object()
@@ -48,6 +48,34 @@ def pop(obj, attr: str, owner) -> None:
         obj.__dict__.pop(attr, None)
     else:
         setattr(obj, attr, original)
+
+
+class CallAfter:
+    """``obj.attr(...)`` followed by ``after()`` on each call (the result returned as it was), until
+    :meth:`remove`. Used by memprof's loop observers on ``optimizer.step`` (calibration, the live check):
+    ``after`` is theirs to keep from raising. :meth:`remove` unwraps only while the wrapper is still the
+    object's attribute (a wrapper someone else put over it stays, and keeps calling through)."""
+
+    def __init__(self, obj, attr: str, after) -> None:
+        self.obj, self.attr = obj, attr
+        self._had_attr = attr in obj.__dict__
+        original = self._original = getattr(obj, attr)
+
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            after()
+            return out
+
+        self._wrapped = wrapped
+        setattr(obj, attr, wrapped)
+
+    def remove(self) -> None:
+        obj, self.obj = self.obj, None
+        if obj is not None and obj.__dict__.get(self.attr) is self._wrapped:
+            if self._had_attr:
+                setattr(obj, self.attr, self._original)
+            else:
+                delattr(obj, self.attr)
 
 
 class Undoable:
