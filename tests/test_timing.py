@@ -15,7 +15,6 @@ from memprof.policy.solver import min_peak, peak_of
 from memprof.policy.timing import OptionCosts, measure_costs
 
 BASE_S = 0.200
-FIRST = {"full": 0.012, "selective": 0.009}  # seconds paid once when a mode is used at all (by hand)
 PER_UNIT = {"full": 0.007, "selective": 0.003}  # seconds per unit in that mode
 LAST = {"full": 0.010, "selective": 0.008}  # seconds more when the last unit uses that mode
 
@@ -45,7 +44,6 @@ def test_costs_are_the_last_unit_alone_and_the_others_share_of_the_rest(gpt, mon
     costs = measure_costs(model, step, prof, reps=3)
     units = find_units(prof)
     assert costs.base_step_ms == pytest.approx(BASE_S * 1e3)
-    assert costs.first_unit_ms == {}
     for mode in PER_UNIT:
         # Identical blocks: the others share the rest equally; the last one costs what it cost alone.
         assert [costs.extra_ms[mode][u] for u in units] == pytest.approx(
@@ -58,11 +56,10 @@ def test_costs_are_the_last_unit_alone_and_the_others_share_of_the_rest(gpt, mon
         assert timing.predicted_overhead(costs, p) == pytest.approx(_cost_law(p) / BASE_S - 1)
 
 
-def test_plan_with_surcharges_is_the_brute_force_optimum(gpt):
+def test_plan_with_measured_costs_is_the_brute_force_optimum(gpt):
     _, _, _, prof = gpt
     units = find_units(prof)
-    costs = OptionCosts(BASE_S * 1e3, {m: {u: PER_UNIT[m] * 1e3 for u in units} for m in PER_UNIT}, 1,
-                        {m: FIRST[m] * 1e3 for m in FIRST})
+    costs = OptionCosts(BASE_S * 1e3, {m: {u: PER_UNIT[m] * 1e3 for u in units} for m in PER_UNIT}, 1)
     cm = chain_model(prof, prof.peak_bytes, units, extra_ms=costs.extra_ms)
     everything = list(itertools.product(("keep", "full", "selective"), repeat=len(units)))
     peaks = {c: max(cm.floor_bytes, peak_of(cm.problem, c)) for c in everything}
@@ -73,7 +70,7 @@ def test_plan_with_surcharges_is_the_brute_force_optimum(gpt):
         fits = [c for c in everything if peaks[c] <= budget]
 
         def cost(c):
-            return sum(PER_UNIT[m] * 1e3 for m in c if m != "keep") + costs.surcharge_ms(c)
+            return sum(PER_UNIT[m] * 1e3 for m in c if m != "keep")
 
         best = min(cost(c) for c in fits)
         p = plan(prof, budget, costs=costs)

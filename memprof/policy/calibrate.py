@@ -343,7 +343,7 @@ def _fit_uniform(names, model_costs, ratios: dict, base_ms: float, reps: int, pa
         weights = {u: model_costs[u].get(mode, 0.0) for u in names}
         wsum = sum(weights.values())
         extra[mode] = {u: total * (weights[u] / wsum if wsum else 1.0 / len(names)) for u in names}
-    return OptionCosts(base_ms, extra, reps, {}, pairs)
+    return OptionCosts(base_ms, extra, reps, pairs)
 
 
 def _precision_plan(session, precision: str):

@@ -39,9 +39,9 @@ from .solver import (
     InfeasibleBudget,
     Solution,
     dominant_term,
-    frontier_with_surcharges,
+    frontier,
     min_peak,
-    solve_with_surcharges,
+    solve_dp,
 )
 
 __all__ = ["plan", "InfeasibleBudget", "UnweighableLeverError", "Candidate"]
@@ -270,24 +270,20 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 copies, cpu_step = offload_ms(s, world_size, params, grads, stored, resident, base_ms, comm,
                                               shard_group_size)
             fixed_ms = base_ms + exposed + copies + cpu_step
-            # Measured costs may charge a mode once when it is used at all (timing.measure_costs).
-            first = measured.first_unit_ms if measured is not None else {}
-            for sol, extra in frontier_with_surcharges(model.problem, first):
+            for sol in frontier(model.problem):
                 peak = max(model.floor_bytes, sol.peak_bytes)
-                frontier_points.append((peak, fixed_ms + extra * scale, _describe(p, s, sol.choices, o)))
+                frontier_points.append((peak, fixed_ms + sol.extra_ms * scale, _describe(p, s, sol.choices, o)))
             try:
-                sol, extra = (solve_with_surcharges(model.problem, first) if model.floor_bytes <= budget_bytes
-                              else (None, 0.0))
+                sol = solve_dp(model.problem) if model.floor_bytes <= budget_bytes else None
             except InfeasibleBudget:
                 sol = None
             if sol is None:
                 sol = min_peak(model.problem)
-                extra = sol.extra_ms + (measured.surcharge_ms(sol.choices) if measured is not None else 0.0)
                 feasible = False
             else:
                 feasible = True
             peak = max(model.floor_bytes, sol.peak_bytes)
-            cand = Candidate(p, s, sol, peak, fixed_ms + extra * scale, base_ms, exposed, tuple(names), ps,
+            cand = Candidate(p, s, sol, peak, fixed_ms + sol.extra_ms * scale, base_ms, exposed, tuple(names), ps,
                              offload=o, host_copy_ms=copies, cpu_step_ms=cpu_step, host_bytes=host_peak)
             candidates.append((feasible and peak <= budget_bytes, cand, model))
 

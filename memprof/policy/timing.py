@@ -5,8 +5,7 @@ and on the last unit alone, each in pairs with the plain step. The resulting :cl
 last unit what it measured alone (its recomputation runs first in backward, at the step's highest footprint)
 and share the rest of the every-unit time among the other units in proportion to the profile's modelled
 costs, so costs stay additive and the solver exact (results/checkpoint-costs.json checks the model on the
-demo GPT's blocks). ``first_unit_ms``, a once-per-mode surcharge, is honoured by the planner when given by
-hand; :func:`measure_costs` leaves it empty. :func:`time_overhead` times a plan against the plain step (ABBA
+demo GPT's blocks). :func:`time_overhead` times a plan against the plain step (ABBA
 pairs); :func:`verify_overheads` times cost configurations and plans in the same rounds, and
 :func:`predicted_overhead` gives what a set of costs predicts for a plan, as the planner computes it. Timing
 can be asked for a precision (``stderr``: pairs are added until the median paired ratio's standard error is
@@ -46,13 +45,7 @@ class OptionCosts:
     base_step_ms: float
     extra_ms: dict = field(default_factory=dict)  # mode -> {unit: ms}
     reps: int = 0
-    first_unit_ms: dict = field(default_factory=dict)  # mode -> ms paid once when any unit uses it (by hand)
     pairs: dict = field(default_factory=dict)  # configuration ("full", "full@1", ...) -> (pairs timed, stderr)
-
-    def surcharge_ms(self, choices) -> float:
-        """The once-per-mode part of the cost of a set of per-unit choices."""
-        used = set(choices)
-        return sum(ms for mode, ms in self.first_unit_ms.items() if mode in used)
 
 
 def _timed(step, plan, model) -> float:
@@ -189,7 +182,7 @@ def _fit(names, modes, model_costs, ratios: dict, base_ms: float, reps: int, pai
         rest = total - alone
         extra[mode] = {u: rest * (weights[u] / wsum if wsum else 1.0 / len(others)) for u in others}
         extra[mode][last] = alone
-    return OptionCosts(base_ms, extra, reps, {}, pairs)
+    return OptionCosts(base_ms, extra, reps, pairs)
 
 
 def _warm(model, step, plans) -> None:
@@ -248,11 +241,10 @@ def cpu_allocator_note() -> str | None:
 
 def predicted_overhead(costs: OptionCosts, plan) -> float:
     """The overhead ``costs`` predict for ``plan``'s checkpointing (fp32, unsharded, as the planner models a
-    plan made with these costs): the per-unit extra times of its checkpointed units plus the surcharge of
-    each mode it uses, over the untracked step time."""
-    modes = [c.mode for c in plan.checkpoint]
+    plan made with these costs): the per-unit extra times of its checkpointed units over the untracked
+    step time."""
     extra = sum(costs.extra_ms.get(c.mode, {}).get(c.unit, 0.0) for c in plan.checkpoint if c.mode != "keep")
-    return (extra + costs.surcharge_ms(modes)) / costs.base_step_ms
+    return extra / costs.base_step_ms
 
 
 def _rounds(model, step, plans: dict, reps: int, stderr: float | None, max_reps: int | None):
