@@ -11,7 +11,7 @@ How bytes are counted
     * A ``weakref`` callback on the storage records its free at the moment the allocator frees it.
     * In-place resizes (FSDP's ``UntypedStorage.resize_``, ``aten.resize_``) are followed: the tracker patches
       ``UntypedStorage.resize_`` while it runs and in-place ops' outputs are re-measured.
-    * CUDA storages are counted as the caching allocator rounds them (multiples of 512 bytes).
+    * CUDA storages are counted as the caching allocator rounds them (:mod:`.cuda_blocks`).
     * Memory an op allocates and frees inside itself (oneDNN scratch, matmul packing buffers) is invisible
       to dispatch; :mod:`memprof.tracking.scratch` measures it from the allocator and the ledger records it as
       a momentary ``temporary`` spike at that op.
@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 
 from . import interrupts as _interrupts
 from .categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
+from .cuda_blocks import cuda_block_bytes
 from .native import device_name as _native_device_name
 
 __all__ = ["StorageRecord", "ModuleNode", "PatternRun", "Ledger", "expand_pattern_runs", "real_tensors"]
@@ -217,7 +218,7 @@ class Ledger(TorchDispatchMode):
         self.timer = timer
         self.devices: dict[str, int] = {}  # device string -> index into device_names
         self.device_names: list[str] = []
-        self._dev_cache: dict = {}  # torch.device -> (device index, rounds to 512)
+        self._dev_cache: dict = {}  # torch.device -> device index (negative where sizes round: _device_named)
         self._kind: dict = {}  # op -> (kind, callable): see _classify
         self._opname: dict = {}
         self._on_free = self._free  # one bound method for every storage's weakref (dropped by detach_all)
@@ -370,7 +371,7 @@ class Ledger(TorchDispatchMode):
                 dev = self._device(t.device)
             nb = s.nbytes()
             if dev < 0 and nb:
-                nb = (nb + 511) // 512 * 512
+                nb = cuda_block_bytes(nb)
             node = self.cur
             rec = StorageRecord(nb, ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY),
                                 node, phase, self.phase_id, func, t.shape, t.dtype, dev, "")
@@ -388,7 +389,7 @@ class Ledger(TorchDispatchMode):
         elif kind == _INPLACE:
             nb = s.nbytes()
             if rec.device < 0 and nb:  # device index stored negative when rounding applies
-                nb = (nb + 511) // 512 * 512
+                nb = cuda_block_bytes(nb)
             if nb != rec.nbytes:
                 self._resized(rec, nb)
 
@@ -421,7 +422,7 @@ class Ledger(TorchDispatchMode):
         dev = self._device(device)
         nb = s.nbytes()
         if dev < 0 and nb:
-            nb = (nb + 511) // 512 * 512
+            nb = cuda_block_bytes(nb)
         rec = StorageRecord(nb, cat, self.cur, self.phase, self.phase_id, op, shape, dtype, dev, label)
         key = id(s)
         ref = rec.ref = _FreeRef(s, self._on_free)
@@ -476,7 +477,7 @@ class Ledger(TorchDispatchMode):
                 self.events.append((rec, rec.nbytes))
             return
         if rec.device < 0 and nb:
-            nb = (nb + 511) // 512 * 512
+            nb = cuda_block_bytes(nb)
         if nb != rec.nbytes:
             self._resized(rec, nb)
 
@@ -749,7 +750,7 @@ class Ledger(TorchDispatchMode):
             return None
         nb = s.nbytes()
         if rec.device < 0 and nb:
-            nb = (nb + 511) // 512 * 512
+            nb = cuda_block_bytes(nb)
         if nb != rec.nbytes:
             self._resized(rec, nb)
         rec.cat, rec.label, rec.shape, rec.dtype = cat, label, shape, dtype
