@@ -2,7 +2,8 @@
 
 This is the hottest code in memprof: it runs on every aten op of the tracked step. It only appends to an
 event log and keeps a running total; everything else (peaks, samples, per-module statistics) is computed
-from the log once per step by :mod:`memprof.tracking.replay`.
+from the log once per step by :mod:`memprof.tracking.replay`. The running totals (:attr:`Ledger.total`,
+:attr:`Ledger.host`) change in one place, :meth:`Ledger._add`, which also logs the change.
 
 How bytes are counted
     * A storage is keyed by its Python ``UntypedStorage`` object (``id``), which PyTorch keeps unique per
@@ -202,7 +203,7 @@ class Ledger(TorchDispatchMode):
         self.events: list = []
         self.prelude: list = []
         self.marks: list = []
-        self.total = 0
+        self.total = 0  # bytes counted now (changed by _add alone)
         self.host = 0  # bytes of self.total on devices the CUDA allocator does not hold (the host's)
         self.accel = False  # a CUDA device is in use: the device-memory limit counts its bytes alone
         self.op_clock = 0.0  # seconds of op time spent in forward phases so far
@@ -250,6 +251,7 @@ class Ledger(TorchDispatchMode):
             entry = self._classify(func)
         kind, run = entry
         live = self.live
+        excess = 0
         if kind == _ALIAS and not self._cal_views:
             t0 = perf_counter()
             out = run(*args, **kwargs)
@@ -270,30 +272,27 @@ class Ledger(TorchDispatchMode):
                 self.overhead += perf_counter() - t_in - dt
                 return out
             self._found_input(args[0], func)  # a tuple of views (split) or a tensor subclass
-            return self._outputs(func, kind, out, 0, None, dt, t_in)
-        if kind == _LIFT:
-            kind = _FRESH
         else:
-            for a in args:  # inputs never seen before were live before the step (a loss target, a cache)
-                if isinstance(a, _Tensor):
-                    if id(a.untyped_storage()) not in live:
-                        self._found_input(a, func)
-                elif type(a) is list or type(a) is tuple:
-                    for x in a:
-                        if isinstance(x, _Tensor) and id(x.untyped_storage()) not in live:
-                            self._found_input(x, func)
-        cal = self.calibrator
-        t0 = perf_counter()
-        if cal is not None and (kind != _VIEW or self._cal_views):
-            out, excess, excess_device = cal.call(func, args, kwargs)
-        else:
-            out = run(*args, **kwargs)
-            excess = 0
-        dt = perf_counter() - t0
-        return self._outputs(func, kind, out, excess, excess_device if excess else None, dt, t_in)
-
-    def _outputs(self, func, kind, out, excess, excess_device, dt, t_in):
-        """The per-op path after the op ran: its outputs, scratch, op time and the device-memory limit."""
+            if kind == _LIFT:
+                kind = _FRESH
+            else:
+                for a in args:  # inputs never seen before were live before the step (a loss target, a cache)
+                    if isinstance(a, _Tensor):
+                        if id(a.untyped_storage()) not in live:
+                            self._found_input(a, func)
+                    elif type(a) is list or type(a) is tuple:
+                        for x in a:
+                            if isinstance(x, _Tensor) and id(x.untyped_storage()) not in live:
+                                self._found_input(x, func)
+            cal = self.calibrator
+            t0 = perf_counter()
+            if cal is not None and (kind != _VIEW or self._cal_views):
+                out, excess, excess_device = cal.call(func, args, kwargs)
+            else:
+                out = run(*args, **kwargs)
+            dt = perf_counter() - t0
+        # After the op ran (here rather than in a method: one Python call fewer per op): its outputs, scratch,
+        # op time and the device-memory limit.
         forward = self.phase == FORWARD
         if forward:
             self.op_clock += dt
@@ -379,10 +378,7 @@ class Ledger(TorchDispatchMode):
             ref = rec.ref = _FreeRef(s, self._on_free)
             ref.key = key
             live[key] = rec
-            self.total += nb
-            if dev >= 0:
-                self.host += nb
-            self.events.append((rec, nb))
+            self._add(rec, nb, self.events)
             if phase == FORWARD and node is not None:
                 name = self._opname.get(func) or self._name_op(func)
                 node.op_bytes[name] = node.op_bytes.get(name, 0) + nb
@@ -394,6 +390,22 @@ class Ledger(TorchDispatchMode):
                 self._resized(rec, nb)
 
     # ------------------------------------------------------------------------------------ bookkeeping --
+    def _add(self, rec, delta, log, freed=False) -> None:
+        """The one place the running totals change: by ``delta`` bytes of ``rec`` (made, freed, resized, set
+        aside), logged as ``(rec, delta)`` in ``log`` (the step's ``events`` or ``prelude``; None: not logged).
+        ``freed``: its storage was freed (nothing is logged for no bytes), and a record freed in the phase it
+        was made in becomes a temporary. Runs for every new storage and every free: kept to arithmetic."""
+        if freed:
+            if rec.phase_id == self.phase_id and (rec.cat == ACTIVATION or rec.cat == OTHER):
+                rec.cat = TEMPORARY
+            if not delta:
+                return
+        self.total += delta
+        if rec.device >= 0:
+            self.host += delta
+        if log is not None:
+            log.append((rec, delta))
+
     def _device(self, d: torch.device) -> int:
         entry = self._dev_cache.get(d)
         if entry is None:
@@ -418,7 +430,8 @@ class Ledger(TorchDispatchMode):
         # Encode "rounds to 512" in the sign so the per-op path needs one attribute: -(idx+1) rounds.
         return -(idx + 1) if name.startswith("cuda") else idx
 
-    def _new_record(self, s, device, shape, dtype, cat, op, label=""):
+    def _new_record(self, s, device, shape, dtype, cat, op, label, log):
+        """A record for storage ``s``, followed from now and counted in ``log``."""
         dev = self._device(device)
         nb = s.nbytes()
         if dev < 0 and nb:
@@ -428,9 +441,7 @@ class Ledger(TorchDispatchMode):
         ref = rec.ref = _FreeRef(s, self._on_free)
         ref.key = key
         self.live[key] = rec
-        self.total += nb
-        if dev >= 0:
-            self.host += nb
+        self._add(rec, nb, log)
         return rec
 
     def found(self, s, t, cat, op=None, label="", node=None, now=False) -> StorageRecord:
@@ -446,24 +457,17 @@ class Ledger(TorchDispatchMode):
             rec = self.claim(s, t.shape, t.dtype, cat, label, node)
             if rec is not None:
                 return rec
-        rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op, label)
+        rec = self._new_record(s, t.device, t.shape, t.dtype, cat, op, label, self.events if now else self.prelude)
         rec.phase = OTHER_PHASE
         rec.phase_id = -1
         if node is not None:
             rec.node = node
-        if now:
-            self.events.append((rec, rec.nbytes))
-        else:
-            self.prelude.append((rec, rec.nbytes))
         return rec
 
     def _resized(self, rec, nb) -> None:
         delta = nb - rec.nbytes
         rec.nbytes = nb
-        self.total += delta
-        if rec.device >= 0:
-            self.host += delta
-        self.events.append((rec, delta))
+        self._add(rec, delta, self.events)
 
     def storage_resized(self, s) -> None:
         """Called after ``UntypedStorage.resize_`` (patched while tracking)."""
@@ -471,10 +475,7 @@ class Ledger(TorchDispatchMode):
         nb = s.nbytes()
         if rec is None:
             if nb:
-                phase = self.phase
-                cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
-                rec = self._new_record(s, s.device, (nb,), torch.uint8, cat, None)
-                self.events.append((rec, rec.nbytes))
+                self._new_record(s, s.device, (nb,), torch.uint8, self.new_category(), None, "", self.events)
             return
         if rec.device < 0 and nb:
             nb = cuda_block_bytes(nb)
@@ -501,43 +502,30 @@ class Ledger(TorchDispatchMode):
             if rec is None:
                 return
             rec.ref = None
-            self._log_free(rec)
+            self._add(rec, -rec.nbytes, self.events, True)  # freed (positional: the cheaper call)
             self.overhead += perf_counter() - t_in
         except (KeyboardInterrupt, SystemExit) as e:
             _interrupts.defer_exception(e)
 
-    def _log_free(self, rec) -> None:
-        n = rec.nbytes
-        if n:
-            self.total -= n
-            if rec.device >= 0:
-                self.host -= n
-            self.events.append((rec, -n))
-        if rec.phase_id == self.phase_id and (rec.cat == ACTIVATION or rec.cat == OTHER):
-            rec.cat = TEMPORARY
-
     def _spike(self, excess, func, device) -> None:
-        """Memory an op used inside itself: up and down again at this op."""
+        """Memory an op used inside itself: up and down again at this op, checked against the device-memory
+        limit while up."""
         dev = self._device(device)
-        rec = StorageRecord(excess, TEMPORARY, self.cur, self.phase, self.phase_id, func, (), None, dev,
-                            "workspace")
-        self.events.append((rec, excess))
-        self.events.append((rec, -excess))
-        counted = 0 if (dev >= 0 and self.accel) else excess
-        if self.limit_bytes is not None and self.limited_total() + counted > self.limit_bytes:
-            self.total += excess
-            self.host += excess if dev >= 0 else 0
-            try:
+        rec = StorageRecord(excess, TEMPORARY, self.cur, self.phase, self.phase_id, func, (), None, dev, "workspace")
+        events = self.events
+        self._add(rec, excess, events)
+        try:
+            if self.limit_bytes is not None and self.limited_total() > self.limit_bytes:
                 self.on_limit(func)
-            finally:
-                self.total -= excess
-                self.host -= excess if dev >= 0 else 0
+        finally:
+            self._add(rec, -excess, events)
 
     def replay_pattern(self, pattern) -> None:
         """Log a recorded optimizer step's births and frees (see :mod:`.optpattern`) as if its ops ran.
 
         One placeholder event stands for them during the step (a steady AdamW step of GPT-2 small is about
-        1,300 events); :func:`expand_pattern_runs` puts them in its place before the step is replayed."""
+        1,300 events); :func:`expand_pattern_runs` puts them in its place before the step is replayed. The
+        running totals do not follow them (the limit is not rehearsed with a replayed step)."""
         devices = {name: self._device_named(name) for name in pattern.device_names}
         self.events.append((PatternRun(pattern, self.phase, self.phase_id, devices), 0))
 
@@ -588,7 +576,7 @@ class Ledger(TorchDispatchMode):
                 if d and id(rec) in ids:
                     log[i] = (rec, 0)
                     moved.append((rec, d))
-                    self.total -= d
+                    self._add(rec, -d, None)
         index = self._device_named(device)
         for rec in records:
             rec.device = index
@@ -642,7 +630,7 @@ class Ledger(TorchDispatchMode):
                 if type(rec) is tuple:
                     self.marks.append((len(self.events), *rec[:5]))
                 else:
-                    self._log_free(rec)
+                    self._add(rec, -rec.nbytes, self.events, freed=True)
             self._pending = []
             self.recorder = None
             self._read = 0
@@ -676,7 +664,7 @@ class Ledger(TorchDispatchMode):
                     self.marks.append((len(self.events), *rec[:5]))
                     self._seg = (rec[3], rec[5], rec[4], rec[6])
                 else:
-                    self._log_free(rec)
+                    self._add(rec, -rec.nbytes, self.events, freed=True)
                 upto = pending[i + 1][0] if i + 1 < len(pending) else self._read
                 self._log_recorded(raw[3 * max(0, at - first):3 * max(0, upto - first)])
         else:
@@ -684,15 +672,14 @@ class Ledger(TorchDispatchMode):
 
     def _log_recorded(self, raw: list) -> None:
         """Log recorder events (flat: pointer, bytes, device code, ...) in the phase and module they
-        happened in (:attr:`_seg`). The hot path of a recorded backward (thousands of events a step): totals
-        kept in locals, one device lookup per code."""
+        happened in (:attr:`_seg`). The hot path of a recorded backward (thousands of events a step): one
+        device lookup per code."""
         if not raw:
             return
-        anon, append, pop = self.anon, self.events.append, self.anon.pop
+        anon, pop, add, events = self.anon, self.anon.pop, self._add, self.events
         phase, pid, node, clock = self._seg
         cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
         devices: dict = {}
-        total = host = 0
         it = iter(raw)
         for ptr, nb, code in zip(it, it, it):
             if nb > 0:
@@ -702,21 +689,12 @@ class Ledger(TorchDispatchMode):
                 rec = StorageRecord(nb, cat, node, phase, pid, None, (), None, dev, "")
                 rec.t = clock
                 anon[ptr] = rec
-                total += nb
-                if dev >= 0:
-                    host += nb
-                append((rec, nb))
+                add(rec, nb, events)
             elif nb < 0:
                 rec = pop(ptr, None)
                 if rec is None:  # a followed storage (its weakref logs it) or memory older than the recorder
                     continue
-                n = rec.nbytes
-                total -= n
-                if rec.device >= 0:
-                    host -= n
-                append((rec, -n))
-        self.total += total
-        self.host += host
+                add(rec, -rec.nbytes, events)
 
     def new_category(self) -> str:
         """The category of a storage made now: an activation in forward, else a temporary (other outside
