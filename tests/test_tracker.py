@@ -107,7 +107,7 @@ def test_untouched_live_memory_is_not_counted_but_touched_memory_is():
 
 
 def test_memory_first_seen_through_a_view_is_found_live_once():
-    # View ops take a short path (ledger._ALIAS): the viewed storage is found through the output, also for
+    # View ops take a short path (op_kinds.ALIAS): the viewed storage is found through the output, also for
     # ops returning several views (split), and labelled like any other storage met as an op's input.
     whole = torch.randn(1 << 16)
     parts = torch.randn(1 << 16)
