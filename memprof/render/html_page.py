@@ -15,6 +15,7 @@ import html
 import os
 from pathlib import Path
 
+from ..files import atomic_write_text
 from ..profiles import Profile
 from ..tracking.categories import CATEGORIES
 from ..units import format_bytes
@@ -125,8 +126,6 @@ def html_report(prof: Profile, path: str | os.PathLike = "report.html", top: int
     No external resources (fonts, scripts, styles): it opens offline. ``top``/``depth`` apply to the module
     figure; the module table lists every module. ``path`` is a file or an existing folder for ``report.html``.
     """
-    from ..files import atomic_write_text
-
     out = out_path(path, "report.html")
     t_uri = _png_data_uri(timeline_figure(timeline_data(prof)))
     m_uri = _png_data_uri(modules_figure(modules_data(prof, top=top, depth=depth)))

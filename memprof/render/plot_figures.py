@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from ..files import atomic_write_bytes
 from ..profiles import Profile
 from ..units import format_bytes
 from .plot_data import ModulesData, TimelineData, frontier_data, modules_data, plain, timeline_data
@@ -95,8 +96,6 @@ def png_bytes(fig) -> bytes:
 
 def _save(fig, path: Path) -> None:
     """The figure as PNG at ``path``, written atomically (rendered in memory first)."""
-    from ..files import atomic_write_bytes
-
     atomic_write_bytes(path, png_bytes(fig))
 
 
