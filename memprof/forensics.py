@@ -14,7 +14,10 @@ that held the largest live tensors, and those tensors themselves. Two sources:
 
 Known limits: per-module totals are sums over the largest live tensors the tracker kept (``top_tensors``,
 20 by default), not over everything live; memory an op allocates inside itself on CUDA is not in the
-partial profile of a real OOM. The library only returns text: the CLI prints it.
+partial profile of a real OOM. Three facts are read from text, as no structured field holds them: the
+rehearsed capacity from the profile's note, the op from a rehearsal's error message, and the requested
+amount from torch's CUDA error message. The library only returns text: the CLI prints it. Torch-free: a
+CUDA out-of-memory error is recognised only when torch is already imported (it raised the error).
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 from .categories import CATEGORIES
 from .errors import DeviceMemoryExceeded
 from .peak_words import shape_text
 from .profiles import Profile, TensorInfo
+from .render.tables import pct
 from .units import format_bytes
 
-__all__ = ["Moment", "OomCause", "failure_moment", "find_oom", "module_totals", "render_oom"]
+__all__ = ["Moment", "OomKind", "OomCause", "failure_moment", "find_oom", "module_totals", "render_oom"]
 
 
 def _is_torch_oom(error: BaseException) -> bool:
@@ -40,6 +45,8 @@ def _is_torch_oom(error: BaseException) -> bool:
     return torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
+# Read from text that no structured field holds (see the module's limits): the op in the tracker's
+# DeviceMemoryExceeded message, the amount in torch's CUDA error message, the limit in the tracker's note.
 _OP = re.compile(r" at (\S+) in ")
 _TRIED = re.compile(r"Tried to allocate ([0-9.]+ ?[KMGT]i?B)")
 _REHEARSED = re.compile(r"rehearsed device memory: (\d+) bytes")
@@ -56,12 +63,28 @@ _HINTS = {
 }
 
 
+class OomKind(str, Enum):
+    """Which error ran out of memory; compares equal to its value (``"rehearsal"``, ``"cuda"``, ``"other"``)."""
+
+    REHEARSAL = "rehearsal"  # the tracker's DeviceMemoryExceeded (a rehearsed device capacity)
+    CUDA = "cuda"  # torch's CUDA out-of-memory error
+    OTHER = "other"  # an error that is not an out-of-memory one, given to render_oom
+
+    __str__ = str.__str__  # the value, as StrEnum has it, also in f-strings
+    __format__ = str.__format__
+
+
 @dataclass(frozen=True)
 class OomCause:
-    """The out-of-memory error found in an exception's chain: ``kind`` is "rehearsal" or "cuda"."""
+    """The out-of-memory error found in an exception's chain and which :class:`OomKind` it is."""
 
-    kind: str
+    kind: OomKind
     error: BaseException
+
+    @property
+    def rehearsed(self) -> bool:
+        """True for the tracker's rehearsal (``device_memory=``), False for a real out-of-memory error."""
+        return self.kind == OomKind.REHEARSAL
 
 
 def find_oom(error: BaseException | None) -> OomCause | None:
@@ -74,9 +97,9 @@ def find_oom(error: BaseException | None) -> OomCause | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, DeviceMemoryExceeded):
-            found = OomCause("rehearsal", error)
+            found = OomCause(OomKind.REHEARSAL, error)
         elif _is_torch_oom(error):
-            found = OomCause("cuda", error)
+            found = OomCause(OomKind.CUDA, error)
         error = error.__cause__ or error.__context__
     return found
 
@@ -100,7 +123,7 @@ def _peak_moment(prof: Profile) -> Moment:
 def failure_moment(prof: Profile, cause: OomCause | None) -> Moment:
     """When memory ran out. A rehearsal stops at the partial profile's peak; a real error ends the run, so
     it is the highest point of the phase the timeline ends in (the peak itself when memory grew up to it)."""
-    if cause is None or cause.kind == "rehearsal" or not prof.timeline:
+    if cause is None or cause.kind == OomKind.REHEARSAL or not prof.timeline:
         return _peak_moment(prof)
     last = prof.timeline[-1]
     stretch = []
@@ -130,29 +153,25 @@ def _module_label(name: str, phase: str = "") -> str:
     return "optimizer.step() (no module)" if phase == "optimizer" else "(root)"
 
 
-def _pct(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else "-"
-
-
 def _capacity(prof: Profile, cause: OomCause | None, capacity_bytes: int | None) -> int | None:
     """The capacity that ran out: given, else the rehearsed one, else a CUDA device's own."""
     if capacity_bytes is not None:
         return capacity_bytes
-    if cause is None or cause.kind == "rehearsal":
+    if cause is None or cause.kind == OomKind.REHEARSAL:
         for note in prof.notes:
             m = _REHEARSED.search(note)
             if m:
                 return int(m.group(1))
-    if cause is not None and cause.kind == "cuda" and prof.environment.device.startswith("cuda"):
+    if cause is not None and cause.kind == OomKind.CUDA and prof.environment.device.startswith("cuda"):
         return prof.capacity_bytes
     return None
 
 
 def _title(cause: OomCause | None, capacity: int | None) -> str:
-    if cause is not None and cause.kind == "rehearsal":
+    if cause is not None and cause.kind == OomKind.REHEARSAL:
         size = f" of {format_bytes(capacity)}" if capacity is not None else ""
         return f"Out of memory (rehearsed device memory{size})"
-    if cause is not None and cause.kind == "cuda":
+    if cause is not None and cause.kind == OomKind.CUDA:
         return "Out of memory (CUDA)"
     return "Out of memory"
 
@@ -164,16 +183,16 @@ def _where(m: Moment) -> str:
 def _overview(prof: Profile, cause: OomCause | None, moment: Moment, capacity: int | None) -> list[tuple]:
     message = str(cause.error).strip() if cause is not None else ""
     where = _where(moment)
-    op = _OP.search(message) if cause is not None and cause.kind == "rehearsal" else None
+    op = _OP.search(message) if cause is not None and cause.kind == OomKind.REHEARSAL else None
     if op:
         where += f" (op {op.group(1)})"
     pairs = [("Where", where)]
-    if message and cause.kind != "rehearsal":
+    if message and cause.kind != OomKind.REHEARSAL:
         pairs.append(("Error", message.splitlines()[0]))
     live = f"{format_bytes(moment.total_bytes)} tracked"
     if capacity is not None:
         over = moment.total_bytes - capacity
-        live += f" of {format_bytes(capacity)} capacity ({_pct(moment.total_bytes, capacity)}"
+        live += f" of {format_bytes(capacity)} capacity ({pct(moment.total_bytes, capacity)}"
         live += f", over by {format_bytes(over)})" if over > 0 else ")"
     pairs.append(("Live", live))
     tried = _TRIED.search(message)
@@ -186,11 +205,11 @@ def _overview(prof: Profile, cause: OomCause | None, moment: Moment, capacity: i
 
 def _category_rows(m: Moment) -> list[tuple[str, str, str]]:
     cats = sorted(((c, b) for c, b in m.by_category.items() if b), key=lambda cb: -cb[1])
-    return [(c, format_bytes(b), _pct(b, m.total_bytes)) for c, b in cats]
+    return [(c, format_bytes(b), pct(b, m.total_bytes)) for c, b in cats]
 
 
 def _module_rows(prof: Profile, top: int) -> list[tuple[str, str, str, int]]:
-    return [(_module_label(m), format_bytes(b), _pct(b, prof.peak.bytes), n)
+    return [(_module_label(m), format_bytes(b), pct(b, prof.peak.bytes), n)
             for m, b, n in module_totals(prof.peak.tensors)[:top]]
 
 
@@ -207,7 +226,7 @@ def _hint(m: Moment) -> str | None:
     hint = _HINTS.get(top)
     if hint is None:
         return None
-    return f"Largest share: {top} ({_pct(cats[top], m.total_bytes)} of live memory). Try {hint}."
+    return f"Largest share: {top} ({pct(cats[top], m.total_bytes)} of live memory). Try {hint}."
 
 
 def _section(title: str, body: str) -> str:
@@ -223,7 +242,7 @@ def _tensor_sections(prof: Profile, at_failure: bool, top: int) -> list[str]:
     when = "at that moment" if at_failure else f"at the peak before ({_where(_peak_moment(prof))})"
     covered = sum(t.bytes for t in tensors)
     modules = (f"Top modules {when}: summed over the {len(tensors)} largest live tensors, "
-               f"{_pct(covered, prof.peak.bytes)} of live memory")
+               f"{pct(covered, prof.peak.bytes)} of live memory")
     return [
         _section(modules, tabulate(_module_rows(prof, top), ["module", "bytes", "share", "tensors"],
                                    colalign=("left", "right", "right", "right"), disable_numparse=True)),
@@ -249,7 +268,7 @@ def render_oom(prof: Profile, capacity_bytes: int | None = None, error: BaseExce
 
     cause = find_oom(error) if error is not None else None
     if error is not None and cause is None:
-        cause = OomCause("other", error)
+        cause = OomCause(OomKind.OTHER, error)
     moment = failure_moment(prof, cause)
     capacity = _capacity(prof, cause, capacity_bytes)
     title = _title(cause, capacity)

@@ -484,7 +484,7 @@ def run(target: str, args: Sequence[str] = (), *, module: bool = False, steps: i
                                        have={0: session.profile})
     return RunResult(
         exit_code=code, profile=session.profile, profile_path=session.profile_path, error=error,
-        rehearsed_oom=oom is not None and oom.kind == "rehearsal", out_of_memory=oom is not None,
+        rehearsed_oom=oom is not None and oom.rehearsed, out_of_memory=oom is not None,
         stderr_text=text, raised_at=_raised_at(error, tgt) if error is not None else "",
         save_error=session.save_error, rank=ranks[0] if ranks else None, world_size=ranks[1] if ranks else None,
         rank_profiles=rank_profiles,

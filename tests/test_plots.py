@@ -107,12 +107,12 @@ def test_capacity_line_is_drawn_when_capacity_is_near_the_peak(gpt_profile):
     cap = 3 * 1024**2
     data = plots.timeline_data(with_capacity(gpt_profile, cap))
     assert data.capacity_bytes == cap
-    assert _drawn_hlines(plots._timeline_figure(data)) == [cap]
+    assert _drawn_hlines(plots.timeline_figure(data)) == [cap]
 
 
 def test_capacity_far_above_the_peak_is_stated_not_drawn(gpt_profile):
     cap = 1000 * gpt_profile.peak_bytes
-    fig = plots._timeline_figure(plots.timeline_data(with_capacity(gpt_profile, cap)))
+    fig = plots.timeline_figure(plots.timeline_data(with_capacity(gpt_profile, cap)))
     assert _drawn_hlines(fig) == []
     assert "device capacity" in fig.axes[0].get_title(loc="right")
 

@@ -97,7 +97,7 @@ def test_module_names_with_dollar_signs_are_drawn_as_written(profile_data, tmp_p
     prof = memprof.load(_write(tmp_path, profile_data))
     for draw in (plots.timeline, plots.modules, plots.html_report):
         draw(prof, tmp_path / "out")  # ValueError from math text ("$x^$") before
-    fig = plots._modules_figure(plots.modules_data(prof))
+    fig = plots.modules_figure(plots.modules_data(prof))
     labels = [t for t in fig.axes[0].get_yticklabels()]
     shown = [matplotlib.text.Text._preprocess_math(t, t.get_text()) for t in labels]
     assert (name, False) in shown  # drawn as plain text, exactly as written
