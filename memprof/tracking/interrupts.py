@@ -49,7 +49,9 @@ __all__ = ["acquire", "release", "deliver", "pending", "pass_through", "defer_ex
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Modules whose code keeps tracker state consistent only if it runs to the end (a signal there is recorded).
 _DEFER_FILES = frozenset(os.path.join(_HERE, name) for name in (
-    "ledger.py", "tracker.py", "native.py", "scratch.py", "optpattern.py", "replay.py", "interrupts.py"))
+    "ledger.py", "tracker.py", "native.py", "scratch.py", "optpattern.py", "replay.py", "interrupts.py",
+    # the tracker's parts
+    "clock.py", "profile_builder.py"))
 _PASS: set = set()  # code objects under which the user's code runs and exceptions pass through
 
 pending = False  # something was recorded (read per op by the ledger: keep it a plain module attribute)

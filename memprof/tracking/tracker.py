@@ -36,12 +36,9 @@ per-module rows; with ``model=None`` only modules that run forward inside the bl
 from __future__ import annotations
 
 import datetime
-import platform
-import sys
 import threading
 import weakref
 from functools import partial
-from time import perf_counter
 
 import torch
 from torch.autograd.graph import register_multi_grad_hook
@@ -56,7 +53,6 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_leaves
 
-from .._version import __version__
 from ..errors import DeviceMemoryExceeded, MemprofError, TrackingError
 from ..structure import structure_hashes
 from ..units import format_bytes
@@ -65,7 +61,6 @@ from .categories import (
     ACTIVATION,
     BACKWARD,
     BUFFER,
-    CATEGORIES,
     FORWARD,
     GRAD,
     INPUT,
@@ -77,10 +72,12 @@ from .categories import (
     PHASES,
     TEMPORARY,
 )
-from .devices import CudaPeakFolder, cpu_name, cuda_available, cuda_device_facts, host_memory_bytes
+from .clock import Timer
+from .devices import CudaPeakFolder, cuda_available, cuda_device_facts
 from .exitguard import guard_distributed_exit
 from .ledger import Ledger, ModuleNode, expand_pattern_runs, real_tensors
-from .replay import Replay, downsample
+from .profile_builder import build_profile
+from .replay import Replay
 from .scratch import ScratchCalibrator
 
 __all__ = ["Tracker", "track"]
@@ -134,52 +131,6 @@ def _as_list(obj, kind, what):
                 f"{what} must be a {kind.__name__} (or a list of them), got {type(x).__module__}.{type(x).__name__}"
             )
     return items
-
-
-class _Timer:
-    """Wall clock on CPU; CUDA events when CUDA runs, so module times measure the GPU's work; or a given
-    clock (the estimator's modelled time)."""
-
-    def __init__(self, cuda: bool, clock=None) -> None:
-        self.cuda = cuda and clock is None
-        self.clock = clock or perf_counter
-        self.ledger = None  # wall-clock times leave out the time memprof itself spends (ledger.overhead)
-        self.corrected = clock is None
-        self._last = float("-inf")
-        self._streams: dict = {}  # (device, raw stream handle) -> torch.cuda.Stream
-
-    def _stream(self):
-        """The current CUDA stream, as ``torch.cuda.current_stream()`` gives it, without building a Stream
-        object for each of the hundreds of events a step records."""
-        try:
-            dev = torch._C._cuda_getDevice()
-            key = (dev, torch._C._cuda_getCurrentRawStream(dev))
-        except AttributeError:  # private API gone in some release: the public, slower way
-            return torch.cuda.current_stream()
-        stream = self._streams.get(key)
-        if stream is None:
-            stream = self._streams[key] = torch.cuda.current_stream(dev)
-        return stream
-
-    def __call__(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record(self._stream())
-            return ev
-        if self.corrected and self.ledger is not None:
-            # A hook's own time is subtracted when it ends, after marks it made: never step backwards.
-            self._last = max(self._last, self.clock() - self.ledger.overhead)
-            return self._last
-        return self.clock()
-
-    def bind(self, origin):
-        if not self.cuda:
-            return lambda t: t
-        return lambda t: origin.elapsed_time(t) / 1e3
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 class Tracker:
@@ -269,7 +220,7 @@ class Tracker:
             raise TrackingError("a Tracker can be started only once; make a new one")
         _refuse_nesting(self, "start")
         cuda = self._clock is None and cuda_available() and torch.cuda.is_initialized()
-        self._timer = _Timer(cuda, self._clock)
+        self._timer = Timer(cuda, self._clock)
         self._cuda_folder = CudaPeakFolder() if cuda else None
         if self._cuda_folder is not None:
             for i in range(torch.cuda.device_count()):
@@ -1125,176 +1076,11 @@ class Tracker:
             self._error = e
 
     def _build_profile(self):
-        from ..profiles import (
-            DeviceStats,
-            Environment,
-            ModuleStats,
-            PeakInfo,
-            Profile,
-            Sample,
-            StepStats,
-            TensorInfo,
-        )
-
-        rp = self.replay
-        led = self.ledger
-        dev_name = {}
-        for name, idx in led.devices.items():
-            dev_name[idx] = name
-            dev_name[-(idx + 1)] = name
-
-        def node_name(node):
-            return node.name if node is not None else ""
-
-        peak = rp.peak
-        tensors = []
-        for rec, b, c in peak["tensors"]:
-            label = rec.label or (f"{_op(rec.op)} output" if rec.op is not None else "")
-            if rec.label == "workspace":
-                label = f"{_op(rec.op)} workspace"
-            tensors.append(TensorInfo(
-                bytes=b, category=CATEGORIES[c], module=node_name(rec.node), phase=PHASES[rec.phase],
-                shape=tuple(int(x) for x in rec.shape), dtype=str(rec.dtype).replace("torch.", "") if rec.dtype else "",
-                device=dev_name.get(rec.device, "?"), label=label,
-            ))
-        by_dev: dict[str, int] = {}
-        for d, b in peak["by_device"].items():
-            by_dev[dev_name.get(d, "?")] = by_dev.get(dev_name.get(d, "?"), 0) + b
-        peak_info = PeakInfo(
-            bytes=peak["bytes"], step=peak["step"], phase=PHASES[peak["phase"]], module=node_name(peak["node"]),
-            by_category=dict(zip(CATEGORIES, peak["by_category"])), by_device=by_dev,
-            tensors=tuple(tensors), time_ms=peak["time_ms"],
-        )
-        steps = tuple(
-            StepStats(index=s["index"], peak_bytes=s["peak_bytes"],
-                      phase_peak_bytes={PHASES[p]: v for p, v in s["phase_peak_bytes"].items()},
-                      start_bytes=s["start_bytes"], end_bytes=s["end_bytes"], duration_ms=s["duration_ms"],
-                      micro_batches=s["micro_batches"])
-            for s in rp.steps
-        )
-        modules = self._module_stats(ModuleStats)
-        peak_sample = None
-        samples = []
-        for i, (index, t_ms, step, phase, node, total, cats) in enumerate(rp.samples):
-            samples.append((index, t_ms, step, phase, node_name(node), total, cats))
-            if peak_sample is None and total == peak["bytes"]:
-                peak_sample = i
-        phase_changes = {i for i in range(1, len(samples)) if samples[i][3] != samples[i - 1][3]}
-        keep = {peak_sample} if peak_sample is not None else set()
-        if len(phase_changes) < self._max_samples // 2:
-            keep |= phase_changes
-        samples = downsample(samples, self._max_samples, keep)
-        timeline = tuple(Sample(i, t, s, PHASES[p], m, tot, tuple(c)) for i, t, s, p, m, tot, c in samples)
-
-        devices = []
-        env_device, env_name, env_cap = "cpu", cpu_name(), host_memory_bytes()
-        for name, idx in led.devices.items():
-            peak_b = max(rp.dev_peak.get(idx, 0), rp.dev_peak.get(-(idx + 1), 0))
-            kw = {}
-            facts = self._cuda_facts.get(name)
-            if facts is not None:
-                kw.update(name=facts["name"], capacity_bytes=facts["capacity_bytes"],
-                          nvml_total_bytes=facts.get("nvml_total_bytes"), nvml_used_bytes=facts.get("nvml_used_bytes"))
-                alloc = facts.get("allocator")
-                if alloc is not None:
-                    kw["allocator"] = alloc
-                    if alloc.get("reserved_peak"):
-                        kw["fragmentation"] = 1.0 - alloc["allocated_peak"] / alloc["reserved_peak"]
-                env_device, env_name, env_cap = name, facts["name"], facts["capacity_bytes"]
-            elif name == "cpu":
-                kw.update(name=cpu_name(), capacity_bytes=host_memory_bytes())
-            devices.append(DeviceStats(device=name, peak_bytes=peak_b, **kw))
-        env = dict(
-            memprof_version=__version__, torch_version=torch.__version__,
-            python_version=platform.python_version(), platform=f"{sys.platform}-{platform.machine()}",
-            created=self._created, device=env_device, device_name=env_name, device_capacity_bytes=env_cap,
-        )
-        env.update(self._dist_env)
-        env.update(self._environment)
-        notes = sorted(self._notes)
-        if self._replayed:
-            notes.append(f"{self._replayed} steady optimizer step(s) replayed from the allocation pattern recorded "
-                         "in an earlier step with the same optimizer signature (optimizer_replay=True)")
-        if self._device_memory is not None:
-            notes.append(f"rehearsed device memory: {self._device_memory} bytes")
-        return Profile(
-            environment=Environment(**env), peak=peak_info, steps=steps, modules=modules, timeline=timeline,
-            devices=tuple(devices), estimated=self._estimated, assumptions=self._assumptions, notes=tuple(notes),
-        )
-
-    def _module_stats(self, ModuleStats) -> dict:
-        from .replay import _stats
-
-        nodes = list(self.replay.nodes)
-        known = {id(n) for n in nodes}
-        for n in list(nodes):  # ancestors that made nothing themselves still belong to the tree
-            p = n.parent
-            while p is not None and id(p) not in known:
-                _stats(p)
-                nodes.append(p)
-                known.add(id(p))
-                p = p.parent
-        children: dict = {}
-        for n in nodes:
-            if n.parent is not None:
-                children.setdefault(id(n.parent), []).append(n)
-        inclusive: dict = {}
-
-        def subtree(n):
-            """Owned bytes (maxima of each module's own, summed), forward op times and op-made bytes per step,
-            over the subtree."""
-            if id(n) not in inclusive:
-                owned = list(n.stats.own_max)
-                ops = dict(_steady_mean_dict(n.stats.op_ms))
-                made = dict(_steady_mean_dict(n.stats.op_bytes))
-                for c in children.get(id(n), ()):
-                    c_owned, c_ops, c_made = subtree(c)
-                    owned = [a + b for a, b in zip(owned, c_owned)]
-                    for k, v in c_ops.items():
-                        ops[k] = ops.get(k, 0.0) + v
-                    for k, v in c_made.items():
-                        made[k] = made.get(k, 0.0) + v
-                inclusive[id(n)] = (owned, ops, made)
-            return inclusive[id(n)]
-
-        out = {}
-        for n in sorted(nodes, key=lambda n: _sort_key(n.name)):
-            st = n.stats
-            owned, ops, made = subtree(n)
-            per_call = max(1.0, _steady_mean(st.calls))  # calls in the steps ``made`` is averaged over
-            out[n.name] = ModuleStats(
-                name=n.name, type=n.type, param_bytes=owned[PARAM], buffer_bytes=owned[BUFFER],
-                grad_bytes=owned[GRAD], optimizer_bytes=owned[OPTIMIZER], activation_bytes=st.act,
-                forward_peak_bytes=st.fwd_peak, backward_peak_bytes=st.bwd_peak,
-                forward_ms=_steady_mean(st.fwd_ms), backward_ms=_steady_mean(st.bwd_ms),
-                calls=max(st.calls) if st.calls else 0, structure=n.structure, output_bytes=n.output_bytes,
-                recompute_fraction=n.recompute_fraction,
-                forward_entry_bytes=st.levels[0], backward_entry_bytes=st.levels[1], gap_peak_bytes=st.levels[2],
-                activation_by_op=dict(sorted(st.act_by_op.items(), key=lambda kv: -kv[1])),
-                forward_op_ms=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-                forward_op_bytes={k: int(round(v / per_call)) for k, v in sorted(made.items(), key=lambda kv: -kv[1])},
-            )
-        subtree = None  # a recursive closure refers to itself: free it now, not at the next full collection
-        return out
-
-
-def _steady(xs: list) -> list:
-    """Steps after the first when there are several (the first pays for warm-up and calibration)."""
-    return xs[1:] if len(xs) > 1 else xs
-
-
-def _steady_mean(xs: list) -> float:
-    xs = _steady(xs)
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def _steady_mean_dict(ds: list) -> dict:
-    ds = _steady(ds)
-    out: dict = {}
-    for d in ds:
-        for k, v in d.items():
-            out[k] = out.get(k, 0.0) + v / len(ds)
-    return out
+        return build_profile(
+            self.replay, self.ledger.devices, self._cuda_facts, created=self._created, dist_env=self._dist_env,
+            environment=self._environment, notes=self._notes, replayed_steps=self._replayed,
+            device_memory=self._device_memory, estimated=self._estimated, assumptions=self._assumptions,
+            max_samples=self._max_samples)
 
 
 def _pop(stack: list, node) -> bool:
@@ -1446,17 +1232,6 @@ def _sweep_later(handle, into_pre: bool) -> None:
             _sweep_later(mine, into_pre=not into_pre)
 
     own.append(register(sweep))
-
-
-def _sort_key(name: str):
-    return [int(p) if p.isdigit() else p for p in name.split(".")] if name else []
-
-
-def _op(op) -> str:
-    try:
-        return op.overloadpacket.__name__
-    except AttributeError:
-        return str(op)
 
 
 def track(model=None, optimizer=None, **kwargs) -> Tracker:
