@@ -187,7 +187,7 @@ def test_tracking_that_stops_inside_backward_leaves_no_trace(recorded):
 def test_module_boundaries_at_one_tensor_share_one_hook_and_give_the_same_profile(monkeypatch, recorded):
     """One output feeds the next module (and a module's input is its first child's): the tracker adds one
     gradient hook per such tensor, and the profile is the one a hook per module boundary gives."""
-    from memprof.tracking import tracker as tracker_mod
+    from memprof.tracking import boundaries as boundaries_mod
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
@@ -204,13 +204,13 @@ def test_module_boundaries_at_one_tensor_share_one_hook_and_give_the_same_profil
         model(x)
         # Hand count: x needs no gradient; 0's output (0's and 1's boundary), 1's output (1's and 2's), 2's
         # output (2's and the Sequential's): three tensors, two calls each.
-        assert sorted(len(h.calls) for h in tracker._grad_hooks.values()) == [2, 2, 2]
+        assert sorted(len(h.calls) for h in tracker._bounds.grad_hooks.values()) == [2, 2, 2]
     shared = _profile(step, model, opt)
 
     def one_hook_per_boundary(self, tensors, call, mode):
-        self._handles.append(tracker_mod._on_grads(tensors, call, mode))
+        self.handles.append(boundaries_mod.on_grads(tensors, call, mode))
 
-    monkeypatch.setattr(tracker_mod.Tracker, "_on_grads", one_hook_per_boundary)
+    monkeypatch.setattr(boundaries_mod.Boundaries, "on_grads", one_hook_per_boundary)
     separate = _profile(step, model, opt)
     assert len(recorded) == 4  # every backward ran on the recorder
     assert shared.peak_bytes == separate.peak_bytes

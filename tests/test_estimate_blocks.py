@@ -186,7 +186,7 @@ def test_blocks_must_be_auto_repeated_or_all():
 
 
 def test_sources_with_one_cache_key_estimate_each_configuration_once(monkeypatch):
-    import memprof.estimation.repeated as est
+    import memprof.estimation.sources as est
     from memprof.estimation.sources import EstimateSource
 
     calls = []

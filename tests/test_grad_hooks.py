@@ -1,4 +1,4 @@
-"""The backward-end signal of a module with several inputs (tracker._on_all_grads).
+"""The backward-end signal of a module with several inputs (boundaries.on_all_grads).
 
 ``register_multi_grad_hook(mode="all")`` keeps every input's gradient until the last one arrives; a tracker
 using it would hold memory the untracked step frees earlier. These tests check the signal and that no
@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from memprof.tracking.tracker import _on_all_grads
+from memprof.tracking.boundaries import on_all_grads
 
 
 class _Net(nn.Module):
@@ -42,13 +42,13 @@ def _run(register):
 
 
 def test_fires_once_after_all_gradients_and_keeps_none():
-    seen = _run(_on_all_grads)
+    seen = _run(on_all_grads)
     assert len(seen) == 1
     assert seen[0][1] is None  # b's gradient was freed when its producer ran, before a's arrived
 
 
 def test_torch_multi_grad_hook_would_have_kept_it():
-    # The reason for _on_all_grads: with torch's "all" hook, b's gradient is still alive at the end.
+    # The reason for on_all_grads: with torch's "all" hook, b's gradient is still alive at the end.
     seen = _run(lambda ts, fn: torch.autograd.graph.register_multi_grad_hook(ts, fn, mode="all"))
     assert len(seen) == 1
     assert isinstance(seen[0][1], torch.Tensor)
@@ -59,7 +59,7 @@ def test_only_the_gradients_this_backward_computes_are_waited_for():
     b = torch.randn(4, requires_grad=True)
     ya, yb = a * 2, b * 3
     calls = []
-    handle = _on_all_grads((ya, yb), lambda _g: calls.append(1))
+    handle = on_all_grads((ya, yb), lambda _g: calls.append(1))
     (ya.sum() + yb.sum()).backward(retain_graph=True)
     ya.sum().backward(inputs=[a], retain_graph=True)  # yb's gradient is not computed this time
     assert calls == [1, 1]

@@ -355,10 +355,10 @@ def test_steps_kept_and_replayed_at_the_end_give_the_step_by_step_profile(monkey
     # the profile is the one a replay after each step gives, per-op figures of each step included.
     import json
 
-    import memprof.tracking.tracker as tracker_mod
+    import memprof.tracking.phases as phases_mod
 
     def run(cap, name):
-        monkeypatch.setattr(tracker_mod, "_BACKLOG_EVENTS", cap)
+        monkeypatch.setattr(phases_mod, "BACKLOG_EVENTS", cap)
         torch.manual_seed(0)
         case = CASES["gpt"]()
         model, opt = case.model, make_optimizer("adamw", case.model.parameters())
@@ -403,7 +403,7 @@ def test_cuda_initialised_inside_the_block_switches_on_the_allocator_counters(mo
     # (No GPU here: fake CUDA tensors, and a stand-in for the counters that records what it is asked.)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import memprof.tracking.tracker as tracker_mod
+    import memprof.tracking.device_watch as device_watch_mod
 
     calls = []
 
@@ -418,14 +418,14 @@ def test_cuda_initialised_inside_the_block_switches_on_the_allocator_counters(mo
         def summary(self, index):
             return {}
 
-    monkeypatch.setattr(tracker_mod, "CudaPeakFolder", Folder)
-    monkeypatch.setattr(tracker_mod, "cuda_available", lambda: True)
-    monkeypatch.setattr(tracker_mod, "cuda_device_facts", lambda i: {"name": "fake GPU", "capacity_bytes": 1 << 30})
+    monkeypatch.setattr(device_watch_mod, "CudaPeakFolder", Folder)
+    monkeypatch.setattr(device_watch_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(device_watch_mod, "cuda_device_facts", lambda i: {"name": "fake GPU", "capacity_bytes": 1 << 30})
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with FakeTensorMode():
         with memprof.track() as tracker:
             a = torch.ones(256, 256)  # host memory: no CUDA yet
-            assert tracker._cuda_folder is None and not calls
+            assert tracker._devices.cuda_folder is None and not calls
             b = torch.ones(256, 256, device="cuda")
             c = b * 2
     assert calls[0] == ("start", 0)
@@ -442,7 +442,7 @@ def test_device_memory_limit_counts_the_cuda_device_alone(monkeypatch):
     # against the device limit. Fake CUDA tensors (no GPU here).
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import memprof.tracking.tracker as tracker_mod
+    import memprof.tracking.device_watch as device_watch_mod
 
     mib = 1 << 20
     with FakeTensorMode():
@@ -458,8 +458,8 @@ def test_device_memory_limit_counts_the_cuda_device_alone(monkeypatch):
         with memprof.track(device_memory=3 * mib, calibrate=False):
             torch.empty(4 * mib, dtype=torch.uint8)
     # ... and where CUDA is available, the GPU is the device from the start (a model built on the host first)
-    monkeypatch.setattr(tracker_mod, "cuda_available", lambda: True)
-    monkeypatch.setattr(tracker_mod.torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(device_watch_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(device_watch_mod.torch.cuda, "is_initialized", lambda: False)
     with memprof.track(device_memory=3 * mib, calibrate=False) as tracker:
         host = torch.empty(4 * mib, dtype=torch.uint8)
     assert tracker.profile.peak_bytes == 4 * mib  # not stopped: the host's bytes are not the device's

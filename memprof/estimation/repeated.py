@@ -42,8 +42,8 @@ import torch.nn as nn
 
 from ..categories import CATEGORIES
 from ..profiles import PeakInfo, Sample, StepStats
+from ..tracking.profile_builder import module_sort_key
 from ..tracking.replay import downsample
-from ..tracking.tracker import _sort_key
 from . import core
 from .blocks import MIN_UNITS, catalog_layers, full_structure, probe, repeated_blocks, with_layers
 
@@ -422,7 +422,7 @@ def _modules(short3, short4, d3: _Depth, d4: _Depth, full: _Depth, k: int, struc
             host = stats[1]  # the 4-unit run's block: first, last or first middle unit
             out[full.name(blk, rest)] = _module(full.name(blk, rest), stats, k, u,
                                                 host=(dict(host.forward_op_ms), host.recompute_fraction))
-    return {name: out[name] for name in sorted(out, key=_sort_key)}
+    return {name: out[name] for name in sorted(out, key=module_sort_key)}
 
 
 def _module(name: str, stats: list, k: int, u, structure: str | None = None, host=None):

@@ -50,7 +50,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # Modules whose code keeps tracker state consistent only if it runs to the end (a signal there is recorded).
 _DEFER_FILES = frozenset(os.path.join(_HERE, name) for name in (
     "ledger.py", "tracker.py", "native.py", "scratch.py", "optpattern.py", "replay.py", "interrupts.py",
-    "records.py", "recorded.py", "op_kinds.py", "cuda_blocks.py"))
+    "records.py", "recorded.py", "op_kinds.py", "cuda_blocks.py",
+    # the tracker's parts
+    "boundaries.py", "clock.py", "device_watch.py", "hierarchy.py", "optimizer_steps.py", "patches.py",
+    "phases.py", "profile_builder.py", "recorded_backward.py"))
 _PASS: set = set()  # code objects under which the user's code runs and exceptions pass through
 
 pending = False  # something was recorded (read per op by the ledger: keep it a plain module attribute)

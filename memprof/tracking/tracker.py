@@ -1,97 +1,61 @@
 """The Tracker: one tracking code path for ``memprof.track``, ``@memprof.profile`` and ``memprof run``.
 
-It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with module and optimizer hooks that tell it
-*where* each op runs:
+It combines the storage ledger (:mod:`.ledger`, a dispatch mode) with parts that tell it *where* each op
+runs, and wires them; each part's module says what it does and its limits:
 
-* global module forward pre/post hooks (or only the given model's modules) keep a forward module stack;
-* gradient hooks on each module's outputs ("any") and inputs ("all") mark its backward (for one tensor, a
-  pre-hook on the node that made it, shared by every module boundary at that tensor; see
-  ``Tracker._on_grads``), which unlike ``register_full_backward_hook`` is right for modules whose inputs
-  need no grad; modules whose backward never closes (embeddings, the first layer) are closed when the graph
-  task ends;
-* backward is detected per op from the autograd engine (``_current_graph_task_id``), so a loss computed
-  outside any module is attributed correctly;
-* on the host, backward runs with the ledger's mode popped and the C++ allocation recorder on
-  (``_run_backward``, patching ``torch.autograd._engine_run_backward`` while tracking): no Python per
-  backward op, every byte the allocator hands out (op scratch included) logged at module boundaries, the
-  gradients claimed by their parameters after the engine returns. Backward is dispatched per op instead on CUDA, with sharded
-  parameters (FSDP, DTensor), under torch.profiler or another mode, with a device-memory limit, in the
-  estimator, and after a backward whose memory outlived it in tensors the tracker cannot reach (noted);
-* global optimizer step pre/post hooks delimit the optimizer phase; a step ends at its optimizer step and
-  the next one starts at the next forward;
-* a parameter's ``.grad`` (born as a backward temporary) is relabelled ``grad`` after each backward
-  (``_label_grads``), or by a ``register_post_accumulate_grad_hook`` where backward runs per op from the
-  start; after each optimizer step its state tensors are relabelled ``optimizer``.
+* :mod:`.hierarchy`: the models met in the block as module trees, each parameter's owner, storage labels
+  (parameters, buffers, gradients, optimizer state);
+* :mod:`.boundaries`: global module forward pre/post hooks and gradient hooks on each module's outputs and
+  inputs keep the forward and backward module stacks;
+* :mod:`.phases`: the forward/backward/optimizer/other phases and the steps, and the finished steps' logs
+  kept for replay; backward is detected per op from the autograd engine, so a loss computed outside any
+  module is attributed correctly;
+* :mod:`.optimizer_steps`: global optimizer step hooks delimit the optimizer phase and steps; steady steps
+  are replayed from a recorded allocation pattern;
+* :mod:`.recorded_backward`: on the host, backward runs with the ledger's mode popped and the C++
+  allocation recorder on (no Python per backward op);
+* :mod:`.device_watch` and :mod:`.clock`: the CUDA allocator's counters, the rehearsed device limit, the
+  facts read at stop, and the clock of every mark;
+* :mod:`.patches`: the global hooks, the ``UntypedStorage.resize_`` and autograd-engine patches and the
+  mode, installed and undone as one unit;
+* :mod:`.profile_builder`: the profile, built from the replayed records on its first read.
 
-Leave no trace: every hook handle, the dispatch mode, the ``UntypedStorage.resize_`` and autograd-engine
-patches (each put back exactly as found) and every storage weakref are removed when tracking stops, also
-when the tracked block raises (including out of memory) or is interrupted: a signal that arrives while
-memprof's own code runs is raised at the next op or hook, at the latest once all of that is undone
-(:mod:`.interrupts`). One tracker runs at a time in a process: starting (or resuming) a second while one
-runs raises :class:`~memprof.errors.TrackingError` (a paused tracker lets another run). Known limits: modules run by ``torch.compile`` run eagerly under the dispatch mode (noted in the
-profile; dynamo is told never to compile the tracker's own frames); non-``nn.Module`` models get no
-per-module rows; with ``model=None`` only modules that run forward inside the block are found.
+Leave no trace: every hook handle, the dispatch mode, the patches (each put back exactly as found) and every
+storage weakref are removed when tracking stops, also when the tracked block raises (including out of
+memory) or is interrupted: a signal that arrives while memprof's own code runs is raised at the next op or
+hook, at the latest once all of that is undone (:mod:`.interrupts`). One tracker runs at a time in a
+process: starting (or resuming) a second while one runs raises :class:`~memprof.errors.TrackingError` (a
+paused tracker lets another run). Known limits: modules run by ``torch.compile`` run eagerly under the
+dispatch mode (noted in the profile; dynamo is told never to compile the ledger's frames); non-``nn.Module``
+models get no per-module rows; with ``model=None`` only modules that run forward inside the block are found.
 """
 
 from __future__ import annotations
 
 import datetime
-import platform
-import sys
-import threading
-import weakref
-from functools import partial
-from time import perf_counter
 
 import torch
-from torch.autograd.graph import register_multi_grad_hook
-from torch.nn.modules import module as _nn_module
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import (
-    _get_current_dispatch_mode,
-    _get_current_dispatch_mode_stack,
-    _pop_mode,
-    _push_mode,
-    is_traceable_wrapper_subclass,
-)
-from torch.utils._pytree import tree_leaves
 
-from .._version import __version__
-from ..categories import (
-    ACTIVATION,
-    BACKWARD,
-    BUFFER,
-    CATEGORIES,
-    FORWARD,
-    GRAD,
-    INPUT,
-    OPT_PHASE,
-    OPTIMIZER,
-    OTHER,
-    OTHER_PHASE,
-    PARAM,
-    PHASES,
-    TEMPORARY,
-)
-from ..errors import DeviceMemoryExceeded, MemprofError, TrackingError
-from ..structure import structure_hashes
-from ..units import format_bytes
-from . import interrupts, native, optpattern
-from .devices import CudaPeakFolder, cpu_name, cuda_available, cuda_device_facts, host_memory_bytes
+from ..errors import TrackingError
+from . import interrupts, native
+from .boundaries import Boundaries
+from .clock import Timer
+from .device_watch import DeviceWatch, cuda_in_use, start_peak_counters
 from .exitguard import guard_distributed_exit
-from .ledger import Ledger, ModuleNode, expand_pattern_runs, real_tensors
-from .replay import Replay, downsample
+from .hierarchy import ModuleTree
+from .ledger import Ledger
+from .optimizer_steps import OptimizerSteps
+from .patches import GlobalPatches
+from .phases import Phases, StepBacklog
+from .profile_builder import build_profile
+from .recorded_backward import RecordedBackward
+from .replay import Replay
 from .scratch import ScratchCalibrator
 
 __all__ = ["Tracker", "track"]
 
-_graph_task_id = torch._C._current_graph_task_id
-_Tensor = torch.Tensor
-_Parameter = torch.nn.Parameter
 _IDLE, _RUNNING, _PAUSED, _STOPPED = range(4)
-_BACKLOG_EVENTS = 200_000  # finished steps kept unreplayed up to this many ledger events (~100-200 bytes each)
 _installed: list = []  # the tracker whose hooks, patches and mode are installed now (trackers do not nest)
-_NO_ATTR = object()
 
 
 def _refuse_nesting(tracker, doing: str) -> None:
@@ -100,28 +64,6 @@ def _refuse_nesting(tracker, doing: str) -> None:
             f"cannot {doing} this tracker: another memprof tracker is running in this process, and trackers do "
             "not nest (both would patch the same global hooks). Stop the other one first, or track both "
             "parts of the code with one tracker")
-
-
-@interrupts.pass_through
-def _user_backward(engine, args, kwargs):
-    """Autograd's engine, run by the tracker: the user's backward (hooks, autograd Functions, recomputed
-    forwards) runs under this frame, and a signal there is raised at once (:mod:`.interrupts`)."""
-    return engine(*args, **kwargs)
-
-
-def _frozen(modules) -> bool:
-    """Whether a model (its ``named_modules()``) has parameters and none of them requires a gradient."""
-    params = [p for _, m in modules for p in m._parameters.values() if p is not None]
-    return bool(params) and not any(p.requires_grad for p in params)
-
-
-def _free_name(mod, frozen: bool, others) -> str:
-    taken = {n.name for _, n in others}
-    base = ("frozen-" if frozen else "") + type(mod).__name__
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}#{k}", k + 1
-    return name
 
 
 def _as_list(obj, kind, what):
@@ -134,52 +76,6 @@ def _as_list(obj, kind, what):
                 f"{what} must be a {kind.__name__} (or a list of them), got {type(x).__module__}.{type(x).__name__}"
             )
     return items
-
-
-class _Timer:
-    """Wall clock on CPU; CUDA events when CUDA runs, so module times measure the GPU's work; or a given
-    clock (the estimator's modelled time)."""
-
-    def __init__(self, cuda: bool, clock=None) -> None:
-        self.cuda = cuda and clock is None
-        self.clock = clock or perf_counter
-        self.ledger = None  # wall-clock times leave out the time memprof itself spends (ledger.overhead)
-        self.corrected = clock is None
-        self._last = float("-inf")
-        self._streams: dict = {}  # (device, raw stream handle) -> torch.cuda.Stream
-
-    def _stream(self):
-        """The current CUDA stream, as ``torch.cuda.current_stream()`` gives it, without building a Stream
-        object for each of the hundreds of events a step records."""
-        try:
-            dev = torch._C._cuda_getDevice()
-            key = (dev, torch._C._cuda_getCurrentRawStream(dev))
-        except AttributeError:  # private API gone in some release: the public, slower way
-            return torch.cuda.current_stream()
-        stream = self._streams.get(key)
-        if stream is None:
-            stream = self._streams[key] = torch.cuda.current_stream(dev)
-        return stream
-
-    def __call__(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record(self._stream())
-            return ev
-        if self.corrected and self.ledger is not None:
-            # A hook's own time is subtracted when it ends, after marks it made: never step backwards.
-            self._last = max(self._last, self.clock() - self.ledger.overhead)
-            return self._last
-        return self.clock()
-
-    def bind(self, origin):
-        if not self.cuda:
-            return lambda t: t
-        return lambda t: origin.elapsed_time(t) / 1e3
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 class Tracker:
@@ -230,14 +126,12 @@ class Tracker:
         self._optimizer_replay = (optimizer_replay and isinstance(calibrate, bool) and device_memory is None
                                   and not estimated)
         self._state = _IDLE
+        self._parts: tuple = ()  # the parts whose hooks check ``running`` (set in start)
         self._profile = None
         self._pending = None  # what stop() kept for building the profile on first read
-        self._cuda_facts: dict = {}  # CUDA device name -> facts read at stop (see _read_cuda_facts)
-        self._backlog: list = []  # finished steps not replayed yet (see _replay_backlog)
-        self._backlog_events = 0
+        self._cuda_facts: dict = {}  # CUDA device name -> facts read at stop (see DeviceWatch.read_cuda_facts)
         self._dist_env: dict = {}  # world size and rank when tracking stopped under torch.distributed
         self._error: BaseException | None = None
-        self._limit_exc: DeviceMemoryExceeded | None = None
         self._guarded = False  # holds the signal-handler wrappers of .interrupts (from start to stop)
 
     # ------------------------------------------------------------------------------------- lifecycle --
@@ -268,66 +162,50 @@ class Tracker:
         if self._state != _IDLE:
             raise TrackingError("a Tracker can be started only once; make a new one")
         _refuse_nesting(self, "start")
-        cuda = self._clock is None and cuda_available() and torch.cuda.is_initialized()
-        self._timer = _Timer(cuda, self._clock)
-        self._cuda_folder = CudaPeakFolder() if cuda else None
-        if self._cuda_folder is not None:
-            for i in range(torch.cuda.device_count()):
-                self._cuda_folder.start(i)
+        cuda = cuda_in_use(self._clock)
+        timer = self._timer = Timer(cuda, self._clock)
+        cuda_folder = start_peak_counters() if cuda else None
         if self._calibrate is True:
-            calibrator = ScratchCalibrator(self._cuda_folder)
+            calibrator = ScratchCalibrator(cuda_folder)
         else:
             calibrator = self._calibrate or None
-        self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, on_limit=self._over_limit,
-                             on_backward=self._enter_backward, timer=self._timer, device_as=self._device_as,
-                             on_new_device=self._new_device)
-        self._timer.ledger = self.ledger
-        # On a machine with a GPU the rehearsed device is the GPU, also before the block's first CUDA tensor
-        # (a model built on the host and moved): host storages never count against the limit there.
-        self.ledger.accel = self._clock is None and not self._estimated and cuda_available()
-        # Backward on the allocation recorder (see _run_backward): the host's allocator only, and only where
+        led = self.ledger = Ledger(calibrator=calibrator, limit_bytes=self._device_memory, timer=timer,
+                                   device_as=self._device_as)
+        timer.ledger = led
+        notes = self._notes = set()
+        handles = self._handles = []  # per-run hook handles (grad-accumulate, gradient boundaries)
+        t0 = timer()
+        self.replay = Replay(t0, timer.bind(t0), self._top_k)
+        self._backlog = StepBacklog(self.replay, timer, led, notes, each=self._estimated)
+        phases = self._phases = Phases(led, timer, self._backlog, steps_limit=self._steps_limit, t0=t0)
+        devices = self._devices = DeviceWatch(led, notes, phases, cuda_folder=cuda_folder,
+                                              device_memory=self._device_memory, clock=self._clock,
+                                              estimated=self._estimated)
+        # Backward on the allocation recorder (see RecordedBackward): the host's allocator only, and only where
         # the ledger would measure op scratch anyway (the recorder sees it) and rehearses no device limit.
-        self._backward_on_recorder = (self._calibrate is True and self._device_memory is None
-                                      and not self._estimated and not self._device_as and not self.ledger.accel
-                                      and native.available())
-        own = self.ledger.own_time
-        self._hook_fw_pre, self._hook_fw_post = own(self._fw_pre), own(self._fw_post)
-        self._hook_opt_pre, self._hook_opt_post = own(self._opt_pre), own(self._opt_post)
-        self._hook_grad = own(self._grad_accumulated)
-        self._hook_bw_pre, self._hook_bw_post = own(self._bw_pre), own(self._bw_post)
-        self._nodes: dict = {}  # module -> ModuleNode
-        self._roots: list = []  # (module, node)
-        self._owner: dict = {}  # parameter -> (node, name)
-        self._known_optimizers: list = []
-        self._handles: list = []  # per-run hook handles (grad-accumulate, multi-grad)
-        self._unhooked: list = []  # parameters whose gradients _run_backward labels (no accumulate hook)
-        self._grad_hooks: dict = {}  # id(tensor) -> _GradHooks, for the forward running now
-        self._fstack: list = []
-        self._bstack: list = []
-        self._after_opt = False
-        self._opt_in_step: list = []
-        self._opt_order: list | None = None
-        self._stop_at_next = False
-        self._in_opt_post = False
-        self._skipping = None  # the optimizer whose step runs without the ledger (replayed pattern)
-        self._replayed = 0
-        self._opt_active = None  # (optimizer, has a closure) while its step runs
-        self._opt_nested = 0  # optimizer steps running inside it
-        self._recording = None  # (optimizer, signature, events index, phase id, prelude/marks lengths)
-        self._step_index = 0
-        self._notes: set[str] = set()
-        self._t0 = self._timer()
-        self._step_t0 = self._t0
-        self.replay = Replay(self._t0, self._timer.bind(self._t0), self._top_k)
+        on_recorder = (self._calibrate is True and self._device_memory is None and not self._estimated
+                       and not self._device_as and not led.accel and native.available())
+        backward = self._backward = RecordedBackward(led, notes, on_recorder)
+        tree = self._tree = ModuleTree(led, notes, handles, backward)
+        bounds = self._bounds = Boundaries(led, tree, handles, self._models)
+        steps = self._steps = OptimizerSteps(led, notes, self._optimizers, replay=self._optimizer_replay,
+                                             context=self._replay_context)
+        phases.connect(bounds, tree.nodes, self.stop)
+        bounds.connect(phases, steps)
+        steps.connect(bounds, tree, phases, self.stop)
+        backward.connect(tree, phases, steps)
+        led.on_limit, led.on_backward, led.on_new_device = devices.over_limit, phases.enter_backward, devices.new_device
+        self._parts = (tree, bounds, phases, steps, backward)
+        self._patches = GlobalPatches(led, bounds, steps, backward)
         self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         guard_distributed_exit()
         self._guarded = interrupts.acquire()
         try:
             self._install()
             for m in self._models:
-                self._add_root(m)
+                tree.add_root(m)
             for opt in self._optimizers:
-                self._add_optimizer(opt)
+                steps.add(opt)
         except BaseException:
             self.stop()
             raise
@@ -337,7 +215,7 @@ class Tracker:
         """Stop observing ops and hooks (frees are still seen) until :meth:`resume`."""
         if self._state == _RUNNING:
             self._uninstall()
-            self._state = _PAUSED
+            self._set_state(_PAUSED)
 
     def resume(self) -> None:
         if self._state == _PAUSED:
@@ -361,6 +239,13 @@ class Tracker:
         finally:
             self._release_guard()  # raises an interrupt recorded while tracking, now that nothing is left
 
+    def _set_state(self, state: int) -> None:
+        """Set the state, and tell the parts whose hooks run only while tracking runs (read per hook)."""
+        self._state = state
+        running = state == _RUNNING
+        for part in self._parts:
+            part.running = running
+
     def _release_guard(self) -> None:
         if self._guarded:
             self._guarded = False
@@ -371,7 +256,7 @@ class Tracker:
             if self._state == _RUNNING:
                 self._uninstall()
         finally:
-            self._state = _STOPPED
+            self._set_state(_STOPPED)
             try:
                 self._finish()
             except Exception as e:  # never leave weakrefs or handles behind because of a bug here
@@ -381,1082 +266,77 @@ class Tracker:
                     h.remove()
                 self._handles.clear()
                 self.ledger.detach_all()
-                self._nodes.clear()
-                self._owner.clear()
-                self._unhooked.clear()
-                self._grad_hooks.clear()
-                self._roots.clear()
-                self._known_optimizers.clear()
-                self._models, self._optimizers = [], []  # a finished tracker keeps none of the user's objects
+                self._tree.clear()
+                self._bounds.grad_hooks.clear()
+                self._steps.known.clear()
+                # a finished tracker keeps none of the user's objects (the parts share these lists)
+                self._models.clear()
+                self._optimizers.clear()
                 self._break_cycles()
-        if self._limit_exc is not None:
-            self._limit_exc.profile = self._profile
+        limit_exc = self._devices.limit_exc
+        if limit_exc is not None:
+            limit_exc.profile = self._profile
         if self._on_stop is not None and self._profile is not None:
             self._on_stop(self)
 
     def _break_cycles(self) -> None:
-        """Drop the references that tie the finished tracker into cycles (its hooks are its bound methods,
-        the ledger calls back into it and its timer), so that it and the records of the run are freed as
-        soon as the caller lets go of it, not at the next full garbage collection (thousands of objects
-        a step, which would make that collection, whenever it comes, the tracker's cost)."""
-        self._hook_fw_pre = self._hook_fw_post = self._hook_opt_pre = self._hook_opt_post = None
-        self._hook_grad = self._hook_bw_pre = self._hook_bw_post = None
+        """Drop the references that tie the finished tracker into cycles (its parts call each other, their
+        hooks are their bound methods, the ledger calls back into them and its timer), so that it and the
+        records of the run are freed as soon as the caller lets go of it, not at the next full garbage
+        collection (thousands of objects a step, which would make that collection, whenever it comes, the
+        tracker's cost)."""
+        for part in (*self._parts, self._devices):
+            part.disconnect()
         led = self.ledger
         led.on_limit = led.on_backward = led.on_new_device = None
         led.timer = None
         self._timer.ledger = None
 
-    # ------------------------------------------------------------------------------ install/uninstall --
     def _install(self) -> None:
         _refuse_nesting(self, "start")
         _installed.append(self)
-        self._global = [
-            _nn_module.register_module_forward_pre_hook(self._hook_fw_pre),
-            _nn_module.register_module_forward_hook(self._hook_fw_post, with_kwargs=True, always_call=True),
-            register_optimizer_step_pre_hook(self._hook_opt_pre),
-            register_optimizer_step_post_hook(self._hook_opt_post),
-        ]
-        ledger = self.ledger
-        orig = torch.UntypedStorage.resize_
-
-        def resize_(storage, size):
-            if ledger.recorder is not None:  # in a backward run on the allocation recorder
-                ledger.drain()
-                out = orig(storage, size)
-                if id(storage) in ledger.live:
-                    # A storage the ledger follows: its record is resized, and the allocation and free the
-                    # resize made are not logged again.
-                    ledger.skip_recorded()
-                    ledger.storage_resized(storage)
-                elif storage.nbytes():  # the memory it was given is followed from now on, as the storage
-                    ledger.claim(storage, (storage.nbytes(),), torch.uint8, ledger.new_category())
-                return out
-            out = orig(storage, size)
-            if ledger is _get_current_dispatch_mode():
-                ledger.storage_resized(storage)
-            return out
-
-        resize_.__wrapped__ = orig
-        self._resize = (resize_, torch.UntypedStorage.__dict__.get("resize_", _NO_ATTR))
-        torch.UntypedStorage.resize_ = resize_
-        self._engine = None
-        if self._backward_on_recorder:
-            engine = torch.autograd._engine_run_backward
-
-            def run_backward(*args, **kwargs):
-                result = self._run_backward(engine, args, kwargs)
-                if interrupts.pending:  # a signal recorded in memprof's code during this backward
-                    interrupts.deliver()
-                return result
-
-            run_backward.__wrapped__ = engine
-            torch.autograd._engine_run_backward = run_backward
-            self._engine = (run_backward, engine)
-        ledger.__enter__()
-        self._state = _RUNNING
+        self._patches.install()
+        self._set_state(_RUNNING)
 
     def _uninstall(self) -> None:
         if _installed and _installed[-1] is self:
             _installed.pop()
-        opt_post = self._global[-1]
-        for h in self._global:
-            _remove_hook(h, iterating=self._in_opt_post and h is opt_post)
-            # torch's handle forgets the with_kwargs flag of global forward hooks: remove it ourselves.
-            _nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
-        self._global = []
-        ours, before = self._resize
-        if torch.UntypedStorage.__dict__.get("resize_") is ours:  # else patched over since: left to its owner
-            if before is _NO_ATTR:
-                del torch.UntypedStorage.resize_
-            else:
-                torch.UntypedStorage.resize_ = before
-        if self._engine is not None:
-            if torch.autograd._engine_run_backward is self._engine[0]:
-                torch.autograd._engine_run_backward = self._engine[1]
-            self._engine = None
-        top = _get_current_dispatch_mode()
-        if top is self.ledger:
-            self.ledger.__exit__(None, None, None)
-        else:
-            # Another mode was pushed above ours inside the block and not popped: remove ours from below it.
-            stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
-            if self.ledger in stack:
-                saved = []
-                while _get_current_dispatch_mode() is not self.ledger:
-                    saved.append(torch.utils._python_dispatch._pop_mode())
-                self.ledger.__exit__(None, None, None)
-                for m in reversed(saved):
-                    torch.utils._python_dispatch._push_mode(m)
-
-    def _run_backward(self, engine, args, kwargs):
-        """Autograd's engine entry (``torch.autograd._engine_run_backward``, behind ``backward()`` and
-        ``torch.autograd.grad``) while tracking: run it with the ledger's mode popped and the allocation
-        recorder on, so backward's ops run with no Python per op; the ledger logs the recorder's events at
-        module boundaries and frees (:meth:`.Ledger.start_recording`).
-
-        On this project's CPU machine that takes memprof's cost on a GPT-2-small step from 1.046x to about
-        1.024x (results/floors.json). Falls back to the per-op path when the ledger is not the only mode
-        (another mode was pushed in the block), a backward runs inside one already recorded (reentrant
-        checkpointing), or the recorder cannot start (torch.profiler runs on this thread).
-        """
-        led = self.ledger
-        if led.recorder is not None or self._state != _RUNNING:  # nested in a recorded backward, or paused
-            return _user_backward(engine, args, kwargs)
-        rec = None
-        if self._backward_on_recorder and _get_current_dispatch_mode() is led \
-                and len(_get_current_dispatch_mode_stack()) == 1:
-            try:
-                rec = native.AllocationRecorder().start()
-            except MemprofError:
-                pass
-        if rec is None:  # per op
-            result = _user_backward(engine, args, kwargs)
-            if self._state == _RUNNING:
-                self._label_grads(self._unhooked)
-            return result
-        result = None
-        phase_id = led.phase_id
-        led.start_recording(rec)
-        try:
-            mode = _pop_mode()
-            try:
-                with native.quiet_allocator_log():
-                    result = _user_backward(engine, args, kwargs)
-            finally:
-                _push_mode(mode)
-                if self._state != _RUNNING and _get_current_dispatch_mode() is mode:
-                    # Tracking stopped or paused inside backward (an optimizer step run from a gradient
-                    # hook), when the mode was not on the stack to be removed: remove it now.
-                    mode.__exit__(None, None, None)
-        finally:
-            try:
-                if self._state == _RUNNING and led.recorder is not None:
-                    closing = led.phase_id == phase_id and led.undrained()
-                    if closing:  # nothing in this backward drained: no module, no followed storage freed
-                        self._enter_backward(queue=False)
-                    led.drain(switch=False)
-                    self._claim_survivors(result)
-                    if closing:
-                        self._end_backward()
-            finally:
-                before = led.unfollowed
-                led.stop_recording()
-                rec.stop()
-                if led.unfollowed > before:
-                    self._backward_on_recorder = False
-                    self._notes.add(
-                        f"{format_bytes(led.unfollowed - before)} allocated in a backward outlived it in tensors "
-                        "memprof does not follow (not a parameter's gradient nor a torch.autograd.grad result): "
-                        "counted until tracking stopped (their frees unseen); later backwards were tracked per op")
-        return result
-
-    def _label_grads(self, params) -> None:
-        """Label the gradients of ``params`` after a backward: in a recorded one this claims the record the
-        recorder made for each."""
-        live, owner = self.ledger.live, self._owner
-        for p in params:
-            g = p.grad
-            if g is None:
-                continue
-            if type(g) is _Tensor:
-                rec = live.get(id(g.untyped_storage()))
-                if rec is not None and rec.cat == GRAD:
-                    continue
-            node, name = owner.get(p, (None, ""))
-            self._relabel(g, GRAD, f"{name}.grad", node)
-
-    def _claim_survivors(self, result) -> None:
-        """Give the recorder's records still live after backward to the tensors holding them: parameters'
-        gradients (every parameter's: none has an accumulate hook in a recorded backward), the optimizers'
-        state (made there when a gradient hook steps the optimizer) and what ``torch.autograd.grad``
-        returned."""
-        led = self.ledger
-        self._label_grads(self._owner)
-        if led.anon:  # optimizer state made in backward (an optimizer stepped from a gradient hook)
-            for opt in {id(o): o for o in (*self._optimizers, *self._known_optimizers)}.values():
-                self._label_state(opt)
-        if led.anon and isinstance(result, tuple):
-            for t in result:
-                if isinstance(t, torch.Tensor):
-                    for rt in real_tensors(t):
-                        s = rt.untyped_storage()
-                        if id(s) not in led.live:
-                            led.claim(s, rt.shape, rt.dtype, TEMPORARY)
-
-    # ----------------------------------------------------------------------------------------- modules --
-    def _add_root(self, mod) -> ModuleNode:
-        """Name a model met in the step and walk it. The first is the root (""); another is named by its
-        class, "frozen-" first when none of its parameters trains (DPO's reference beside the policy), and a
-        frozen model that ran first gives the root's place to the first trained one."""
-        modules = list(mod.named_modules())  # one walk of the tree, shared by what follows
-        contained = {id(m) for _, m in modules}
-        others = [(m, n) for m, n in self._roots if id(m) not in contained]
-        frozen = _frozen(modules)
-        first = next(((m, n) for m, n in others if n.name == ""), None)
-        if first is not None and not frozen and _frozen(list(first[0].named_modules())):
-            others.remove(first)  # the frozen model that ran first: renamed, the trained one is the root
-            self._roots = others
-            others.append((first[0], self._place(first[0], list(first[0].named_modules()),
-                                                 _free_name(first[0], True, others))))
-        name = _free_name(mod, frozen, others) if any(n.name == "" for _, n in others) else ""
-        root = self._place(mod, modules, name)
-        self._roots = others + [(mod, root)]
-        return root
-
-    def _place(self, mod, modules, name: str) -> ModuleNode:
-        structure = structure_hashes(mod)
-        walk: dict[str, ModuleNode] = {}
-        for fqn, sub in modules:
-            full = fqn if not name else (f"{name}.{fqn}" if fqn else name)
-            parent = walk.get(fqn.rpartition(".")[0]) if fqn else None
-            node = self._nodes.get(sub)
-            if node is None:
-                node = ModuleNode(full, type(sub).__name__, parent, structure[id(sub)], sub)
-                self._nodes[sub] = node
-            else:
-                node.name, node.parent = full, parent
-            walk[fqn] = node
-        if any(type(m).__name__ == "OptimizedModule" for _, m in modules):
-            self._notes.add("torch.compile: compiled modules ran eagerly under the tracker (memory of the eager "
-                            "program, which can differ from the compiled one)")
-        self._add_params(modules, name, walk)
-        return walk[""]
-
-    def _add_params(self, modules, prefix, walk) -> None:
-        led = self.ledger
-        seen_storage = set()
-        grads = []  # parameters that get gradients
-        for pname, p in _members(modules, "_parameters"):
-            owner = walk.get(pname.rpartition(".")[0]) or walk[""]
-            full = f"{prefix}.{pname}" if prefix else pname
-            self._owner[p] = (owner, full)
-            for t in real_tensors(p):
-                s = t.untyped_storage()
-                if id(s) in seen_storage:
-                    continue
-                seen_storage.add(id(s))
-                rec = led.live.get(id(s))
-                if rec is None:
-                    led.found(s, t, PARAM, label=full, node=owner)
-                else:
-                    rec.cat, rec.label, rec.node = PARAM, full, owner
-            if p.grad is not None:
-                self._label_grad(p)
-            if p.requires_grad:
-                grads.append(p)
-            if type(p) is not _Parameter and (type(p).__name__ == "FlatParameter" or is_traceable_wrapper_subclass(p)):
-                # FSDP and DTensor keep collective buffers made in backward past it, which no tensor the
-                # tracker can reach holds: backward is tracked per op (see _run_backward).
-                self._backward_on_recorder = False
-        for bname, b in _members(modules, "_buffers"):
-            owner = walk.get(bname.rpartition(".")[0]) or walk[""]
-            full = f"{prefix}.{bname}" if prefix else bname
-            for t in real_tensors(b):
-                s = t.untyped_storage()
-                if id(s) in seen_storage:
-                    continue
-                seen_storage.add(id(s))
-                rec = led.live.get(id(s))
-                if rec is None:
-                    led.found(s, t, BUFFER, label=full, node=owner)
-                elif rec.cat != PARAM:
-                    rec.cat, rec.label, rec.node = BUFFER, full, owner
-        if self._backward_on_recorder:
-            # Gradients are labelled after each backward (_run_backward), not by a hook per parameter: in a
-            # recorded backward the hooks were a third of memprof's cost (a claim and a drain each).
-            self._unhooked.extend(grads)
-        else:
-            self._handles.extend(p.register_post_accumulate_grad_hook(self._hook_grad) for p in grads)
-
-    def _relabel(self, t, cat, label, node, only_from=None) -> None:
-        led = self.ledger
-        for rt in real_tensors(t):
-            s = rt.untyped_storage()
-            rec = led.live.get(id(s))
-            if rec is None:
-                led.found(s, rt, cat, label=label, node=node)
-            elif only_from is None or rec.cat in only_from:
-                rec.cat, rec.label = cat, label
-                if node is not None:
-                    rec.node = node
-
-    def _label_grad(self, p) -> None:
-        owner, name = self._owner.get(p, (None, ""))
-        self._relabel(p.grad, GRAD, f"{name}.grad", owner)
-
-    def _grad_accumulated(self, p) -> None:
-        if self._state == _RUNNING and p.grad is not None:
-            self._label_grad(p)
-
-    def _cur(self):
-        if self._fstack:
-            return self._fstack[-1]
-        if self._bstack:
-            return self._bstack[-1]
-        return None
-
-    def _check_params(self, mod, node) -> None:
-        """Label the module's own parameters as it runs: FSDP swaps in unsharded ones (grown by resize_)."""
-        live = self.ledger.live
-        for pname, p in mod._parameters.items():
-            if p is None:
-                continue
-            for t in ((p,) if type(p) is _Parameter else real_tensors(p)):  # plain ones without a generator
-                rec = live.get(id(t.untyped_storage()))
-                if rec is None or rec.cat != PARAM:
-                    self._relabel(t, PARAM, f"{node.name}.{pname}" if node.name else pname, node)
-
-    def _fw_pre(self, mod, args):
-        if self._opt_active is not None and not self._opt_active[1]:
-            self._abandon_opt_step()
-        node = self._nodes.get(mod)
-        if node is None:
-            if self._models or self._state != _RUNNING:
-                return
-            node = self._add_root(mod)
-        if mod._parameters:
-            self._check_params(mod, node)
-        led = self.ledger
-        if _graph_task_id() != -1:  # recomputation inside backward (activation checkpointing)
-            self._fstack.append(node)
-            led.cur = node
-            led.mark("R+", node)
-            return
-        if led.phase != FORWARD:
-            self._begin_forward()
-            if self._state != _RUNNING:
-                return
-        self._fstack.append(node)
-        led.cur = node
-        node.clock_in = led.op_clock
-        led.mark("F+", node)
-
-    def _fw_post(self, mod, args, *rest):
-        # (kwargs, output) normally; torch calls always_call hooks with (output) only when forward raised.
-        kwargs, output = rest if len(rest) == 2 else ({}, None)
-        node = self._nodes.get(mod)
-        if node is None or self._state != _RUNNING or not _pop(self._fstack, node):
-            return
-        led = self.ledger
-        led.cur = self._cur()
-        if _graph_task_id() != -1:
-            led.mark("R-", node)
-            return
-        led.mark("F-", node)
-        node.clock_out = led.op_clock
-        inputs = None
-        if node.parent is None:
-            inputs = _tensors((args, kwargs))
-            for t in inputs:
-                self._relabel(t, INPUT, "input", None, only_from=(OTHER,))
-        if output is None:
-            return
-        leaves = [output] if isinstance(output, torch.Tensor) else _tensors(output)
-        self._note_output_bytes(node, leaves)
-        if not torch.is_grad_enabled():
-            return
-        outs = [t for t in leaves if t.requires_grad]
-        if outs:
-            self._on_grads(outs, partial(self._hook_bw_pre, node), "any")
-            ins = [t for t in (inputs if inputs is not None else _tensors((args, kwargs))) if t.requires_grad]
-            if ins:
-                self._on_grads(ins, partial(self._hook_bw_post, node), "all")
-
-    def _on_grads(self, tensors, call, mode: str) -> None:
-        """Call ``call`` when the gradient of one of ``tensors`` (mode "any") or of all of them ("all") is
-        computed. One tensor's calls share one hook (:class:`_GradHooks`): one module's output is usually
-        the next one's input, and a module's input its first child's."""
-        if len(tensors) != 1:
-            self._handles.append(_on_grads(tensors, call, mode))
-            return
-        t = tensors[0]
-        hooks = self._grad_hooks.get(id(t))
-        if hooks is None or hooks.ref() is not t or hooks.version != t._version:
-            hooks = self._grad_hooks[id(t)] = _GradHooks(t)
-            node = t.grad_fn
-            self._handles.append(t.register_hook(hooks) if node is None else node.register_prehook(hooks))
-        hooks.calls.append(call)
-
-    def _note_output_bytes(self, node, tensors) -> None:
-        """Bytes of the outputs this forward made (what a checkpoint of the module keeps)."""
-        live, pid = self.ledger.live, self.ledger.phase_id
-        seen, total = set(), 0
-        for t in tensors:
-            for rt in ((t,) if type(t) is _Tensor else real_tensors(t)):
-                rec = live.get(id(rt.untyped_storage()))
-                if rec is None or id(rec) in seen or rec.phase_id != pid:
-                    continue
-                made_by = rec.node
-                while made_by is not None and made_by is not node:
-                    made_by = made_by.parent
-                if made_by is node:
-                    seen.add(id(rec))
-                    total += rec.nbytes
-        node.output_ids = frozenset(seen)
-        if total > node.output_bytes:
-            node.output_bytes = total
-
-    def _bw_pre(self, node, _grad):
-        if self._state != _RUNNING:
-            return
-        led = self.ledger
-        if led.recorder is None:  # a recorded backward has no FSDP-swapped parameters (see _add_params)
-            mod = node.module() if node.module is not None else None
-            if mod is not None and mod._parameters:
-                self._check_params(mod, node)
-        if led.phase != BACKWARD:
-            self._enter_backward()
-        self._bstack.append(node)
-        led.cur = self._cur()
-        led.defer_mark("B+", node)
-
-    def _bw_post(self, node, _grads):
-        if self._state != _RUNNING or not _pop(self._bstack, node):
-            return
-        led = self.ledger
-        led.cur = self._cur()
-        led.defer_mark("B-", node)
-
-    # ------------------------------------------------------------------------------------------ phases --
-    def _set_phase(self, phase, payload=None) -> None:
-        led = self.ledger
-        led.phase_id += 1
-        led.phase = phase
-        led.mark("P", payload)
-
-    def _begin_forward(self) -> None:
-        if self._after_opt:
-            if self._step_limit_reached():
-                self.stop()
-                return
-            self._end_step()
-        self._grad_hooks.clear()
-        self._set_phase(FORWARD)
-
-    def _enter_backward(self, queue: bool = True) -> None:
-        led = self.ledger
-        led.entering_backward = True
-        try:
-            self._enter_backward_phase(queue)
-        finally:
-            led.entering_backward = False
-
-    def _enter_backward_phase(self, queue: bool) -> None:
-        led = self.ledger
-        if self._after_opt:  # backward with no forward since the optimizer step (stops wait for a forward)
-            self._end_step()
-        if led.phase == OTHER_PHASE:
-            # Autograd graph built outside any tracked module: treat that stretch as the forward.
-            pid = led.phase_id
-            for rec in led.live.values():
-                if rec.phase_id == pid and rec.cat == OTHER:
-                    rec.cat, rec.phase = ACTIVATION, FORWARD
-            led.phase = FORWARD
-        fwd_id = led.phase_id if led.phase == FORWARD else None
-        if fwd_id is not None:
-            self._note_recompute_fractions(fwd_id)
-        self._set_phase(BACKWARD, fwd_id)
-        if queue:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-
-    def _note_recompute_fractions(self, forward_id) -> None:
-        """Per module: the share of its forward op time before the last tensor backward keeps was made.
-
-        Non-reentrant checkpointing recomputes a region only until every tensor its backward needs is back
-        (early stop), so this share of the forward is what checkpointing the module costs.
-        """
-        last: dict = {}
-        for rec in self.ledger.live.values():
-            if rec.phase_id == forward_id and rec.cat == ACTIVATION:
-                node = rec.node
-                while node is not None:
-                    # A module's own outputs are kept by whoever uses them, outside its checkpointed region.
-                    if rec.t > last.get(node, -1.0) and id(rec) not in node.output_ids:
-                        last[node] = rec.t
-                    node = node.parent
-        for node, t in last.items():
-            span = node.clock_out - node.clock_in
-            if span > 0:
-                node.recompute_fraction = min(1.0, max(0.0, (t - node.clock_in) / span))
-
-    def _end_backward(self) -> None:
-        if self._state != _RUNNING:
-            return
-        led = self.ledger
-        while self._bstack:
-            node = self._bstack.pop()
-            led.cur = self._cur()
-            led.mark("B-", node)
-        led.cur = self._cur()
-        led.closed_task = _graph_task_id()
-        self._set_phase(OTHER_PHASE)
-
-    def _add_optimizer(self, opt) -> None:
-        if any(o is opt for o in self._known_optimizers):
-            return
-        self._known_optimizers.append(opt)
-        self._label_state(opt)
-
-    def _label_state(self, opt) -> None:
-        for p, state in opt.state.items():
-            owner, name = self._owner.get(p, (None, ""))
-            for k, v in state.items():
-                if isinstance(v, torch.Tensor):
-                    self._relabel(v, OPTIMIZER, f"{name}:{k}" if name else k, owner)
-
-    def _tracked_optimizer(self, opt) -> bool:
-        return not self._optimizers or any(o is opt for o in self._optimizers)
-
-    def _opt_pre(self, opt, args, kwargs):
-        if self._opt_active is not None:
-            # A step inside a step: a subclass's step() calling super().step() (both are hooked once torch
-            # has patched the base class), or an optimizer wrapping another. The outer one is the phase.
-            self._opt_nested += 1
-            return
-        if self._state != _RUNNING or not self._tracked_optimizer(opt):
-            return
-        # args[0] is the optimizer itself; anything else is a closure (which runs forward and backward).
-        closure = any(a is not None for a in args[1:]) or any(v is not None for v in kwargs.values())
-        self._opt_active = (opt, closure)
-        self._add_optimizer(opt)
-        led = self.ledger
-        led.cur = None
-        self._set_phase(OPT_PHASE)
-        if not self._optimizer_replay or closure:
-            return
-        sig = optpattern.signature(opt)
-        pattern = optpattern.lookup(opt, self._replay_context, sig)
-        if pattern is not None and _get_current_dispatch_mode() is led:
-            led.replay_pattern(pattern)
-            led.__exit__(None, None, None)
-            self._replayed += 1
-            self._skipping = opt
-            self._recording = (opt, sig)
-        else:
-            self._recording = (opt, sig, len(led.events), led.phase_id, len(led.prelude), len(led.marks))
-
-    def _opt_post(self, opt, args, kwargs):
-        if self._opt_nested:
-            self._opt_nested -= 1
-            return
-        if self._state != _RUNNING or not self._tracked_optimizer(opt):
-            return
-        self._opt_active = None
-        if self._skipping is opt:
-            # A replayed step that ended as recorded made no storage that outlives it: the state is the
-            # tensors labelled before (or the pattern is dropped and they are labelled again).
-            if not self._resume_after_skip(opt, failed=False):
-                self._label_state(opt)
-        else:
-            if self._recording is not None and self._recording[0] is opt:
-                self._record_pattern(opt)
-            self._label_state(opt)
-        self.ledger.cur = self._cur()
-        self._set_phase(OTHER_PHASE)
-        self._after_opt = True
-        self._opt_in_step.append(opt)
-        if self._steps_limit is not None and self._step_index + 1 >= self._steps_limit:
-            # The last tracked step: stop now if this is its last optimizer step, as far as we can know.
-            if self._opt_order is not None:
-                done = opt is self._opt_order[-1] and self._opt_in_step.count(opt) >= self._opt_order.count(opt)
-            else:
-                done = len(self._known_optimizers) == 1
-            if done:
-                self._in_opt_post = True
-                try:
-                    self.stop()
-                finally:
-                    self._in_opt_post = False
-            else:
-                self._stop_at_next = True
-
-    def _abandon_opt_step(self) -> None:
-        """An optimizer step raised (its post hook never ran) and the block went on: forget that step."""
-        if self._skipping is not None:
-            self._resume_after_skip(self._skipping, failed=True)
-        self._opt_active = None
-        self._opt_nested = 0
-        self._recording = None
-
-    def _resume_after_skip(self, opt, failed: bool) -> bool:
-        """Put the ledger back after a replayed optimizer step; drop the pattern if it no longer holds.
-        Returns whether the step ended as recorded."""
-        self._skipping = None
-        led = self.ledger
-        led.__enter__()
-        _, sig = self._recording
-        self._recording = None
-        if failed or optpattern.signature(opt) != sig:
-            optpattern.forget(opt)
-            self._notes.add("an optimizer step replayed from its recorded pattern did not end as recorded "
-                            "(it raised or changed the optimizer's state): that step's temporaries may be off")
-            return False
-        return True
-
-    def _record_pattern(self, opt) -> None:
-        _, sig, start, pid, n_prelude, n_marks = self._recording
-        self._recording = None
-        led = self.ledger
-        if len(led.prelude) != n_prelude or len(led.marks) != n_marks or led.phase_id != pid:
-            return
-        if optpattern.signature(opt) != sig:
-            return  # the step made state (the first step): not steady yet
-        pattern = optpattern.extract(led.events[start:], pid, led.device_names)
-        if pattern is not None:
-            optpattern.store(opt, self._replay_context, sig, pattern)
-
-    def _step_limit_reached(self) -> bool:
-        return self._stop_at_next or (self._steps_limit is not None and self._step_index + 1 >= self._steps_limit)
-
-    def _end_step(self) -> None:
-        led = self.ledger
-        t = self._timer()
-        self._timer.sync()
-        if self._opt_order is None and self._opt_in_step:
-            self._opt_order = list(self._opt_in_step)
-        self._opt_in_step = []
-        op_stats = {}
-        for node in self._nodes.values():  # this step's per-op figures; the nodes start afresh for the next
-            if node.op_ms or node.op_bytes:
-                op_stats[node] = (node.op_ms, node.op_bytes)
-                node.op_ms, node.op_bytes = {}, {}
-        self._backlog.append((self._step_index, led.prelude, led.events, led.marks, self._step_t0, t, op_stats))
-        self._backlog_events += len(led.events)
-        if self._estimated or self._backlog_events > _BACKLOG_EVENTS:
-            self._replay_backlog()
-        led.prelude, led.events, led.marks = [], [], []
-        self._step_index += 1
-        self._step_t0 = t
-        self._after_opt = False
-
-    def _new_device(self, name: str) -> None:
-        """A CUDA storage seen while CUDA was not initialised at start (a script that initialises it inside
-        the block, as under ``memprof run``): read the caching allocator's peaks, and measure CUDA ops'
-        workspaces, from now on. Module times stay host wall-clock times."""
-        if (not name.startswith("cuda") or self._cuda_folder is not None or self._clock is not None
-                or self._estimated or not cuda_available()):
-            return
-        self._cuda_folder = CudaPeakFolder()
-        for i in range(torch.cuda.device_count()):
-            self._cuda_folder.start(i)
-        if isinstance(self.ledger.calibrator, ScratchCalibrator):
-            self.ledger.calibrator.use_cuda(self._cuda_folder)
-        self._notes.add("CUDA was initialised inside the tracked block: the allocator's peaks count from its "
-                        "first tensor, and module times are host wall-clock times, not CUDA events")
-
-    def _replay_backlog(self) -> None:
-        """Replay the finished steps kept so far. Steps are kept rather than replayed as each ends, so that a
-        step's end costs no replay and, on a GPU, no wait for the device (its module times are CUDA events);
-        the estimator replays each step at once (its offload emulation moves records between devices)."""
-        if not self._backlog:
-            return
-        self._timer.sync()
-        self._host_apart()
-        backlog, self._backlog, self._backlog_events = self._backlog, [], 0
-        for index, prelude, events, marks, *rest in backlog:
-            self.replay.replay_step(index, prelude, *expand_pattern_runs(events, marks), *rest)
-
-    def _host_apart(self) -> None:
-        """With an accelerator in use, its memory is what runs out: host storages (a CPU batch, step counters,
-        offloaded state) are counted on their device in ``devices`` but not in the totals and peaks."""
-        names = self.ledger.device_names
-        if any(n.startswith("cuda") for n in names):
-            self.replay.apart = frozenset(i for i, n in enumerate(names) if not n.startswith("cuda"))
-            self._notes.add("totals and peaks are the CUDA device's; host memory is given per device only "
-                            "(devices)")
-
-    def _over_limit(self, func) -> None:
-        led = self.ledger
-        led.limit_bytes = None  # raise once: unwinding the step runs more ops while memory is still over
-        cur = led.cur.name if led.cur is not None else ""
-        where = f"module {cur!r}" if cur else "outside any module"
-        self._limit_exc = DeviceMemoryExceeded(
-            f"tracked memory would reach {format_bytes(led.limited_total())}, over the device memory of "
-            f"{format_bytes(self._device_memory)}, at {func} in {where}, {PHASES[led.phase]} phase of step "
-            f"{self._step_index}"
-        )
-        raise self._limit_exc
+        self._patches.uninstall(in_opt_post=self._steps.in_post)
 
     # ------------------------------------------------------------------------------------------ result --
     def _finish(self) -> None:
         led = self.ledger
         t = self._timer()
         self._timer.sync()
-        has_work = led.events or led.prelude or led.marks or not (self.replay.steps or self._backlog)
+        has_work = led.events or led.prelude or led.marks or not (self.replay.steps or self._backlog.steps)
         if has_work:
-            self._host_apart()
+            self._backlog.host_apart()
         last = (led.prelude, led.events, led.marks) if has_work else None
         led.prelude, led.events, led.marks = [], [], []
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self._dist_env = dict(world_size=torch.distributed.get_world_size(),
                               rank=torch.distributed.get_rank()) if dist else {}
-        self._pending = (last, self._step_index, self._step_t0, t)
-        self._cuda_facts = self._read_cuda_facts()
-        if self._on_stop is not None or self._limit_exc is not None:
+        self._pending = (last, self._phases.step_index, self._phases.step_t0, t)
+        self._cuda_facts = self._devices.read_cuda_facts()
+        if self._on_stop is not None or self._devices.limit_exc is not None:
             self._build_pending()
-
-    def _read_cuda_facts(self) -> dict:
-        """What a profile built later must take as of now: each CUDA device's name and capacity, NVML's view,
-        and the caching allocator's peaks over the tracked block."""
-        facts = {}
-        if not cuda_available():
-            return facts
-        for name in self.ledger.devices:
-            if name.startswith("cuda"):
-                index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
-                f = cuda_device_facts(index)
-                if self._cuda_folder is not None and not self._estimated:
-                    f["allocator"] = self._cuda_folder.summary(index)
-                facts[name] = f
-        return facts
 
     def _build_pending(self) -> None:
         """Replay the last step's log and build the profile (once; an error is kept for ``profile``)."""
         pending, self._pending = self._pending, None
         last, index, t_start, t_end = pending
         try:
-            self._replay_backlog()
-            if last is not None:
-                prelude, events, marks = last
-                self.replay.replay_step(index, prelude, *expand_pattern_runs(events, marks), t_start, t_end)
-            self.replay.close_all(t_end)
+            self._backlog.finish(last, index, t_start, t_end)
             self._profile = self._build_profile()
         except Exception as e:
             self._error = e
 
     def _build_profile(self):
-        from ..profiles import (
-            DeviceStats,
-            Environment,
-            ModuleStats,
-            PeakInfo,
-            Profile,
-            Sample,
-            StepStats,
-            TensorInfo,
-        )
-
-        rp = self.replay
-        led = self.ledger
-        dev_name = {}
-        for name, idx in led.devices.items():
-            dev_name[idx] = name
-            dev_name[-(idx + 1)] = name
-
-        def node_name(node):
-            return node.name if node is not None else ""
-
-        peak = rp.peak
-        tensors = []
-        for rec, b, c in peak["tensors"]:
-            label = rec.label or (f"{_op(rec.op)} output" if rec.op is not None else "")
-            if rec.label == "workspace":
-                label = f"{_op(rec.op)} workspace"
-            tensors.append(TensorInfo(
-                bytes=b, category=CATEGORIES[c], module=node_name(rec.node), phase=PHASES[rec.phase],
-                shape=tuple(int(x) for x in rec.shape), dtype=str(rec.dtype).replace("torch.", "") if rec.dtype else "",
-                device=dev_name.get(rec.device, "?"), label=label,
-            ))
-        by_dev: dict[str, int] = {}
-        for d, b in peak["by_device"].items():
-            by_dev[dev_name.get(d, "?")] = by_dev.get(dev_name.get(d, "?"), 0) + b
-        peak_info = PeakInfo(
-            bytes=peak["bytes"], step=peak["step"], phase=PHASES[peak["phase"]], module=node_name(peak["node"]),
-            by_category=dict(zip(CATEGORIES, peak["by_category"])), by_device=by_dev,
-            tensors=tuple(tensors), time_ms=peak["time_ms"],
-        )
-        steps = tuple(
-            StepStats(index=s["index"], peak_bytes=s["peak_bytes"],
-                      phase_peak_bytes={PHASES[p]: v for p, v in s["phase_peak_bytes"].items()},
-                      start_bytes=s["start_bytes"], end_bytes=s["end_bytes"], duration_ms=s["duration_ms"],
-                      micro_batches=s["micro_batches"])
-            for s in rp.steps
-        )
-        modules = self._module_stats(ModuleStats)
-        peak_sample = None
-        samples = []
-        for i, (index, t_ms, step, phase, node, total, cats) in enumerate(rp.samples):
-            samples.append((index, t_ms, step, phase, node_name(node), total, cats))
-            if peak_sample is None and total == peak["bytes"]:
-                peak_sample = i
-        phase_changes = {i for i in range(1, len(samples)) if samples[i][3] != samples[i - 1][3]}
-        keep = {peak_sample} if peak_sample is not None else set()
-        if len(phase_changes) < self._max_samples // 2:
-            keep |= phase_changes
-        samples = downsample(samples, self._max_samples, keep)
-        timeline = tuple(Sample(i, t, s, PHASES[p], m, tot, tuple(c)) for i, t, s, p, m, tot, c in samples)
-
-        devices = []
-        env_device, env_name, env_cap = "cpu", cpu_name(), host_memory_bytes()
-        for name, idx in led.devices.items():
-            peak_b = max(rp.dev_peak.get(idx, 0), rp.dev_peak.get(-(idx + 1), 0))
-            kw = {}
-            facts = self._cuda_facts.get(name)
-            if facts is not None:
-                kw.update(name=facts["name"], capacity_bytes=facts["capacity_bytes"],
-                          nvml_total_bytes=facts.get("nvml_total_bytes"), nvml_used_bytes=facts.get("nvml_used_bytes"))
-                alloc = facts.get("allocator")
-                if alloc is not None:
-                    kw["allocator"] = alloc
-                    if alloc.get("reserved_peak"):
-                        kw["fragmentation"] = 1.0 - alloc["allocated_peak"] / alloc["reserved_peak"]
-                env_device, env_name, env_cap = name, facts["name"], facts["capacity_bytes"]
-            elif name == "cpu":
-                kw.update(name=cpu_name(), capacity_bytes=host_memory_bytes())
-            devices.append(DeviceStats(device=name, peak_bytes=peak_b, **kw))
-        env = dict(
-            memprof_version=__version__, torch_version=torch.__version__,
-            python_version=platform.python_version(), platform=f"{sys.platform}-{platform.machine()}",
-            created=self._created, device=env_device, device_name=env_name, device_capacity_bytes=env_cap,
-        )
-        env.update(self._dist_env)
-        env.update(self._environment)
-        notes = sorted(self._notes)
-        if self._replayed:
-            notes.append(f"{self._replayed} steady optimizer step(s) replayed from the allocation pattern recorded "
-                         "in an earlier step with the same optimizer signature (optimizer_replay=True)")
-        if self._device_memory is not None:
-            notes.append(f"rehearsed device memory: {self._device_memory} bytes")
-        return Profile(
-            environment=Environment(**env), peak=peak_info, steps=steps, modules=modules, timeline=timeline,
-            devices=tuple(devices), estimated=self._estimated, assumptions=self._assumptions, notes=tuple(notes),
-        )
-
-    def _module_stats(self, ModuleStats) -> dict:
-        from .replay import _stats
-
-        nodes = list(self.replay.nodes)
-        known = {id(n) for n in nodes}
-        for n in list(nodes):  # ancestors that made nothing themselves still belong to the tree
-            p = n.parent
-            while p is not None and id(p) not in known:
-                _stats(p)
-                nodes.append(p)
-                known.add(id(p))
-                p = p.parent
-        children: dict = {}
-        for n in nodes:
-            if n.parent is not None:
-                children.setdefault(id(n.parent), []).append(n)
-        inclusive: dict = {}
-
-        def subtree(n):
-            """Owned bytes (maxima of each module's own, summed), forward op times and op-made bytes per step,
-            over the subtree."""
-            if id(n) not in inclusive:
-                owned = list(n.stats.own_max)
-                ops = dict(_steady_mean_dict(n.stats.op_ms))
-                made = dict(_steady_mean_dict(n.stats.op_bytes))
-                for c in children.get(id(n), ()):
-                    c_owned, c_ops, c_made = subtree(c)
-                    owned = [a + b for a, b in zip(owned, c_owned)]
-                    for k, v in c_ops.items():
-                        ops[k] = ops.get(k, 0.0) + v
-                    for k, v in c_made.items():
-                        made[k] = made.get(k, 0.0) + v
-                inclusive[id(n)] = (owned, ops, made)
-            return inclusive[id(n)]
-
-        out = {}
-        for n in sorted(nodes, key=lambda n: _sort_key(n.name)):
-            st = n.stats
-            owned, ops, made = subtree(n)
-            per_call = max(1.0, _steady_mean(st.calls))  # calls in the steps ``made`` is averaged over
-            out[n.name] = ModuleStats(
-                name=n.name, type=n.type, param_bytes=owned[PARAM], buffer_bytes=owned[BUFFER],
-                grad_bytes=owned[GRAD], optimizer_bytes=owned[OPTIMIZER], activation_bytes=st.act,
-                forward_peak_bytes=st.fwd_peak, backward_peak_bytes=st.bwd_peak,
-                forward_ms=_steady_mean(st.fwd_ms), backward_ms=_steady_mean(st.bwd_ms),
-                calls=max(st.calls) if st.calls else 0, structure=n.structure, output_bytes=n.output_bytes,
-                recompute_fraction=n.recompute_fraction,
-                forward_entry_bytes=st.levels[0], backward_entry_bytes=st.levels[1], gap_peak_bytes=st.levels[2],
-                activation_by_op=dict(sorted(st.act_by_op.items(), key=lambda kv: -kv[1])),
-                forward_op_ms=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-                forward_op_bytes={k: int(round(v / per_call)) for k, v in sorted(made.items(), key=lambda kv: -kv[1])},
-            )
-        subtree = None  # a recursive closure refers to itself: free it now, not at the next full collection
-        return out
-
-
-def _steady(xs: list) -> list:
-    """Steps after the first when there are several (the first pays for warm-up and calibration)."""
-    return xs[1:] if len(xs) > 1 else xs
-
-
-def _steady_mean(xs: list) -> float:
-    xs = _steady(xs)
-    return sum(xs) / len(xs) if xs else 0.0
-
-
-def _steady_mean_dict(ds: list) -> dict:
-    ds = _steady(ds)
-    out: dict = {}
-    for d in ds:
-        for k, v in d.items():
-            out[k] = out.get(k, 0.0) + v / len(ds)
-    return out
-
-
-def _pop(stack: list, node) -> bool:
-    """Remove the most recent ``node`` from a module stack (not always the top in backward)."""
-    for j in range(len(stack) - 1, -1, -1):
-        if stack[j] is node:
-            del stack[j]
-            return True
-    return False
-
-
-def _tensors(tree) -> list:
-    """The tensors in a module's arguments or outputs (fast for the usual tuple of tensors)."""
-    if type(tree) is tuple and len(tree) == 2 and type(tree[0]) is tuple and not tree[1]:
-        if all(isinstance(a, torch.Tensor) for a in tree[0]):
-            return list(tree[0])
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
-def _members(modules, attr: str):
-    """``(fqn, tensor)`` for the parameters (``attr="_parameters"``) or buffers of ``modules``, a module's
-    ``named_modules()``, each tensor once: what ``named_parameters()``/``named_buffers()`` give, without
-    walking the tree again."""
-    seen = set()
-    for prefix, m in modules:
-        for n, t in getattr(m, attr).items():
-            if t is None or id(t) in seen:
-                continue
-            seen.add(id(t))
-            yield (f"{prefix}.{n}" if prefix else n), t
-
-
-def _on_grads(tensors, fn, mode: str):
-    """Call ``fn`` when the gradient of one tensor (mode "any") or of all of them ("all") is computed.
-
-    One tensor: a pre-hook on the node that made it (``fn(grad_outputs)``), or a tensor hook on a leaf; the
-    engine runs both just before that node runs, once its gradients are all in. The node's pre-hook is the
-    cheaper of the two to add (a tensor hook gives the tensor a hook dictionary and a Python handle), and
-    much cheaper than ``register_multi_grad_hook``. Several with "all": :func:`_on_all_grads`, which
-    counts instead of keeping the gradients."""
-    if len(tensors) == 1:
-        t = tensors[0]
-        node = t.grad_fn
-        return t.register_hook(fn) if node is None else node.register_prehook(fn)
-    if mode == "all":
-        return _on_all_grads(tensors, fn)
-    return register_multi_grad_hook(tensors, fn, mode=mode)
-
-
-class _GradHooks:
-    """The tracker's calls for one tensor's gradient, run in the order they were added by one hook: on the
-    node that made the tensor (a pre-hook), or on the tensor if it is a leaf. The engine calls Python once
-    for it instead of once per module boundary at that tensor."""
-
-    __slots__ = ("calls", "ref", "version")
-
-    def __init__(self, t) -> None:
-        self.calls: list = []
-        self.ref = weakref.ref(t)  # the tensor it is for; a later tensor with the same id gets its own
-        self.version = t._version  # an in-place op since gives the tensor another node
-
-    def __call__(self, _grad):
-        for call in self.calls:
-            call(_grad)
-
-
-class _Handles:
-    """Removes several hook handles at once."""
-
-    __slots__ = ("handles",)
-
-    def __init__(self, handles) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def _on_all_grads(tensors, fn):
-    """``fn(None)`` once the gradients of all ``tensors`` that this backward computes have been computed.
-
-    ``register_multi_grad_hook(mode="all")`` gives the same signal but keeps every gradient alive until the
-    last one arrives, which would put memory into the tracked step that the untracked step frees earlier.
-    This only counts, per backward run, against the number of the tensors' nodes the engine will execute.
-    """
-    from torch.autograd.graph import _get_grad_fn_or_grad_acc
-
-    nodes = [_get_grad_fn_or_grad_acc(t) for t in tensors]
-    pending: dict[int, int] = {}  # graph task id -> gradients still to come
-    lock = threading.Lock()
-
-    def hook(_grad):
-        task = _graph_task_id()
-        with lock:
-            left = pending.get(task)
-            if left is None:
-                left = sum(map(torch._C._will_engine_execute_node, nodes))
-            left -= 1
-            if left > 0:
-                pending[task] = left
-                return
-            pending.pop(task, None)
-        fn(None)
-
-    return _Handles([t.register_hook(hook) for t in tensors])
-
-
-def _remove_hook(handle, iterating: bool) -> None:
-    """Remove a hook, also from inside ``Optimizer.step``'s loop over its post-hooks (``iterating``).
-
-    That loop iterates the global post-hook ``OrderedDict``; deleting from it mid-iteration raises, except
-    for the entry the iterator has just returned when it is the last one (the iterator has then already
-    finished). Our post-hook is normally last; when a later one was added inside the tracked block, ours is
-    made inert and removed at the next optimizer step by :func:`_sweep_later`.
-    """
-    hooks = handle.hooks_dict_ref()
-    if hooks is None or handle.id not in hooks:
-        return
-    if not iterating or next(reversed(hooks)) == handle.id:
-        handle.remove()
-        return
-    hooks[handle.id] = _inert
-    _sweep_later(handle, into_pre=True)
-
-
-def _inert(*_args, **_kwargs) -> None:
-    """What a hook that could not be removed yet is replaced by."""
-
-
-def _sweep_later(handle, into_pre: bool) -> None:
-    """Remove ``handle`` (an inert entry of the global optimizer hook dict being iterated now) from a one-shot
-    hook in the other global dict (pre-hooks with ``into_pre``), which runs at the next optimizer step while
-    ``handle``'s dict is not iterated. The sweeper removes itself the same way: at once when it is the last
-    entry of its dict, else from the other dict at its next run."""
-    register = register_optimizer_step_pre_hook if into_pre else register_optimizer_step_post_hook
-    own: list = []
-
-    def sweep(*_args, **_kwargs):
-        handle.remove()
-        mine = own[0]
-        d = mine.hooks_dict_ref()
-        if d is None or mine.id not in d:
-            return
-        if next(reversed(d)) == mine.id:
-            mine.remove()
-        else:
-            d[mine.id] = _inert
-            _sweep_later(mine, into_pre=not into_pre)
-
-    own.append(register(sweep))
-
-
-def _sort_key(name: str):
-    return [int(p) if p.isdigit() else p for p in name.split(".")] if name else []
-
-
-def _op(op) -> str:
-    try:
-        return op.overloadpacket.__name__
-    except AttributeError:
-        return str(op)
+        return build_profile(
+            self.replay, self.ledger.devices, self._cuda_facts, created=self._created, dist_env=self._dist_env,
+            environment=self._environment, notes=self._notes, replayed_steps=self._steps.replayed,
+            device_memory=self._device_memory, estimated=self._estimated, assumptions=self._assumptions,
+            max_samples=self._max_samples)
 
 
 def track(model=None, optimizer=None, **kwargs) -> Tracker:
