@@ -50,7 +50,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # Modules whose code keeps tracker state consistent only if it runs to the end (a signal there is recorded).
 _DEFER_FILES = frozenset(os.path.join(_HERE, name) for name in (
     "ledger.py", "tracker.py", "native.py", "scratch.py", "optpattern.py", "replay.py", "interrupts.py",
-    "records.py", "recorded.py", "op_kinds.py", "cuda_blocks.py",
+    "records.py", "ledger_recording.py", "op_kinds.py", "cuda_blocks.py",
     # the tracker's parts
     "boundaries.py", "clock.py", "device_watch.py", "hierarchy.py", "optimizer_steps.py", "patches.py",
     "phases.py", "profile_builder.py", "recorded_backward.py"))

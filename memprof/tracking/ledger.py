@@ -38,8 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from ..categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
 from . import interrupts as _interrupts
 from .cuda_blocks import cuda_block_bytes
+from .ledger_recording import LedgerRecording
 from .op_kinds import ALIAS, FRESH, INPLACE, LIFT, VIEW, classify, real_tensors
-from .recorded import RecordedBackward
 from .records import FreeRef, ModuleNode, PatternRun, StorageRecord, expand_pattern_runs
 
 __all__ = ["StorageRecord", "ModuleNode", "PatternRun", "Ledger", "expand_pattern_runs", "real_tensors"]
@@ -69,12 +69,12 @@ def _dynamo_skipper():
 _skip_code = _dynamo_skipper()
 
 
-class Ledger(RecordedBackward, TorchDispatchMode):
+class Ledger(LedgerRecording, TorchDispatchMode):
     """Records storages made by ops (and found already live) into an append-only event log.
 
     ``events`` holds ``(record, delta_bytes)``; ``prelude`` holds storages found already live during the
     current step (counted from the step's start); ``marks`` hold module/phase boundaries at event positions.
-    Backward on the allocation recorder is :class:`.recorded.RecordedBackward`'s part.
+    Backward on the allocation recorder is :class:`.ledger_recording.LedgerRecording`'s part.
     """
 
     @classmethod

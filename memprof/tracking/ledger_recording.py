@@ -6,21 +6,21 @@ than everything else in a backward, results/floors.json) and the ledger reads th
 allocation and free the host allocator reports, op scratch included. Each allocation becomes a record of
 the phase and module it happened in, with no shape or op, logged when the recorder is drained: at phase
 marks, when a storage is claimed and when backward ends. Module boundaries inside backward
-(:meth:`RecordedBackward.defer_mark`) and frees of storages the ledger follows (their weakrefs) wait for
+(:meth:`LedgerRecording.defer_mark`) and frees of storages the ledger follows (their weakrefs) wait for
 the drain, each placed at the recorder's count when it happened, so the log keeps the allocator's order.
-Marks (:meth:`RecordedBackward.mark`, module and phase boundaries at event positions) are here because a
+Marks (:meth:`LedgerRecording.mark`, module and phase boundaries at event positions) are here because a
 mark must first log what the recorder saw before it.
 
 Known limits: an allocation is followed from its birth only once a tensor claims it (a gradient); one no
-tensor claims stays counted, its free unseen (:attr:`~RecordedBackward.unfollowed`). Frees of memory the
+tensor claims stays counted, its free unseen (:attr:`~LedgerRecording.unfollowed`). Frees of memory the
 recorder did not see born are the ledger's followed storages (their weakrefs log them) or older memory,
 and are skipped.
 
-:class:`RecordedBackward` is a mixin of :class:`.ledger.Ledger` and shares its state: it uses the ledger's
+:class:`LedgerRecording` is a mixin of :class:`.ledger.Ledger` and shares its state: it uses the ledger's
 log (``events``, ``marks``, ``live``), its position (``phase``, ``phase_id``, ``cur``, ``op_clock``,
 ``timer``, ``on_backward``) and its bookkeeping (``_add``, ``_resized``, ``_device_named``, ``_on_free``);
 the ledger's free callback uses the recorder state set up here (``_pending``, :meth:`drain`,
-:meth:`~RecordedBackward._in_open_backward`).
+:meth:`~LedgerRecording._in_open_backward`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from .cuda_blocks import cuda_block_bytes
 from .native import device_name as _native_device_name
 from .records import FreeRef, ModuleNode, StorageRecord
 
-__all__ = ["RecordedBackward"]
+__all__ = ["LedgerRecording"]
 
 _graph_task_id = torch._C._current_graph_task_id
 
 
-class RecordedBackward:
+class LedgerRecording:
     """The ledger's methods for a backward taken from the allocation recorder (see the module's docstring)."""
 
     def _init_recording(self) -> None:
