@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..categories import BACKWARD, FORWARD, INPUT, OTHER, PARAM
 from .ledger import real_tensors
+from .marks import BACKWARD_IN, BACKWARD_OUT, FORWARD_IN, FORWARD_OUT, RECOMPUTE_IN, RECOMPUTE_OUT
 
 __all__ = ["Boundaries", "on_grads", "on_all_grads"]
 
@@ -110,7 +111,7 @@ class Boundaries:
         if _graph_task_id() != -1:  # recomputation inside backward (activation checkpointing)
             self.fstack.append(node)
             led.cur = node
-            led.mark("R+", node)
+            led.mark(RECOMPUTE_IN, node)
             return
         if led.phase != FORWARD:
             self.begin_forward()
@@ -119,7 +120,7 @@ class Boundaries:
         self.fstack.append(node)
         led.cur = node
         node.clock_in = led.op_clock
-        led.mark("F+", node)
+        led.mark(FORWARD_IN, node)
 
     def fw_post(self, mod, args, *rest):
         # (kwargs, output) normally; torch calls always_call hooks with (output) only when forward raised.
@@ -130,9 +131,9 @@ class Boundaries:
         led = self.ledger
         led.cur = self.current()
         if _graph_task_id() != -1:
-            led.mark("R-", node)
+            led.mark(RECOMPUTE_OUT, node)
             return
-        led.mark("F-", node)
+        led.mark(FORWARD_OUT, node)
         node.clock_out = led.op_clock
         inputs = None
         if node.parent is None:
@@ -199,14 +200,14 @@ class Boundaries:
             self.enter_backward()
         self.bstack.append(node)
         led.cur = self.current()
-        led.defer_mark("B+", node)
+        led.defer_mark(BACKWARD_IN, node)
 
     def bw_post(self, node, _grads):
         if not self.running or not _pop(self.bstack, node):
             return
         led = self.ledger
         led.cur = self.current()
-        led.defer_mark("B-", node)
+        led.defer_mark(BACKWARD_OUT, node)
 
 
 def _pop(stack: list, node) -> bool:

@@ -53,7 +53,7 @@ _DEFER_FILES = frozenset(os.path.join(_HERE, name) for name in (
     "records.py", "ledger_recording.py", "op_kinds.py", "cuda_blocks.py",
     # the tracker's parts
     "boundaries.py", "clock.py", "device_watch.py", "hierarchy.py", "optimizer_steps.py", "patches.py",
-    "phases.py", "profile_builder.py", "recorded_backward.py"))
+    "phases.py", "profile_builder.py", "recorded_backward.py", "marks.py"))
 _PASS: set = set()  # code objects under which the user's code runs and exceptions pass through
 
 pending = False  # something was recorded (read per op by the ledger: keep it a plain module attribute)

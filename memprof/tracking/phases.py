@@ -24,6 +24,7 @@ import torch
 
 from ..categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE
 from .ledger import expand_pattern_runs
+from .marks import BACKWARD_OUT, PHASE
 
 __all__ = ["BACKLOG_EVENTS", "Phases", "StepBacklog"]
 
@@ -67,7 +68,7 @@ class Phases:
         led = self.ledger
         led.phase_id += 1
         led.phase = phase
-        led.mark("P", payload)
+        led.mark(PHASE, payload)
 
     def begin_forward(self) -> None:
         if self.after_opt:
@@ -131,7 +132,7 @@ class Phases:
         while self.bstack:
             node = self.bstack.pop()
             led.cur = self.current()
-            led.mark("B-", node)
+            led.mark(BACKWARD_OUT, node)
         led.cur = self.current()
         led.closed_task = _graph_task_id()
         self.set_phase(OTHER_PHASE)

@@ -25,6 +25,7 @@ from ..categories import (
     OPTIMIZER,
     OTHER_PHASE,
 )
+from .marks import BACKWARD_IN, BACKWARD_OUT, FORWARD_IN, FORWARD_OUT, FORWARD_SPAN, GAP_SPAN, PHASE, SPAN_OF
 
 __all__ = ["NodeStats", "Replay", "downsample"]
 
@@ -182,7 +183,7 @@ class Replay:
                 break
             last_t = t
             self._mark(kind, payload, t, index)
-            if kind == "P" and phase_after == BACKWARD:
+            if kind == PHASE and phase_after == BACKWARD:
                 micro_batches += 1
             if phase_after != self.phase:
                 samples.append((base + idx, self._ms(t), index, phase_after, cur_after, total, tuple(cat)))
@@ -191,7 +192,7 @@ class Replay:
             self.cur = cur_after
         self.total = total
         self.event_base += n_events
-        self.open = [e for e in self.open if e[1] != "G"]  # forwards whose backward never came (no grad)
+        self.open = [e for e in self.open if e[1] != GAP_SPAN]  # forwards whose backward never came (no grad)
 
         # Per-step module statistics.
         for node in self.nodes:
@@ -291,20 +292,20 @@ class Replay:
         }
 
     def _mark(self, kind, payload, t, step) -> None:
-        if kind == "F+" or kind == "B+":
+        if kind == FORWARD_IN or kind == BACKWARD_IN:
             st = self._node_stats(payload)
-            if kind == "F+":
+            if kind == FORWARD_IN:
                 st.step_calls += 1
                 st.step_levels[0] = max(st.step_levels[0], self.total)
             else:
-                self._close(payload, "G", t)
+                self._close(payload, GAP_SPAN, t)
                 st.step_levels[1] = max(st.step_levels[1], self.total)
-            self.open.append([payload, kind[0], self.total, self.total, t])
-        elif kind == "F-" or kind == "B-":
-            self._close(payload, kind[0], t)
-            if kind == "F-":  # the gap until this module's backward starts
-                self.open.append([payload, "G", self.total, self.total, t])
-        elif kind == "P" and payload is not None:
+            self.open.append([payload, SPAN_OF[kind], self.total, self.total, t])
+        elif kind == FORWARD_OUT or kind == BACKWARD_OUT:
+            self._close(payload, SPAN_OF[kind], t)
+            if kind == FORWARD_OUT:  # the gap until this module's backward starts
+                self.open.append([payload, GAP_SPAN, self.total, self.total, t])
+        elif kind == PHASE and payload is not None:
             self._activations(payload)
 
     def _close(self, node, kind, t) -> None:
@@ -320,12 +321,12 @@ class Replay:
         if j > 0 and true_max > open_[j - 1][3]:
             open_[j - 1][3] = true_max
         st = self._node_stats(node)
-        if kind == "G":
+        if kind == GAP_SPAN:
             st.step_levels[2] = max(st.step_levels[2], true_max)
             return
         rise = true_max - entry[2]
         dt = (self.time_of(t) - self.time_of(entry[4])) * 1e3
-        if kind == "F":
+        if kind == FORWARD_SPAN:
             st.fwd_peak = max(st.fwd_peak, rise)
             st.step_fwd_ms += dt
         else:
@@ -333,7 +334,7 @@ class Replay:
             st.step_bwd_ms += dt
 
     def close_all(self, t) -> None:
-        self.open = [e for e in self.open if e[1] != "G"]
+        self.open = [e for e in self.open if e[1] != GAP_SPAN]
         while self.open:
             node, kind = self.open[-1][0], self.open[-1][1]
             self._close(node, kind, t)
