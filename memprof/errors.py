@@ -44,9 +44,13 @@ class DeviceMemoryExceeded(MemprofError):
     """Tracked memory went over a rehearsed device capacity (``device_memory=``).
 
     ``profile`` holds what was live at that moment: the peak of the partial profile is the allocation that
-    would not have fit.
+    would not have fit; ``op`` is the op that would have allocated it and ``capacity_bytes`` the rehearsed
+    capacity (when the tracker raised it).
     """
 
-    def __init__(self, message: str, profile: object = None) -> None:
+    def __init__(self, message: str, profile: object = None, *, op: str = "",
+                 capacity_bytes: int | None = None) -> None:
         super().__init__(message)
         self.profile = profile
+        self.op = op
+        self.capacity_bytes = capacity_bytes

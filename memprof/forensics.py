@@ -14,9 +14,10 @@ that held the largest live tensors, and those tensors themselves. Two sources:
 
 Known limits: per-module totals are sums over the largest live tensors the tracker kept (``top_tensors``,
 20 by default), not over everything live; memory an op allocates inside itself on CUDA is not in the
-partial profile of a real OOM. Three facts are read from text, as no structured field holds them: the
-rehearsed capacity from the profile's note, the op from a rehearsal's error message, and the requested
-amount from torch's CUDA error message. The library only returns text: the CLI prints it. Torch-free: a
+partial profile of a real OOM. A rehearsal's op and capacity are the error's fields
+(:class:`~memprof.errors.DeviceMemoryExceeded`); two facts are read from text, as no structured field
+holds them: the rehearsed capacity of a profile loaded from a file (its note) and the requested amount
+from torch's CUDA error message. The library only returns text: the CLI prints it. Torch-free: a
 CUDA out-of-memory error is recognised only when torch is already imported (it raised the error).
 """
 
@@ -47,7 +48,6 @@ def _is_torch_oom(error: BaseException) -> bool:
 
 # Read from text that no structured field holds (see the module's limits): the op in the tracker's
 # DeviceMemoryExceeded message, the amount in torch's CUDA error message, the limit in the tracker's note.
-_OP = re.compile(r" at (\S+) in ")
 _TRIED = re.compile(r"Tried to allocate ([0-9.]+ ?[KMGT]i?B)")
 _REHEARSED = re.compile(r"rehearsed device memory: (\d+) bytes")
 
@@ -157,7 +157,9 @@ def _capacity(prof: Profile, cause: OomCause | None, capacity_bytes: int | None)
     """The capacity that ran out: given, else the rehearsed one, else a CUDA device's own."""
     if capacity_bytes is not None:
         return capacity_bytes
-    if cause is None or cause.kind == OomKind.REHEARSAL:
+    if cause is not None and getattr(cause.error, "capacity_bytes", None) is not None:
+        return cause.error.capacity_bytes
+    if cause is None or cause.kind == OomKind.REHEARSAL:  # a profile loaded from a file: its note says it
         for note in prof.notes:
             m = _REHEARSED.search(note)
             if m:
@@ -183,9 +185,9 @@ def _where(m: Moment) -> str:
 def _overview(prof: Profile, cause: OomCause | None, moment: Moment, capacity: int | None) -> list[tuple]:
     message = str(cause.error).strip() if cause is not None else ""
     where = _where(moment)
-    op = _OP.search(message) if cause is not None and cause.kind == OomKind.REHEARSAL else None
+    op = getattr(cause.error, "op", "") if cause is not None and cause.kind == OomKind.REHEARSAL else ""
     if op:
-        where += f" (op {op.group(1)})"
+        where += f" (op {op})"
     pairs = [("Where", where)]
     if message and cause.kind != OomKind.REHEARSAL:
         pairs.append(("Error", message.splitlines()[0]))

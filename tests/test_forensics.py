@@ -95,7 +95,8 @@ def _cuda_oom():
 
 
 def test_find_oom_takes_the_innermost_error_of_the_chain():
-    first = DeviceMemoryExceeded("tracked memory would reach 2 MiB, ... at aten.mm.default in module 'fc2', ...")
+    first = DeviceMemoryExceeded("tracked memory would reach 2 MiB, ... at aten.mm.default in module 'fc2', ...",
+                                 op="aten.mm.default", capacity_bytes=1 << 20)
     again = DeviceMemoryExceeded("... at profiler._record_function_exit._RecordFunction ...")  # while unwinding
     again.__context__ = first
     wrapped = RuntimeError("training failed")

@@ -85,7 +85,7 @@ class DeviceWatch:
         self.limit_exc = DeviceMemoryExceeded(
             f"tracked memory would reach {format_bytes(led.limited_total())}, over the device memory of "
             f"{format_bytes(self.device_memory)}, at {func} in {where}, {PHASES[led.phase]} phase of step "
-            f"{self.phases.step_index}"
+            f"{self.phases.step_index}", op=str(func), capacity_bytes=self.device_memory
         )
         raise self.limit_exc
 
