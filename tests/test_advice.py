@@ -52,3 +52,13 @@ def test_the_report_prints_the_advice_of_a_profile_with_allocator_slack(cpu_prof
     text = render(prof, "table")
     assert "Advice       cuda:0: the CUDA caching allocator reserved 40.00 GiB" in text
     assert "Advice" not in render(cpu_profile, "table")
+
+
+def test_a_plan_of_a_profile_with_allocator_slack_says_the_setting_and_one_without_does_not(cpu_profile):
+    from memprof.policy.engine import plan
+
+    budget = cpu_profile.peak_bytes  # fits as it is: the advice is said whatever the plan
+    slack = _with_devices(cpu_profile, *cpu_profile.devices, _cuda(0, 40 * GiB, 30 * GiB))
+    said = [line for line in plan(slack, budget).explanation if EXPANDABLE in line]
+    assert len(said) == 1 and "returns up to 10.00 GiB" in said[0] and "not applied by this plan" in said[0]
+    assert not [line for line in plan(cpu_profile, budget).explanation if EXPANDABLE in line]

@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import dataclass
 
 from .._version import __version__
+from ..advice import allocator_advice
 from ..errors import MemprofError
 from ..hardware import resolve_capacity
 from ..plans import CheckpointChoice, FrontierPoint, Plan, Sharding, Source
@@ -380,6 +381,9 @@ def _make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, 
     base_ms = baseline.base_ms + baseline.comm_ms
     overhead = best.step_ms / base_ms - 1 if base_ms > 0 else 0.0
     explanation = _explain(prof, best, baseline, candidates, budget_bytes)
+    # Not a lever the plan applies (the allocator is configured before the process starts): said beside it.
+    explanation += [f"advice, not applied by this plan: {a.sentence()}; the plan's peaks are allocated bytes"
+                    for a in allocator_advice(prof)]
     assumptions = {
         "time": ("step time measured in the profile" if not prof.estimated else prof.assumptions.get("time", "")),
         "recompute": "a full checkpoint recomputes the unit's forward; selective recomputes all but matmuls "
