@@ -222,16 +222,18 @@ def test_the_torch_free_layers_import_without_torch():
     assert _fresh(code) == "[]"
 
 
-@pytest.mark.parametrize("what", ["help", "render"])
+@pytest.mark.parametrize("what", ["help", "render", "memprof report", "memprof diff"])
 def test_reading_and_rendering_a_profile_does_not_import_torch(tmp_path, what):
-    if what == "help":
-        code = ("import sys\nfrom click.testing import CliRunner\nfrom memprof.cli import main\n"
-                "r = CliRunner().invoke(main, ['--help'])\nassert r.exit_code == 0, r.output\n")
-    else:
-        from tests.report_fixtures import track_gpt
+    from tests.report_fixtures import track_gpt
 
-        path = tmp_path / "p.json"
-        track_gpt().save(path)
+    path = tmp_path / "p.json"
+    track_gpt().save(path)
+    if what != "render":
+        args = {"help": ["--help"], "memprof report": ["report", str(path)],
+                "memprof diff": ["diff", str(path), str(path)]}[what]
+        code = ("import sys\nfrom click.testing import CliRunner\nfrom memprof.cli import main\n"
+                f"r = CliRunner().invoke(main, {args!r})\nassert r.exit_code == 0, r.output\n")
+    else:
         code = (f"import sys\nimport memprof\nprof = memprof.load({str(path)!r})\n"
                 "from memprof.report import render\nassert 'peak' in render(prof).lower()\n")
     assert _fresh(code + "print('torch' in sys.modules)") == "False"
