@@ -147,7 +147,7 @@ class Plan:
     budget_bytes: int
     world_size: int = 1
     device: str = ""  # e.g. "H100-80GB"; "" when the budget was given as a raw size
-    levers: tuple[str, ...] = ()  # those the engine could use: "checkpoint", "precision", "sharding"
+    levers: tuple[str, ...] = ()  # those the engine could use (memprof.vocab.LEVERS)
     predicted_peak_bytes: int
     baseline_step_ms: float  # the profile's step time, no plan applied
     predicted_step_ms: float
@@ -155,6 +155,7 @@ class Plan:
     precision: str = "fp32"  # "fp32" | "bf16-autocast" | "fp16-autocast" | "bf16" (params and optimizer in bf16)
     sharding: Sharding = Sharding()
     checkpoint: tuple[CheckpointChoice, ...] = ()
+    loss_head_chunk_tokens: int = 0  # > 0: the loss head computed this many tokens at a time (0: as written)
     source: Source
     assumptions: Mapping[str, str] = field(default_factory=dict)  # what the prediction takes for granted
     explanation: tuple[str, ...] = ()  # why, in sentences, one per line of the file
@@ -187,6 +188,7 @@ class Plan:
                 raise PlanValueError("predicted_overhead", f"{self.predicted_overhead!r} does not match "
                                      f"predicted_step_ms / baseline_step_ms - 1 = {expected!r}")
         check_str_field(self, "precision", choices=PRECISIONS)
+        check_int_field(self, "loss_head_chunk_tokens")
         if not isinstance(self.sharding, Sharding):
             raise PlanValueError("sharding", f"expected a Sharding, got {kind_of(self.sharding)}")
         s = self.sharding
@@ -239,6 +241,7 @@ class Plan:
             "predicted_step_ms": self.predicted_step_ms,
             "predicted_overhead": self.predicted_overhead,
             "precision": self.precision,
+            "loss_head_chunk_tokens": self.loss_head_chunk_tokens,
             "explanation": list(self.explanation),
             "sharding": part_dict(self.sharding),
             "source": part_dict(self.source),
@@ -268,7 +271,8 @@ class Plan:
 
 
 
-_OPTIONAL = MappingProxyType({"assumptions": MappingProxyType({}), "explanation": (), "frontier": ()})
+_OPTIONAL = MappingProxyType({"assumptions": MappingProxyType({}), "explanation": (), "frontier": (),
+                              "loss_head_chunk_tokens": 0})
 
 
 def _plan_from_dict(data: Mapping[str, Any]) -> Plan:

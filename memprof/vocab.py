@@ -41,9 +41,10 @@ recomputed in backward), ``selective`` (cheap ops recomputed, matmul and attenti
 CHECKPOINT_MODES: tuple[CheckpointMode, ...] = get_args(CheckpointMode)
 RECOMPUTE_MODES: tuple[CheckpointMode, ...] = ("full", "selective")
 
-Lever = Literal["checkpoint", "precision", "sharding"]
+Lever = Literal["checkpoint", "precision", "sharding", "loss-head"]
 """What the planner may change: activation checkpointing per unit, the precision, FSDP sharding (with CPU
-offload)."""
+offload), loss-head chunking (the output projection and cross-entropy a chunk of tokens at a time,
+:mod:`memprof.policy.loss_head`)."""
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 
 Optimizer = Literal["adamw", "adamw-forloop", "adamw-foreach", "adamw-fused",

@@ -27,7 +27,8 @@ def parse_levers(text: str) -> tuple[str, ...]:
 @click.option("--budget", required=True, metavar="SIZE|DEVICE", help="Per-device budget: 24GiB, 80GB or H100-80GB.")
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--levers", default="checkpoint", show_default=True, metavar="LIST",
-              help="Comma-separated: checkpoint, precision, sharding (FSDP strategies and CPU offload).")
+              help="Comma-separated: checkpoint, precision, sharding (FSDP strategies and CPU offload), loss-head "
+                   "(the output projection and cross-entropy a chunk of tokens at a time).")
 @click.option("--units", "unit_patterns", multiple=True, metavar="PATTERN",
               help="Units to checkpoint: class name or FQN glob (default: the repeated blocks).")
 @click.option("--precision", "current_precision", default=None, help="The precision the profile was taken in.")
@@ -89,7 +90,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
                                 "cpu" if prof.environment.device == "cpu" else "cuda", budget,
                                 description=description,
                                 cache_key=describe_hf(hf, batch_size, seq_len) if catalog else None)
-    elif "precision" in lever_list or "sharding" in lever_list:
+    elif "precision" in lever_list or "sharding" in lever_list or "loss-head" in lever_list:
         source = source_from_profile(prof, device_memory=budget)
     try:
         result = plan(prof, budget, world_size=world_size, levers=lever_list, units=list(unit_patterns) or None,

@@ -240,6 +240,10 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
         if "sharding" in lever_list:
             raise click.BadParameter("--budget cannot shard a running script; plan with `memprof plan`",
                                      param_hint="--levers")
+        if "loss-head" in lever_list:
+            from ..policy.auto import LOSS_HEAD_NOT_LIVE
+
+            raise MemprofError(LOSS_HEAD_NOT_LIVE)
         _, budget_bytes = resolve_capacity(budget)
         if not budget_bytes:
             raise MemprofError(f"--budget must be a positive size or a device name, got {budget!r}")

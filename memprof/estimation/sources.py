@@ -15,6 +15,7 @@ the process, so that later planner calls on the same model reuse them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +69,15 @@ class EstimateSource:
         (:mod:`memprof.estimation.prefetch`); returns how many were made there."""
 
         return prefetch(self, keys)
+
+    def derived(self, transform: Callable, tag: str) -> EstimateSource:
+        """The same model with ``transform(model)`` applied after it is built (a lever applied in code, e.g.
+        loss-head chunking), estimated and cached apart; ``tag`` names the transform in the description and
+        the shared cache key."""
+        build = self.build_model
+        return dataclasses.replace(self, build_model=lambda: transform(build()),
+                                   description=f"{self.description} ({tag})" if self.description else tag,
+                                   cache_key=f"{self.cache_key}|{tag}" if self.cache_key else None, _cache={})
 
     def _shared_key(self, key: tuple):
         if self.cache_key is None or self.step is not None:

@@ -7,6 +7,8 @@
   by one that runs the original under non-reentrant ``torch.utils.checkpoint`` — RNG state preserved, so
   dropout recomputes the same masks — with the selective policy of :mod:`memprof.policy.selective` for
   "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
+* loss-head chunking (``plan.loss_head_chunk_tokens`` > 0): :func:`memprof.policy.loss_head.chunk_loss_head`
+  on the model's output head (the full logits and their gradient never exist at once).
 * precision: autocast around the root's forward (bf16/fp16-autocast); for fp16 a ``GradScaler`` that needs
   no change to the training loop (the root outputs' gradients are scaled by a hook, in each output's own
   dtype; ``optimizer.step`` is replaced by one that unscales, skips on inf/nan and updates the scale; pass
@@ -43,6 +45,7 @@ from ..plans import Plan
 from ..sharding import shard_model
 from ..training import autocast, cast_floating
 from ..vocab import AUTOCAST_PRECISIONS, RECOMPUTE_MODES
+from .loss_head import chunk_loss_head
 from .selective import context_fn as selective_context
 
 __all__ = ["apply", "ApplyHandle", "ApplyError", "resolve_units"]
@@ -215,6 +218,8 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
             if mode in RECOMPUTE_MODES:
                 _swap_forward(handle, model.get_submodule(fqn), lambda f, m=mode: _checkpointed(f, m))
                 handle.units[fqn] = mode
+        if plan.loss_head_chunk_tokens:
+            handle._undo.append(chunk_loss_head(model, chunk_tokens=plan.loss_head_chunk_tokens).remove)
         _apply_precision(handle, model, plan.precision, device_type, optimizer)
         if strategy != "none":
             shard_model(model, strategy, [u for u in units], precision=plan.precision, device_type=device_type,

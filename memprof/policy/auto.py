@@ -72,6 +72,11 @@ def first_call_context(plan, model):
     return None
 
 
+# The live path measures each lever's effect in the loop before it plans; loss-head chunking is not among them.
+LOSS_HEAD_NOT_LIVE = ("loss-head chunking is weighed on estimates, not in a running loop: plan it with `memprof plan "
+                      "PROFILE --levers checkpoint,loss-head --hf NAME|--model PKG.MOD:FACTORY` (or memprof.plan with "
+                      "source=), then run the script with --policy PLAN")
+
 def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str = "adamw",
          profile_path: str | None = "memprof.json", plan_path: str | None = "memprof-plan.toml"):
     """Decorate a training function: fit it into ``budget`` by planning and applying on the fly."""
@@ -83,6 +88,8 @@ def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str 
     if "sharding" in levers:
         raise MemprofError("@memprof.auto cannot shard mid-training (FSDP replaces the parameters your optimizer "
                            "holds): plan with `memprof plan --levers sharding` and apply before the optimizer")
+    if "loss-head" in levers:
+        raise MemprofError(LOSS_HEAD_NOT_LIVE)
     _, budget_bytes = resolve_capacity(budget)
     if not budget_bytes:
         raise MemprofError(f"budget must be a positive size or a device name, got {budget!r}")

@@ -29,6 +29,7 @@ class Candidate:
     host_copy_ms: float = 0.0  # offload's host <-> device copies not hidden by compute
     cpu_step_ms: float = 0.0  # offload's optimizer step on the CPU
     host_bytes: int = 0  # offload: host memory per rank at its highest (in the optimizer step)
+    loss_head_chunk_tokens: int = 0  # > 0: the loss head chunked by this many tokens
 
     @property
     def offload_ms(self) -> float:
@@ -37,6 +38,8 @@ class Candidate:
     def describe(self) -> str:
         modes = list(self.solution.choices)
         parts = [self.precision, sharding_words(self.sharding, self.offload)]
+        if self.loss_head_chunk_tokens:
+            parts.append(loss_head_words(self.loss_head_chunk_tokens))
         counted = {m: modes.count(m) for m in CHECKPOINT_MODES if modes.count(m)}
         if counted.get("full") or counted.get("selective"):
             parts.append(", ".join(f"{n} of {len(modes)} units {m}" for m, n in counted.items() if m != "keep"))
@@ -54,7 +57,12 @@ def describe_config(precision: str, sharding: str, offload: bool) -> str:
     return f"{precision} with {sharding_words(sharding, offload)}"
 
 
-def describe_choice(precision: str, sharding: str, choices, offload: bool = False) -> str:
+def loss_head_words(chunk_tokens: int) -> str:
+    return f"loss head chunked by {chunk_tokens} tokens"
+
+
+def describe_choice(precision: str, sharding: str, choices, offload: bool = False, loss_head: int = 0) -> str:
     counted = {m: list(choices).count(m) for m in RECOMPUTE_MODES}
     ck = ", ".join(f"{n}/{len(choices)} {m}" for m, n in counted.items() if n) or "no checkpointing"
-    return f"{precision}, {sharding_words(sharding, offload)}, {ck}"
+    head = f", {loss_head_words(loss_head)}" if loss_head else ""
+    return f"{precision}, {sharding_words(sharding, offload)}{head}, {ck}"

@@ -24,6 +24,7 @@ from ..vocab import AUTOCAST_PRECISIONS, CHECKPOINT_MODES, LEVERS, PRECISIONS, S
 from .candidates import Candidate, describe_choice, describe_config
 from .chain import chain_model, find_units
 from .costs import CommModel, comm_ms, offload_ms
+from .loss_head import DEFAULT_CHUNK_TOKENS, LossHeadError, chunk_loss_head
 from .plan_words import baseline_candidate, infeasible_budget, make_plan
 from .solver import InfeasibleBudget, frontier, min_peak, solve_dp
 
@@ -75,11 +76,19 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
     return fp32_param_bytes, fp32_param_bytes
 
 
+def _chunked(chunk_tokens: int):
+    """The loss-head lever as a model transform, for estimating the model with it applied."""
+    def transform(model):
+        chunk_loss_head(model, chunk_tokens=chunk_tokens)
+        return model
+    return transform
+
+
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
          source=None, precision: str | None = None, modes=CHECKPOINT_MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
          precisions: tuple[str, ...] | None = None, costs=None, precision_timing=None,
-         applicable=LEVERS) -> Plan:
+         applicable=LEVERS, loss_head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Plan:
     """The configuration with the least predicted step time whose predicted peak fits ``budget``.
 
     Args:
@@ -87,7 +96,9 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         budget: bytes, a size ("24GiB") or a device name ("H100-80GB").
         world_size: ranks the plan is for; FSDP strategies are considered only when > 1, CPU offload
             (FSDP2 ``CPUOffloadPolicy``) at any world size (at 1, as FSDP over a one-rank mesh).
-        levers: subset of ("checkpoint", "precision", "sharding"); "sharding" includes CPU offload.
+        levers: subset of ("checkpoint", "precision", "sharding", "loss-head"); "sharding" includes CPU
+            offload; "loss-head" weighs the model's loss head chunked by ``loss_head_chunk_tokens`` tokens
+            (:func:`memprof.policy.loss_head.chunk_loss_head`), estimated on ``source``.
         units: unit names/patterns (default: the profile's repeated blocks).
         source: an :class:`EstimateSource` for the configurations ``prof`` is not (other precisions, sharding).
         precision: the precision ``prof`` was taken in (default: its assumptions, else fp32).
@@ -100,6 +111,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             (:func:`memprof.policy.precision_timing.measure_precision_ratios`); they replace the modelled ratio
             of each precision they name. Without them other precisions' times are modelled, and the plan says so.
         applicable: the levers the caller can apply (a refusal suggests only those).
+        loss_head_chunk_tokens: the chunk the loss-head lever weighs.
     """
     levers = tuple(levers)
     for lever in levers:
@@ -142,6 +154,16 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                              key=lambda c: (c[1], SHARDING_STRATEGIES.index(c[0])))
     if "sharding" in levers and prof.environment.device == "cpu" and not any(o for _, o in configs):
         notes.append("CPU offload not weighed: on a CPU the host's memory is the device's")
+    heads = [0]  # loss-head chunk tokens: 0 = the head as the model computes it
+    head_source = None
+    if "loss-head" in levers:
+        if source is None:
+            raise UnweighableLeverError(("loss-head",), (f"the loss head chunked by {loss_head_chunk_tokens} tokens",))
+        heads.append(loss_head_chunk_tokens)
+        notes.append("loss-head chunking's step time modelled as no less than the head's as written (the "
+                     "roofline sees less memory traffic; on a CPU it measured 4-17% slower, results/levers.json)")
+        head_source = source.derived(_chunked(loss_head_chunk_tokens),
+                                     f"loss head chunked by {loss_head_chunk_tokens} tokens")
 
     base_measured_ms = prof.steady_step_ms
     full_params = prof.modules[""].param_bytes if "" in prof.modules else 0  # the given profile is unsharded
@@ -153,27 +175,33 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         if len(precisions) > 1 or len(configs) > 1:
             wanted.insert(0, (base_precision, "none", 1, None, False))
         source.prefetch(wanted)
-    if source is not None and (len(precisions) > 1 or len(configs) > 1):
+    if source is not None and (len(precisions) > 1 or len(configs) > 1 or len(heads) > 1):
         modelled_base = source.profile(base_precision, "none", 1).steady_step_ms
 
     candidates: list[Candidate] = []
     frontier_points: list[tuple[int, float, str]] = []
     unit_names = units
     for p in precisions:
-        for s, o in configs:
+        for (s, o), h in [(c, h) for c in configs for h in heads]:
             key = (p, s, o)
-            ps = profiles.get(key)
+            src = head_source if h else source
+            ps = None if h else profiles.get(key)
             if ps is None:
-                if source is None:
+                if src is None or (h and h not in heads):
                     continue
-                ps = source.profile(p, s, world_size if s != "none" else 1, shard_group_size, offload=o)
+                try:
+                    ps = src.profile(p, s, world_size if s != "none" else 1, shard_group_size, offload=o)
+                except LossHeadError as e:  # no head to chunk: the lever does not apply to this model
+                    notes.append(f"loss-head chunking not weighed: {e}")
+                    heads.remove(h)
+                    continue
             names = find_units(ps, unit_names) if unit_names else find_units(ps)
             measured = costs if (costs is not None and ps is prof) else None
             # Costs measured in the base precision stand for another precision too when its whole-step ratio
             # was measured on this device (unsharded): the step scales by it, recomputation (forward work) by
             # the forward's ratio when that was timed too.
             step_ratio = (precision_timing.ratios.get(p) if costs is not None and measured is None and s == "none"
-                          and not o and precision_timing is not None
+                          and not o and not h and precision_timing is not None
                           and getattr(precision_timing, "what", "") != "the model's forward" else None)
             if step_ratio is not None:
                 measured = costs
@@ -188,14 +216,18 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             if measured is not None:  # recomputation is forward work: priced by the forward's ratio if known
                 base_ms = measured.base_step_ms * (step_ratio or 1.0)
                 scale = precision_timing.forward.get(p, step_ratio) if step_ratio is not None else 1.0
-            elif key in profiles and ps.steady_step_ms:
+            elif not h and key in profiles and ps.steady_step_ms:
                 base_ms = ps.steady_step_ms
                 scale = 1.0
             else:
-                ratio = ps.steady_step_ms / modelled_base if modelled_base else 1.0
+                step_ms = ps.steady_step_ms
+                if h:  # chunking adds a loop over chunks: never priced below the head as written
+                    step_ms = max(step_ms, source.profile(p, s, world_size if s != "none" else 1, shard_group_size,
+                                                          offload=o).steady_step_ms)
+                ratio = step_ms / modelled_base if modelled_base else 1.0
                 measured_ratio = precision_timing.ratios.get(p) if precision_timing is not None else None
                 if measured_ratio is not None and modelled_base:  # this device's precision cost, not the model's
-                    unsharded = source.profile(p, "none", 1).steady_step_ms if s != "none" or o else 0.0
+                    unsharded = src.profile(p, "none", 1).steady_step_ms if s != "none" or o else 0.0
                     ratio = measured_ratio * (ps.steady_step_ms / unsharded if unsharded else 1.0)
                     scale = base_measured_ms * ratio / ps.steady_step_ms if ps.steady_step_ms else 1.0
                 else:
@@ -213,7 +245,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             fixed_ms = base_ms + exposed + copies + cpu_step
             for sol in frontier(model.problem):
                 peak = max(model.floor_bytes, sol.peak_bytes)
-                frontier_points.append((peak, fixed_ms + sol.extra_ms * scale, describe_choice(p, s, sol.choices, o)))
+                frontier_points.append((peak, fixed_ms + sol.extra_ms * scale,
+                                        describe_choice(p, s, sol.choices, o, loss_head=h)))
             try:
                 sol = solve_dp(model.problem) if model.floor_bytes <= budget_bytes else None
             except InfeasibleBudget:
@@ -225,7 +258,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 feasible = True
             peak = max(model.floor_bytes, sol.peak_bytes)
             cand = Candidate(p, s, sol, peak, fixed_ms + sol.extra_ms * scale, base_ms, exposed, tuple(names), ps,
-                             offload=o, host_copy_ms=copies, cpu_step_ms=cpu_step, host_bytes=host_peak)
+                             offload=o, host_copy_ms=copies, cpu_step_ms=cpu_step, host_bytes=host_peak,
+                             loss_head_chunk_tokens=h)
             candidates.append((feasible and peak <= budget_bytes, cand, model))
 
     if not candidates:
@@ -233,7 +267,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     feasible = [(c, m) for ok, c, m in candidates if ok]
     if not feasible:
         raise infeasible_budget(candidates, budget_bytes, levers, world_size, applicable)
-    best, best_model = min(feasible, key=lambda cm: (cm[0].step_ms, cm[0].peak_bytes))
+    # Ties: a lever not needed stays off (chunking is priced at no cost), then the lower peak.
+    best, best_model = min(feasible, key=lambda cm: (cm[0].step_ms, cm[0].loss_head_chunk_tokens > 0, cm[0].peak_bytes))
     others = [p for p in precisions if p != base_precision]
     if others:
         timed = [p for p in others if precision_timing is not None and p in precision_timing.ratios]

@@ -25,7 +25,7 @@ def profile_hash(prof) -> str:
 def baseline_candidate(candidates, base_precision) -> Candidate:
     """The given configuration with nothing changed: the reference for the overhead."""
     for _, c, _model in candidates:
-        if c.precision == base_precision and c.sharding == "none" and not c.offload:
+        if c.precision == base_precision and c.sharding == "none" and not c.offload and not c.loss_head_chunk_tokens:
             return c
     return candidates[0][1]
 
@@ -118,7 +118,7 @@ def make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, d
         memprof_version=__version__, budget_bytes=budget_bytes, world_size=world_size, device=device,
         levers=tuple(levers), predicted_peak_bytes=best.peak_bytes, baseline_step_ms=base_ms,
         predicted_step_ms=best.step_ms, predicted_overhead=overhead, precision=best.precision,
-        sharding=sharding, checkpoint=choices,
+        sharding=sharding, checkpoint=choices, loss_head_chunk_tokens=best.loss_head_chunk_tokens,
         source=Source(profile_hash=profile_hash(prof), model=prof.assumptions.get("model", ""),
                       estimated=prof.estimated),
         assumptions=assumptions, explanation=tuple(explanation),
@@ -177,6 +177,14 @@ def explain(prof, best: Candidate, baseline: Candidate, candidates, budget_bytes
     if best.sharding != "none" and not best.offload:
         lines.append(f"FSDP {best.sharding}: per-rank peak {format_bytes(best.profile.peak_bytes)} before "
                      f"checkpointing; {best.comm_ms:.1f} ms of communication not hidden by compute.")
+    if best.loss_head_chunk_tokens:
+        plain = next((c for _, c, _m in candidates if not c.loss_head_chunk_tokens and c.precision == best.precision
+                      and c.sharding == best.sharding and c.offload == best.offload), None)
+        versus = (f" (vs {format_bytes(plain.profile.peak_bytes)} with the head as written)"
+                  if plain is not None else "")
+        lines.append(f"Loss head chunked by {best.loss_head_chunk_tokens} tokens: the full logits and their "
+                     f"gradient never exist at once; peak {format_bytes(best.profile.peak_bytes)} before "
+                     f"checkpointing{versus}.")
     lines += explain_offload(best, candidates)
     feasible = sorted((c for ok, c, _ in candidates if ok), key=lambda c: c.step_ms)
     lines.append(f"Chosen: {best.describe()} — predicted peak {format_bytes(best.peak_bytes)}, step "
