@@ -160,8 +160,6 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         if source is None:
             raise UnweighableLeverError(("loss-head",), (f"the loss head chunked by {loss_head_chunk_tokens} tokens",))
         heads.append(loss_head_chunk_tokens)
-        notes.append("loss-head chunking's step time modelled as no less than the head's as written (the "
-                     "roofline sees less memory traffic; on a CPU it measured 4-17% slower, results/levers.json)")
         head_source = source.derived(_chunked(loss_head_chunk_tokens),
                                      f"loss head chunked by {loss_head_chunk_tokens} tokens")
 
@@ -262,6 +260,9 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                              loss_head_chunk_tokens=h)
             candidates.append((feasible and peak <= budget_bytes, cand, model))
 
+    if len(heads) > 1:
+        notes.append("loss-head chunking's step time modelled as no less than the head's as written (the "
+                     "roofline sees less memory traffic; on a CPU it measured 4-17% slower, results/levers.json)")
     if not candidates:
         raise MemprofError("nothing to plan: no profile for the allowed configurations")
     feasible = [(c, m) for ok, c, m in candidates if ok]
