@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch  # noqa: I001
 from _common import MALLOC_HELP, use_caching_malloc, write_result
 from levers import llama_case, measured_peak, nanogpt_case, time_rows
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import memprof  # noqa: E402
 from memprof.estimation.sources import EstimateSource  # noqa: E402
 from memprof.policy.chain_problem import InfeasibleBudget  # noqa: E402
-from memprof.training import default_step  # noqa: E402
+from memprof.training import default_step, make_optimizer  # noqa: E402
 
 FRACTIONS = (0.5, 0.7)
 CHUNK = 256
@@ -44,12 +45,8 @@ def planned_build(build, plan):
 
 def run_case(label, case, reps) -> list[dict]:
     build, batch, _units = case(False)
-    plain_peak = measured_peak(build, batch, default_step)
-    import torch
-
-    from memprof.training import make_optimizer
-
-    torch.manual_seed(0)
+    plain_peak = measured_peak(build, batch, default_step)  # a fresh model's first two steps
+    torch.manual_seed(0)  # the profile planned from: two steady steps
     model, b = build(), batch()
     opt = make_optimizer("adamw", model.parameters())
     default_step(model, b, opt)

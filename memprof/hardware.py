@@ -2,7 +2,8 @@
 
 Totals are what ``nvidia-smi`` reports as total memory (MiB) for these boards in public listings — a little
 less than the marketing size (an "80GB" H100 shows 81559 MiB). Pass ``device_memory=`` (or
-``--device-memory``) for anything else, or when your driver reports another total.
+``--device-memory``) for anything else, or when your driver reports another total. :func:`host_spec`
+measures this machine's CPU once per process, for estimates of CPU steps.
 """
 
 from __future__ import annotations

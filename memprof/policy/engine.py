@@ -1,6 +1,9 @@
-"""The decision: checkpointing, precision and sharding under a memory budget, for the least step time.
+"""The decision: checkpointing, precision, sharding and loss-head chunking under a memory budget, for the least
+step time.
 
-For every configuration of the allowed levers — precision x sharding strategy x CPU offload (outer
+For every configuration of the allowed levers — precision x sharding strategy x CPU offload x loss head as
+written or chunked (the chunked one estimated on the model with :func:`memprof.policy.loss_head.chunk_loss_head`
+applied; its time priced no lower than the head as written, and on a tie it stays off) (outer
 enumeration; offload belongs to the sharding lever and is weighed at world size 1 too, as FSDP on one rank, but
 not for CPU profiles, where host memory is the device's) — the planner takes that configuration's profile (the
 one given, or an estimate of the same model from a :class:`~memprof.estimation.sources.EstimateSource`), builds
