@@ -156,6 +156,9 @@ class Plan:
     sharding: Sharding = Sharding()
     checkpoint: tuple[CheckpointChoice, ...] = ()
     loss_head_chunk_tokens: int = 0  # > 0: the loss head computed this many tokens at a time (0: as written)
+    micro_batches: int = 1  # > 1: each batch run as this many slices, gradients accumulated (the loop's part)
+    optimizer_in_backward: bool = False  # each parameter stepped as its gradient completes, the gradient freed
+    bf16_moments: bool = False  # Adam/AdamW moments kept in bf16
     source: Source
     assumptions: Mapping[str, str] = field(default_factory=dict)  # what the prediction takes for granted
     explanation: tuple[str, ...] = ()  # why, in sentences, one per line of the file
@@ -189,6 +192,12 @@ class Plan:
                                      f"predicted_step_ms / baseline_step_ms - 1 = {expected!r}")
         check_str_field(self, "precision", choices=PRECISIONS)
         check_int_field(self, "loss_head_chunk_tokens")
+        check_int_field(self, "micro_batches", minimum=1)
+        check_bool_field(self, "optimizer_in_backward")
+        check_bool_field(self, "bf16_moments")
+        if self.optimizer_in_backward and self.micro_batches > 1:
+            raise PlanValueError("optimizer_in_backward", "cannot step in backward while accumulating gradients "
+                                 f"over {self.micro_batches} micro-batches")
         if not isinstance(self.sharding, Sharding):
             raise PlanValueError("sharding", f"expected a Sharding, got {kind_of(self.sharding)}")
         s = self.sharding
@@ -242,6 +251,9 @@ class Plan:
             "predicted_overhead": self.predicted_overhead,
             "precision": self.precision,
             "loss_head_chunk_tokens": self.loss_head_chunk_tokens,
+            "micro_batches": self.micro_batches,
+            "optimizer_in_backward": self.optimizer_in_backward,
+            "bf16_moments": self.bf16_moments,
             "explanation": list(self.explanation),
             "sharding": part_dict(self.sharding),
             "source": part_dict(self.source),
@@ -272,7 +284,8 @@ class Plan:
 
 
 _OPTIONAL = MappingProxyType({"assumptions": MappingProxyType({}), "explanation": (), "frontier": (),
-                              "loss_head_chunk_tokens": 0})
+                              "loss_head_chunk_tokens": 0, "micro_batches": 1, "optimizer_in_backward": False,
+                              "bf16_moments": False})
 
 
 def _plan_from_dict(data: Mapping[str, Any]) -> Plan:

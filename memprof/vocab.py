@@ -41,10 +41,13 @@ recomputed in backward), ``selective`` (cheap ops recomputed, matmul and attenti
 CHECKPOINT_MODES: tuple[CheckpointMode, ...] = get_args(CheckpointMode)
 RECOMPUTE_MODES: tuple[CheckpointMode, ...] = ("full", "selective")
 
-Lever = Literal["checkpoint", "precision", "sharding", "loss-head"]
+Lever = Literal["checkpoint", "precision", "sharding", "loss-head", "micro-batches", "optimizer-in-backward",
+                "bf16-moments"]
 """What the planner may change: activation checkpointing per unit, the precision, FSDP sharding (with CPU
-offload), loss-head chunking (the output projection and cross-entropy a chunk of tokens at a time,
-:mod:`memprof.policy.loss_head`)."""
+offload), and the step levers (:mod:`memprof.policy.variants`): loss-head chunking (the output projection
+and cross-entropy a chunk of tokens at a time, :mod:`memprof.policy.loss_head`), micro-batches with gradient
+accumulation (:mod:`memprof.policy.microbatch`), the optimizer step in backward
+(:mod:`memprof.policy.step_in_backward`), bf16 Adam moments (:mod:`memprof.policy.state_precision`)."""
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 
 Optimizer = Literal["adamw", "adamw-forloop", "adamw-foreach", "adamw-fused",

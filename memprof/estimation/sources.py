@@ -70,12 +70,14 @@ class EstimateSource:
 
         return prefetch(self, keys)
 
-    def derived(self, transform: Callable, tag: str) -> EstimateSource:
+    def derived(self, transform: Callable | None, tag: str, step: Callable | None = None) -> EstimateSource:
         """The same model with ``transform(model)`` applied after it is built (a lever applied in code, e.g.
-        loss-head chunking), estimated and cached apart; ``tag`` names the transform in the description and
-        the shared cache key."""
+        loss-head chunking) and/or its step replaced by ``step(self.step)`` (a wrapper of the step, e.g.
+        micro-batches; given None for the default step), estimated and cached apart; ``tag`` names the change
+        in the description and the shared cache key."""
         build = self.build_model
-        return dataclasses.replace(self, build_model=lambda: transform(build()),
+        return dataclasses.replace(self, build_model=(lambda: transform(build())) if transform else build,
+                                   step=step(self.step) if step is not None else self.step,
                                    description=f"{self.description} ({tag})" if self.description else tag,
                                    cache_key=f"{self.cache_key}|{tag}" if self.cache_key else None, _cache={})
 

@@ -9,6 +9,12 @@
   "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
 * loss-head chunking (``plan.loss_head_chunk_tokens`` > 0): :func:`memprof.policy.loss_head.chunk_loss_head`
   on the model's output head (the full logits and their gradient never exist at once).
+* optimizer levers (pass ``optimizer=``): ``plan.bf16_moments`` keeps Adam/AdamW moments in bf16
+  (:func:`memprof.policy.state_precision.low_precision_state`), ``plan.optimizer_in_backward`` steps each
+  parameter in its post-accumulate-grad hook (:func:`memprof.policy.step_in_backward.step_in_backward`).
+* micro-batches (``plan.micro_batches`` > 1) belong to the training loop: ``handle.step`` is the step that runs
+  them (:func:`memprof.policy.microbatch.microbatched`, the signature of :func:`memprof.training.default_step`);
+  a loop of its own runs them by its own accumulation setting (the plan's explanation says how).
 * precision: autocast around the root's forward (bf16/fp16-autocast); for fp16 a ``GradScaler`` that needs
   no change to the training loop (the root outputs' gradients are scaled by a hook, in each output's own
   dtype; ``optimizer.step`` is replaced by one that unscales, skips on inf/nan and updates the scale; pass
@@ -94,6 +100,7 @@ class ApplyHandle:
         self.plan = plan
         self.units: dict[str, str] = {}
         self.irreversible: list[str] = []
+        self.step = None  # the training step that runs the plan's loop-side levers (micro-batches)
         self._undo: list = []
         self._removed = False
 
@@ -203,6 +210,14 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
                              f"torch.distributed process group is initialised (launch with torchrun{one})")
         if dist.get_world_size() != plan.world_size:
             raise ApplyError(f"the plan is for world size {plan.world_size}, this job has {dist.get_world_size()}")
+    needs = [w for w, on in (("the optimizer step in backward", plan.optimizer_in_backward),
+                             ("bf16 optimizer moments", plan.bf16_moments)) if on]
+    if needs and optimizer is None:
+        raise ApplyError(f"the plan uses {' and '.join(needs)}, which change the optimizer: "
+                         "apply(model, plan, optimizer=opt)")
+    if plan.optimizer_in_backward and (strategy != "none" or plan.precision == "fp16-autocast"):
+        raise ApplyError("the optimizer step in backward does not combine with FSDP sharding or fp16's gradient "
+                         "scaler; this plan asks for both")
     if plan.precision == "fp16-autocast" and optimizer is None:
         raise ApplyError("an fp16-autocast plan needs the optimizer for loss scaling: apply(model, plan, optimizer=opt)")
 
@@ -221,6 +236,22 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         if plan.loss_head_chunk_tokens:
             handle._undo.append(chunk_loss_head(model, chunk_tokens=plan.loss_head_chunk_tokens).remove)
         _apply_precision(handle, model, plan.precision, device_type, optimizer)
+        if plan.bf16_moments:
+            from .state_precision import low_precision_state
+
+            handle._undo.append(low_precision_state(optimizer).remove)
+        if plan.optimizer_in_backward:
+            from .step_in_backward import step_in_backward
+
+            handle._undo.append(step_in_backward(model, optimizer).remove)
+        if plan.micro_batches > 1:
+            from .microbatch import microbatched
+
+            handle.step = microbatched(plan.micro_batches)
+        else:
+            from ..training import default_step
+
+            handle.step = default_step
         if strategy != "none":
             shard_model(model, strategy, [u for u in units], precision=plan.precision, device_type=device_type,
                         shard_group_size=plan.sharding.shard_group_size if strategy == "hybrid" else None,

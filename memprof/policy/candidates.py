@@ -1,6 +1,7 @@
 """One configuration's answer under a budget (:class:`Candidate`) and the words configurations are named by.
 
-The planner (:mod:`.engine`) makes a candidate per precision x sharding x offload configuration it weighs;
+The planner (:mod:`.engine`) makes a candidate per precision x sharding x offload x step-variant
+configuration it weighs;
 :mod:`.plan_words` turns the chosen one and the others into the plan's explanation and frontier.
 """
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 from ..vocab import CHECKPOINT_MODES, RECOMPUTE_MODES
 from .solver import Solution
+from .variants import PLAIN, StepVariant
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,11 @@ class Candidate:
     host_copy_ms: float = 0.0  # offload's host <-> device copies not hidden by compute
     cpu_step_ms: float = 0.0  # offload's optimizer step on the CPU
     host_bytes: int = 0  # offload: host memory per rank at its highest (in the optimizer step)
-    loss_head_chunk_tokens: int = 0  # > 0: the loss head chunked by this many tokens
+    variant: StepVariant = PLAIN  # the step levers (loss head, micro-batches, optimizer placement and state)
+
+    @property
+    def loss_head_chunk_tokens(self) -> int:
+        return self.variant.loss_head_chunk_tokens
 
     @property
     def offload_ms(self) -> float:
@@ -38,8 +44,7 @@ class Candidate:
     def describe(self) -> str:
         modes = list(self.solution.choices)
         parts = [self.precision, sharding_words(self.sharding, self.offload)]
-        if self.loss_head_chunk_tokens:
-            parts.append(loss_head_words(self.loss_head_chunk_tokens))
+        parts += self.variant.words()
         counted = {m: modes.count(m) for m in CHECKPOINT_MODES if modes.count(m)}
         if counted.get("full") or counted.get("selective"):
             parts.append(", ".join(f"{n} of {len(modes)} units {m}" for m, n in counted.items() if m != "keep"))
@@ -57,12 +62,8 @@ def describe_config(precision: str, sharding: str, offload: bool) -> str:
     return f"{precision} with {sharding_words(sharding, offload)}"
 
 
-def loss_head_words(chunk_tokens: int) -> str:
-    return f"loss head chunked by {chunk_tokens} tokens"
-
-
-def describe_choice(precision: str, sharding: str, choices, offload: bool = False, loss_head: int = 0) -> str:
+def describe_choice(precision: str, sharding: str, choices, offload: bool = False,
+                    variant: StepVariant = PLAIN) -> str:
     counted = {m: list(choices).count(m) for m in RECOMPUTE_MODES}
     ck = ", ".join(f"{n}/{len(choices)} {m}" for m, n in counted.items() if n) or "no checkpointing"
-    head = f", {loss_head_words(loss_head)}" if loss_head else ""
-    return f"{precision}, {sharding_words(sharding, offload)}{head}, {ck}"
+    return ", ".join([precision, sharding_words(sharding, offload), *variant.words(), ck])

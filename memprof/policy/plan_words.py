@@ -25,7 +25,7 @@ def profile_hash(prof) -> str:
 def baseline_candidate(candidates, base_precision) -> Candidate:
     """The given configuration with nothing changed: the reference for the overhead."""
     for _, c, _model in candidates:
-        if c.precision == base_precision and c.sharding == "none" and not c.offload and not c.loss_head_chunk_tokens:
+        if c.precision == base_precision and c.sharding == "none" and not c.offload and c.variant.plain:
             return c
     return candidates[0][1]
 
@@ -118,7 +118,9 @@ def make_plan(prof, best: Candidate, model, baseline: Candidate, budget_bytes, d
         memprof_version=__version__, budget_bytes=budget_bytes, world_size=world_size, device=device,
         levers=tuple(levers), predicted_peak_bytes=best.peak_bytes, baseline_step_ms=base_ms,
         predicted_step_ms=best.step_ms, predicted_overhead=overhead, precision=best.precision,
-        sharding=sharding, checkpoint=choices, loss_head_chunk_tokens=best.loss_head_chunk_tokens,
+        sharding=sharding, checkpoint=choices, loss_head_chunk_tokens=best.variant.loss_head_chunk_tokens,
+        micro_batches=best.variant.micro_batches, optimizer_in_backward=best.variant.optimizer_in_backward,
+        bf16_moments=best.variant.bf16_moments,
         source=Source(profile_hash=profile_hash(prof), model=prof.assumptions.get("model", ""),
                       estimated=prof.estimated),
         assumptions=assumptions, explanation=tuple(explanation),
@@ -154,6 +156,48 @@ def explain_offload(best: Candidate, candidates) -> list[str]:
             f"optimizer step on the CPU){comm}."]
 
 
+_LEVER_WORDS = {
+    "loss-head": lambda v: (f"Loss head chunked by {v.loss_head_chunk_tokens} tokens: the full logits and their "
+                            "gradient never exist at once"),
+    "micro-batches": lambda v: (f"{v.micro_batches} micro-batches: each batch runs as {v.micro_batches} slices with "
+                                "the gradients accumulated, one slice's activations at a time"),
+    "optimizer-in-backward": lambda v: ("Optimizer step in backward: each parameter is stepped as its gradient "
+                                        "completes and the gradient freed"),
+    "bf16-moments": lambda v: "bf16 optimizer moments: Adam's two moments in bf16, half their bytes",
+}
+_WITHOUT = {"loss-head": {"loss_head_chunk_tokens": 0}, "micro-batches": {"micro_batches": 1},
+            "optimizer-in-backward": {"optimizer_in_backward": False}, "bf16-moments": {"bf16_moments": False}}
+
+
+def explain_variant(best: Candidate, candidates) -> list[str]:
+    """Each step lever of the chosen configuration: the bytes it saves and the time it adds, against the same
+    configuration without it (checkpointing solved again there), and how to run it where it is the loop's."""
+    import dataclasses
+
+    lines = []
+    same = {c.variant: c for _, c, _m in candidates if c.precision == best.precision and c.sharding == best.sharding
+            and c.offload == best.offload}
+    for lever in best.variant.levers:
+        line = _LEVER_WORDS[lever](best.variant)
+        other = same.get(dataclasses.replace(best.variant, **_WITHOUT[lever]))
+        if other is not None:
+            line += (f"; peak {format_bytes(best.profile.peak_bytes)} before checkpointing vs "
+                     f"{format_bytes(other.profile.peak_bytes)} without it "
+                     f"({format_bytes(other.profile.peak_bytes - best.profile.peak_bytes)} saved), step "
+                     f"{best.base_ms - other.base_ms:+.1f} ms")
+        lines.append(line + ".")
+    if best.variant.micro_batches > 1:
+        k = best.variant.micro_batches
+        lines.append(f"Micro-batches are the training loop's to run: memprof.apply returns the step that runs them "
+                     f"(handle.step, memprof.policy.microbatch.microbatched({k})); a script with its own loop sets its "
+                     f"accumulation instead (HF Trainer: per_device_train_batch_size / {k} with "
+                     f"gradient_accumulation_steps x {k}; nanoGPT: batch_size / {k}, gradient_accumulation_steps x {k}).")
+    if best.variant.optimizer_in_backward:
+        lines.append("The optimizer step in backward needs the optimizer (memprof.apply(model, plan, optimizer=opt)) "
+                     "and excludes gradient accumulation, gradient clipping and a GradScaler in the loop.")
+    return lines
+
+
 def explain(prof, best: Candidate, baseline: Candidate, candidates, budget_bytes) -> list[str]:
     lines = []
     keep_peak = baseline.profile.peak_bytes
@@ -177,14 +221,7 @@ def explain(prof, best: Candidate, baseline: Candidate, candidates, budget_bytes
     if best.sharding != "none" and not best.offload:
         lines.append(f"FSDP {best.sharding}: per-rank peak {format_bytes(best.profile.peak_bytes)} before "
                      f"checkpointing; {best.comm_ms:.1f} ms of communication not hidden by compute.")
-    if best.loss_head_chunk_tokens:
-        plain = next((c for _, c, _m in candidates if not c.loss_head_chunk_tokens and c.precision == best.precision
-                      and c.sharding == best.sharding and c.offload == best.offload), None)
-        versus = (f" (vs {format_bytes(plain.profile.peak_bytes)} with the head as written)"
-                  if plain is not None else "")
-        lines.append(f"Loss head chunked by {best.loss_head_chunk_tokens} tokens: the full logits and their "
-                     f"gradient never exist at once; peak {format_bytes(best.profile.peak_bytes)} before "
-                     f"checkpointing{versus}.")
+    lines += explain_variant(best, candidates)
     lines += explain_offload(best, candidates)
     feasible = sorted((c for ok, c, _ in candidates if ok), key=lambda c: c.step_ms)
     lines.append(f"Chosen: {best.describe()} — predicted peak {format_bytes(best.peak_bytes)}, step "
