@@ -121,8 +121,10 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
         applicable: the levers the caller can apply (a refusal suggests only those).
         loss_head_chunk_tokens: the chunk the loss-head lever weighs.
         variant_ratios: measured whole-step time of step variants (:class:`~memprof.policy.variants.StepVariant`)
-            over the step as written, on this device; without one a variant's time is modelled as no less
-            than the step as written, and the plan says so.
+            over the step as written, on this device (a dict, or the :class:`~memprof.policy.variant_timing.
+            VariantTiming` of :func:`~memprof.policy.variant_timing.measure_variant_ratios`), for the base
+            precision (or the timing's) unsharded; elsewhere, and without one, a variant's time is modelled as
+            no less than the step as written (nor than the variant less any one lever), and the plan says so.
     """
     levers = tuple(levers)
     for lever in levers:
@@ -136,7 +138,9 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
     base_precision = check_precision(precision or prof.assumptions.get("precision", "fp32"))
     base_sharding, base_offload = prof.sharding
     comm = comm or CommModel()
-    variant_ratios = dict(variant_ratios or {})
+    # measured variant ratios hold for the precision they were timed in, unsharded
+    ratio_precision = getattr(variant_ratios, "precision", base_precision)
+    variant_ratios = dict(variant_ratios.priced() if hasattr(variant_ratios, "priced") else variant_ratios or {})
     profiles = {_config_key(k): v for k, v in (profiles or {}).items()}
     profiles.setdefault((base_precision, base_sharding if world_size > 1 or base_offload else "none", base_offload,
                          PLAIN), prof)
@@ -191,7 +195,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
 
     candidates: list[Candidate] = []
     frontier_points: list[tuple[int, float, str]] = []
-    plain_time: dict[tuple, tuple[float, float, float]] = {}  # (p, s, o) -> (base_ms, scale, modelled step ms)
+    plain_time: dict[tuple, tuple] = {}  # (p, s, o) -> (base_ms, scale, modelled step ms, measured costs)
+    ratios: dict[tuple, float] = {}  # (p, s, o, variant) -> its step time over the plain step's
     unit_names = units
     for p in precisions:
         for (s, o), v in [(c, v) for c in configs for v in variants]:
@@ -213,6 +218,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                     continue
             names = find_units(ps, unit_names) if unit_names else find_units(ps)
             measured = costs if (costs is not None and ps is prof) else None
+            if not v.plain:  # a unit's recomputation costs the same whatever the step levers do
+                measured = plain_time[(p, s, o)][3]
             # Costs measured in the base precision stand for another precision too when its whole-step ratio
             # was measured on this device (unsharded): the step scales by it, recomputation (forward work) by
             # the forward's ratio when that was timed too.
@@ -227,12 +234,15 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 if _SELECTIVE_AUTOCAST_NOTE not in notes:
                     notes.append(_SELECTIVE_AUTOCAST_NOTE)
             model = chain_model(ps, budget_bytes, names, unit_modes,
-                                extra_ms=measured.extra_ms if measured and v.plain else None)
+                                extra_ms=measured.extra_ms if measured else None)
             if not v.plain:  # the plain step's time in this configuration, times the variant's own ratio
-                plain_ms, scale, plain_modelled = plain_time[(p, s, o)]
-                ratio = variant_ratios.get(v)
-                if ratio is None:  # modelled: never below the step as written
-                    ratio = max(1.0, ps.steady_step_ms / plain_modelled) if plain_modelled else 1.0
+                plain_ms, scale, plain_modelled, _ = plain_time[(p, s, o)]
+                ratio = variant_ratios.get(v) if (p == ratio_precision and s == "none" and not o) else None
+                if ratio is None:  # modelled: never below the step as written, nor below it less any one lever
+                    own = ps.steady_step_ms / plain_modelled if plain_modelled and key not in profiles else 1.0
+                    ratio = max([1.0, own] + [ratios[(p, s, o, u)] for u in v.without_each()
+                                              if (p, s, o, u) in ratios])
+                ratios[key] = ratio
                 base_ms = plain_ms * ratio
             # Step time without recomputation: measured for given profiles, else scaled from the model.
             elif measured is not None:  # recomputation is forward work: priced by the forward's ratio if known
@@ -251,8 +261,11 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 else:
                     scale = base_measured_ms / modelled_base if modelled_base else 1.0
                 base_ms = base_measured_ms * ratio
-            if v.plain:
-                plain_time[(p, s, o)] = (base_ms, scale, ps.steady_step_ms)
+            if v.plain:  # the variants' modelled times are compared with the same model's (the estimate's)
+                modelled = (source.profile(p, s, ws, shard_group_size, offload=o).steady_step_ms
+                            if source is not None else ps.steady_step_ms)
+                plain_time[(p, s, o)] = (base_ms, scale, modelled, measured)
+                ratios[key] = 1.0
             params, grads = _travelling_bytes(fp32_params, p)
             exposed = comm_ms(s, world_size, params, grads, base_ms, comm, shard_group_size)
             copies = cpu_step = 0.0
@@ -289,7 +302,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                      "step as written (the estimate's roofline; measured on this CPU: results/levers.json)")
     if any(v in variant_ratios for v in weighed):
         notes.append("step time of " + "; ".join(f"{v.describe()} x{variant_ratios[v]:.3f}" for v in weighed
-                                                 if v in variant_ratios) + " measured on this device")
+                                                 if v in variant_ratios)
+                     + f" measured on this device ({ratio_precision}, unsharded; elsewhere modelled)")
     if not candidates:
         raise MemprofError("nothing to plan: no profile for the allowed configurations")
     feasible = [(c, m) for ok, c, m in candidates if ok]

@@ -93,7 +93,8 @@ def low_precision_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype = t
             if isinstance(st.get(name), torch.Tensor):
                 st[name] = st[name].to(dtype)
 
-    step = adam_step(dtype)
+    # torch's own wrapper around the step: the step hooks fire (the tracker's optimizer phase, LR schedulers)
+    step = torch.optim.Optimizer.profile_hook_step(adam_step(dtype))
 
     # With the step moved into backward (memprof.policy.step_in_backward) the parameters are stepped by
     # its one-parameter optimizers, which share this optimizer's state: the update goes there.

@@ -14,10 +14,12 @@ moments only for Adam/AdamW with fp32 state (a ``bf16`` plan's moments are bf16 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
-__all__ = ["StepVariant", "PLAIN", "weighed_variants", "variant_source", "variant_allowed", "MICRO_BATCHES"]
+__all__ = ["StepVariant", "PLAIN", "weighed_variants", "variant_source", "variant_allowed", "model_transform",
+           "step_wrapper", "MICRO_BATCHES"]
 
 MICRO_BATCHES = (2, 4)  # the micro-batch counts the "micro-batches" lever weighs
 
@@ -48,6 +50,12 @@ class StepVariant:
         if self.bf16_moments:
             out.append("bf16-moments")
         return tuple(out)
+
+    def without_each(self) -> list[StepVariant]:
+        """This variant less one of its levers, for each lever it uses."""
+        off = {"loss-head": {"loss_head_chunk_tokens": 0}, "micro-batches": {"micro_batches": 1},
+               "optimizer-in-backward": {"optimizer_in_backward": False}, "bf16-moments": {"bf16_moments": False}}
+        return [dataclasses.replace(self, **off[lever]) for lever in self.levers]
 
     def words(self) -> list[str]:
         out = []
@@ -106,10 +114,11 @@ def variant_source(source, v: StepVariant):
     """The estimate source of the model run as ``v`` (``source`` itself for the plain step)."""
     if v.plain:
         return source
-    return source.derived(_model_transform(v), v.describe(), step=_step_wrapper(v))
+    return source.derived(model_transform(v), v.describe(), step=step_wrapper(v))
 
 
-def _model_transform(v: StepVariant):
+def model_transform(v: StepVariant):
+    """The model-side part of ``v`` as ``transform(model) -> model`` (None when it has none)."""
     if not v.loss_head_chunk_tokens:
         return None
 
@@ -121,7 +130,7 @@ def _model_transform(v: StepVariant):
     return transform
 
 
-def _step_wrapper(v: StepVariant):
+def step_wrapper(v: StepVariant):
     """A function of the source's step (None: the default step) giving the step run as ``v``, or None."""
     if v.micro_batches == 1 and not v.optimizer_in_backward and not v.bf16_moments:
         return None
