@@ -62,6 +62,7 @@ __all__ = [
     "Source",
     "FrontierPoint",
     "Plan",
+    "step_lever_words",
     "load_plan",
 ]
 
@@ -233,6 +234,11 @@ class Plan:
         """``{unit: mode}`` in file order."""
         return {c.unit: c.mode for c in self.checkpoint}
 
+    def step_levers(self) -> list[str]:
+        """The step levers the plan uses, in words (empty: the step as written)."""
+        return step_lever_words(self.loss_head_chunk_tokens, self.micro_batches, self.optimizer_in_backward,
+                                self.bf16_moments)
+
     # -- dictionaries ---------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,6 +287,21 @@ class Plan:
         """Write :meth:`to_toml` to ``path`` atomically (parent folders are created). Returns the path."""
         return atomic_write_text(path, self.to_toml())
 
+
+
+def step_lever_words(loss_head_chunk_tokens: int, micro_batches: int, optimizer_in_backward: bool,
+                     bf16_moments: bool) -> list[str]:
+    """The step levers in words, in the order the planner weighs them (:mod:`memprof.policy.variants`)."""
+    out = []
+    if loss_head_chunk_tokens:
+        out.append(f"loss head chunked by {loss_head_chunk_tokens} tokens")
+    if micro_batches > 1:
+        out.append(f"{micro_batches} micro-batches")
+    if optimizer_in_backward:
+        out.append("optimizer step in backward")
+    if bf16_moments:
+        out.append("bf16 optimizer moments")
+    return out
 
 
 _OPTIONAL = MappingProxyType({"assumptions": MappingProxyType({}), "explanation": (), "frontier": (),

@@ -238,3 +238,40 @@ def test_measured_variant_ratios_and_noise_rule():
                          {}, 5, stderr={v: 0.02, StepVariant(micro_batches=2): 0.5,
                                         StepVariant(loss_head_chunk_tokens=8): 0.01})
     assert fake.priced() == {v: 1.0, StepVariant(micro_batches=2): 1.2, StepVariant(loss_head_chunk_tokens=8): 0.5}
+
+
+TOY = '''
+import torch
+from tests.fixtures.nanogpt_model import GPT, GPTConfig
+CFG = GPTConfig(block_size=64, vocab_size=4096, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+def build():
+    torch.manual_seed(0)
+    return GPT(CFG)
+def batch(n, seq=None):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 4096, (n, 64), generator=g), torch.randint(0, 4096, (n, 64), generator=g)
+'''
+
+
+def test_cli_plan_weighs_the_step_levers(tmp_path):
+    """`memprof plan --levers ...` with the model named: the step levers are chosen, printed and written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "toy.py").write_text(TOY)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
+    model = ["--model", "toy:build", "--batch", "toy:batch", "--batch-size", "4"]
+    subprocess.run([sys.executable, "-m", "memprof", "estimate", *model, "--device", "cpu", "--out",
+                    str(tmp_path / "est.json")], check=True, capture_output=True, env=env, cwd=tmp_path)
+    prof = memprof.load(tmp_path / "est.json")
+    budget = int(0.4 * prof.peak_bytes)
+    out = subprocess.run([sys.executable, "-m", "memprof", "plan", str(tmp_path / "est.json"), "--budget", str(budget),
+                          "--levers", ",".join(ALL), *model, "--out", str(tmp_path / "plan.toml")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    p = load_plan(tmp_path / "plan.toml")
+    assert p.predicted_peak_bytes <= budget and p.step_levers()
+    assert "  step: " + ", ".join(p.step_levers()) in out.stdout

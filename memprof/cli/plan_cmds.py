@@ -28,7 +28,8 @@ def parse_levers(text: str) -> tuple[str, ...]:
 @click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--levers", default="checkpoint", show_default=True, metavar="LIST",
               help="Comma-separated: checkpoint, precision, sharding (FSDP strategies and CPU offload), loss-head "
-                   "(the output projection and cross-entropy a chunk of tokens at a time).")
+                   "(the output projection and cross-entropy a chunk of tokens at a time), micro-batches (2 or 4, "
+                   "gradients accumulated), optimizer-in-backward, bf16-moments (Adam moments in bf16).")
 @click.option("--units", "unit_patterns", multiple=True, metavar="PATTERN",
               help="Units to checkpoint: class name or FQN glob (default: the repeated blocks).")
 @click.option("--precision", "current_precision", default=None, help="The precision the profile was taken in.")
@@ -90,7 +91,7 @@ def plan_cmd(profile, budget, world_size, levers, unit_patterns, current_precisi
                                 "cpu" if prof.environment.device == "cpu" else "cuda", budget,
                                 description=description,
                                 cache_key=describe_hf(hf, batch_size, seq_len) if catalog else None)
-    elif "precision" in lever_list or "sharding" in lever_list or "loss-head" in lever_list:
+    elif any(lv != "checkpoint" for lv in lever_list):
         source = source_from_profile(prof, device_memory=budget)
     try:
         result = plan(prof, budget, world_size=world_size, levers=lever_list, units=list(unit_patterns) or None,
@@ -125,6 +126,8 @@ def _echo_plan(p) -> None:
     offload = " + CPU offload (parameter shards, gradients, optimizer state on the host)" \
         if p.sharding.offload_optimizer else ""
     click.echo(f"  precision {p.precision}; sharding {p.sharding.strategy}{offload}")
+    if p.step_levers():
+        click.echo("  step: " + ", ".join(p.step_levers()))
     modes = p.checkpoint_modes()
     counted = {m: sum(1 for v in modes.values() if v == m) for m in ("keep", "full", "selective")}
     click.echo("  checkpoint: " + ", ".join(f"{n} {m}" for m, n in counted.items() if n))

@@ -3,12 +3,13 @@ applying the decision (a :class:`~memprof.plans.Plan`) to a model.
 
 Submodules: :mod:`.chain_problem` and :mod:`.solver` (the exact chain solvers: DP, MILP cross-check, brute
 force, Pareto frontier), :mod:`.chain` (a profile as a chain problem), :mod:`.engine` (``plan()``: checkpoint
-modes per unit x precision x sharding/offload), :mod:`.plan` (the file, schema ``memprof.plan/1``),
-:mod:`.apply` (``apply``/``remove``), :mod:`.auto` and :mod:`.live_check` (``@memprof.auto``, ``run
---budget``: plan, apply, verify in the loop), :mod:`.timing` and :mod:`.costs` (time costs), and the levers
-used in code and not chosen by the planner yet: :mod:`.loss_head`, :mod:`.microbatch`,
-:mod:`.step_in_backward`, :mod:`.state_precision`. This package's ``__init__`` and the solvers do not import
-torch.
+modes per unit x precision x sharding/offload x step variant), :mod:`.variants` (the step levers as one
+value: loss head, micro-batches, optimizer step in backward, bf16 moments; each lever in its own module:
+:mod:`.loss_head`, :mod:`.microbatch`, :mod:`.step_in_backward`, :mod:`.state_precision`), :mod:`.apply`
+(``apply``/``remove``), :mod:`.auto` and :mod:`.live_check` (``@memprof.auto``, ``run --budget``: plan,
+apply, verify in the loop), :mod:`.timing`, :mod:`.variant_timing` and :mod:`.costs` (time costs). The plan
+file is :mod:`memprof.plans` (schema ``memprof.plan/1``). This package's ``__init__`` and the solvers do not
+import torch.
 """
 
 from ..plans import (

@@ -18,6 +18,8 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
+from ..plans import step_lever_words
+
 __all__ = ["StepVariant", "PLAIN", "weighed_variants", "variant_source", "variant_allowed", "model_transform",
            "step_wrapper", "MICRO_BATCHES"]
 
@@ -58,16 +60,8 @@ class StepVariant:
         return [dataclasses.replace(self, **off[lever]) for lever in self.levers]
 
     def words(self) -> list[str]:
-        out = []
-        if self.loss_head_chunk_tokens:
-            out.append(f"loss head chunked by {self.loss_head_chunk_tokens} tokens")
-        if self.micro_batches > 1:
-            out.append(f"{self.micro_batches} micro-batches")
-        if self.optimizer_in_backward:
-            out.append("optimizer step in backward")
-        if self.bf16_moments:
-            out.append("bf16 optimizer moments")
-        return out
+        return step_lever_words(self.loss_head_chunk_tokens, self.micro_batches, self.optimizer_in_backward,
+                                self.bf16_moments)
 
     def describe(self) -> str:
         return ", ".join(self.words()) or "the step as written"
