@@ -96,15 +96,8 @@ def _chosen(p) -> tuple[StepVariant, tuple]:
     return v, tuple(c.unit for c in p.checkpoint if c.mode == "full")
 
 
-# At 37% the optimum (loss head chunked, bf16 moments, both blocks checkpointed) is missed: the ops backward
-# runs before the first module's backward (the chunked loss's, with every activation alive) are in the step's
-# "other" phase, which the chain model takes as a floor no checkpointing lowers: conservative, not exact.
-_FLOOR_MISS = pytest.mark.xfail(strict=True, reason="the loss's first backward ops counted in the chain's floor")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("fraction", [0.97, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4,
-                                      pytest.param(0.37, marks=_FLOOR_MISS), 0.3])
+@pytest.mark.parametrize("fraction", [0.97, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.37, 0.3])
 def test_joint_choice_is_the_brute_force_optimum(setting, table, fraction):
     source, prof, costs, ratios = setting
     budget = int(fraction * prof.peak_bytes)
@@ -136,16 +129,17 @@ def _measured(p) -> tuple[int, object]:
     return tracker.profile.peak_bytes, opt
 
 
-def test_applied_plan_measures_its_prediction_on_the_real_step(setting):
-    """A budget that needs 4 micro-batches, bf16 moments and both blocks checkpointed: applied with
-    memprof.apply (optimizer=) and run with the handle's step, the tracked peak (the allocator's) equals the
-    prediction; remove() gives the moments back in fp32 and the optimizer its own step."""
+@pytest.mark.parametrize("fraction, levers", [(0.45, ("micro-batches",)), (0.37, ("loss-head", "bf16-moments"))])
+def test_applied_plan_measures_its_prediction_on_the_real_step(setting, fraction, levers):
+    """Budgets that need step levers and checkpointing together (4 micro-batches; the chunked head with bf16
+    moments): applied with memprof.apply (optimizer=) and run with the handle's step, the tracked peak (the
+    allocator's) equals the prediction; remove() gives the moments back in fp32 and the optimizer its step."""
     source, prof, costs, ratios = setting
-    budget = int(0.37 * prof.peak_bytes)
+    budget = int(fraction * prof.peak_bytes)
     p = plan(prof, budget, levers=ALL, source=source, costs=costs, variant_ratios=ratios, modes=("keep", "full"),
              loss_head_chunk_tokens=CHUNK)
     v, units = _chosen(p)
-    assert v.micro_batches > 1 and v.bf16_moments and units, p.explanation
+    assert v.levers == levers and units, p.explanation
     peak, opt = _measured(p)
     assert peak == p.predicted_peak_bytes <= budget
     assert "step" not in vars(opt)

@@ -26,12 +26,15 @@ named ``lm_head``, or given by name).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._C import DisableTorchFunctionSubclass
 
 from ..errors import MemprofError
+from ..tracking.forward_grads import grads_in_forward
 from . import overrides
 
 __all__ = ["chunk_loss_head", "LossHeadHandle", "LossHeadError", "find_head", "DEFAULT_CHUNK_TOKENS"]
@@ -296,7 +299,8 @@ def _chunked_grads(hidden, target, src, ctx, grad_loss):
             part = _chunk_loss(h, target[s:s + ctx.chunk], leaf, ctx.logits_dtype, ctx.ce_autocast,
                                ctx.ignore_index)
         inputs = [x for x, need in ((h, need_h), (weight, need_w), (bias, need_b)) if need and x is not None]
-        grads = torch.autograd.grad(part, inputs, grad_loss)
+        with grads_in_forward() if grad_loss is None else contextlib.nullcontext():  # forward: not a backward phase
+            grads = torch.autograd.grad(part, inputs, grad_loss)
         part = part.detach()
         total = part if total is None else total + part
         it = iter(grads)

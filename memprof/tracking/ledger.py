@@ -36,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 
 from ..categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
+from . import forward_grads as _forward_grads
 from . import interrupts as _interrupts
 from .cuda_blocks import cuda_block_bytes
 from .ledger_recording import LedgerRecording
@@ -119,7 +120,7 @@ class Ledger(LedgerRecording, TorchDispatchMode):
         t_in = perf_counter()
         if kwargs is None:
             kwargs = {}
-        if self.phase != BACKWARD and _graph_task_id() != -1:
+        if self.phase != BACKWARD and _graph_task_id() != -1 and not _forward_grads.active():
             self.on_backward()
         entry = self._kind.get(func)
         if entry is None:

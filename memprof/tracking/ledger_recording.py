@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..categories import ACTIVATION, BACKWARD, FORWARD, OTHER, OTHER_PHASE, TEMPORARY
+from . import forward_grads
 from .cuda_blocks import cuda_block_bytes
 from .native import device_name as _native_device_name
 from .records import FreeRef, ModuleNode, StorageRecord
@@ -165,7 +166,7 @@ class LedgerRecording:
         """Inside a graph task whose backward phase the tracker has not closed yet (its end callback runs
         inside the task: what follows it must not open another)."""
         task = _graph_task_id()
-        return task != -1 and task != self.closed_task
+        return task != -1 and task != self.closed_task and not forward_grads.active()
 
     def undrained(self) -> bool:
         """Whether the recorder has events, or followed storages frees, not logged yet."""

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import (
 from ..categories import TEMPORARY
 from ..errors import MemprofError
 from ..units import format_bytes
-from . import interrupts, native
+from . import forward_grads, interrupts, native
 from .ledger import real_tensors
 
 __all__ = ["RecordedBackward"]
@@ -77,7 +77,8 @@ class RecordedBackward:
         checkpointing), or the recorder cannot start (torch.profiler runs on this thread).
         """
         led = self.ledger
-        if led.recorder is not None or not self.running:  # nested in a recorded backward, or paused
+        if led.recorder is not None or not self.running or forward_grads.active():
+            # nested in a recorded backward, paused, or gradients inside a forward (tracked op by op)
             return _user_backward(engine, args, kwargs)
         rec = None
         if self.enabled and _get_current_dispatch_mode() is led \
