@@ -34,9 +34,9 @@ LIVE_LEVERS = ("checkpoint", "precision", "loss-head")
 DEFAULT_LIVE_LEVERS = ("checkpoint", "precision", "loss-head")
 MIN_CHUNK_TOKENS = 64  # below this the head's matmuls get too small to run at speed
 
-_OPTIMIZER_LEVER = ("{lever} changes the optimizer, which {where} cannot reach in a running script: plan it with "
-                    "`memprof plan PROFILE --levers checkpoint,{lever} --model PKG.MOD:FACTORY` and apply it in code "
-                    "with memprof.apply(model, plan, optimizer=opt)")
+_OPTIMIZER_LEVER = ("{where} cannot apply {lever} to a running script: it changes the optimizer, which only the "
+                    "script holds; plan it with `memprof plan PROFILE --levers checkpoint,{lever} --model "
+                    "PKG.MOD:FACTORY` and apply it in code with memprof.apply(model, plan, optimizer=opt)")
 _REFUSALS = {
     "sharding": ("{where} cannot shard a running script (FSDP replaces the parameters its optimizer holds): plan "
                  "with `memprof plan --levers sharding` and apply before building the optimizer"),
