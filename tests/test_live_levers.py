@@ -6,6 +6,8 @@ Peaks are the tracker's, which equals the CPU allocator to the byte (tests/test_
 """
 
 import dataclasses
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 import memprof
@@ -172,6 +175,62 @@ def test_calibration_tracks_the_chunked_step_to_the_byte_and_its_time_reaches_th
 
 
 # -- @memprof.auto -----------------------------------------------------------------------------------------------
+
+class Passthrough(torch.autograd.Function):
+    """An identity on the logits, as a soft-capping or logging autograd.Function in user code would sit there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class WrappedLogitsLM(torch.nn.Module):
+    def __init__(self, vocab=4096, d=64):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU())
+                                          for _ in range(2))
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = Passthrough.apply(self.lm_head(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def test_auto_leaves_the_loss_head_out_when_the_chunked_step_cannot_be_planned_and_trains_on(caplog):
+    torch.manual_seed(0)
+    model = WrappedLogitsLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randint(0, 4096, (4, 64)), torch.randint(0, 4096, (4, 64))
+    twin = WrappedLogitsLM()
+    twin.load_state_dict(model.state_dict())
+    budget = int(0.97 * _steady_peak(twin, (x, y)).peak_bytes)  # below the estimate: a plan before step 1
+    losses = []
+
+    @memprof.auto(budget=budget, profile_path=None, plan_path=None)  # the default levers, loss-head among them
+    def train():
+        for _ in range(3):
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+
+    with caplog.at_level(logging.WARNING, logger="memprof"):
+        train()
+    assert any("loss-head chunking left out" in r.getMessage() for r in caplog.records)
+    session = train.session
+    assert "loss-head" not in session.levers and "applied before the first step" in session.action, session.action
+    assert session.plan.loss_head_chunk_tokens == 0 and session.plan.predicted_peak_bytes <= budget
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert "forward" not in model.lm_head.__dict__
 
 @pytest.mark.slow
 def test_auto_with_the_loss_head_fits_half_the_peak_of_a_head_heavy_model_as_predicted(tmp_path):

@@ -304,15 +304,26 @@ class AutoSession(CalibratingSession):
             allowed = precisions or (_AUTOCAST if self.base_precision == "fp32" else (self.base_precision,))
             calibrated = prof is self.plan_profile
             levers = tuple(lv for lv in self.levers if lv not in without_levers)
-            made = plan(prof, budget_bytes or self.budget_bytes, levers=levers, precisions=allowed,
-                        source=self.source, precision=self.base_precision,
-                        precision_timing=self.step_timing if calibrated and self.step_timing else self.precision_timing,
-                        applicable=LIVE_LEVERS,
-                        modes=tuple(m for m in CHECKPOINT_MODES if m not in without_modes),
-                        costs=self.costs if calibrated else None,
-                        profiles=self.measured_profiles if calibrated else None,
-                        loss_head_chunk_tokens=self.loss_head_chunk_tokens,
-                        variant_ratios=self.variant_ratios if calibrated else None)
+            try:
+                made = plan(prof, budget_bytes or self.budget_bytes, levers=levers, precisions=allowed,
+                            source=self.source, precision=self.base_precision,
+                            precision_timing=self.step_timing if calibrated and self.step_timing
+                            else self.precision_timing, applicable=LIVE_LEVERS,
+                            modes=tuple(m for m in CHECKPOINT_MODES if m not in without_modes),
+                            costs=self.costs if calibrated else None,
+                            profiles=self.measured_profiles if calibrated else None,
+                            loss_head_chunk_tokens=self.loss_head_chunk_tokens,
+                            variant_ratios=self.variant_ratios if calibrated else None)
+            except InfeasibleBudget:
+                raise
+            except Exception as e:  # a default lever must never fail the script: plan again without it
+                if "loss-head" not in levers:
+                    raise
+                why = str(e) if isinstance(e, MemprofError) else f"{type(e).__name__}: {e}"
+                self.notify(f"loss-head chunking left out: the step with the head chunked could not be planned "
+                            f"({why})")
+                self.levers = tuple(lv for lv in self.levers if lv != "loss-head")
+                return self._plan(prof, budget_bytes, precisions, without_modes, without_levers)
             if calibrated and self.calibration is not None:
                 import dataclasses
 
