@@ -15,9 +15,10 @@ from memprof.policy.live_check import LiveCheck, time_tolerance
 NANOGPT = Path(__file__).resolve().parent / "fixtures" / "nanogpt" / "train.py"
 
 
-def _plan(precision="fp32", overhead=0.10, peak=1000, budget=1200, modes=("full",)):
+def _plan(precision="fp32", overhead=0.10, peak=1000, budget=1200, modes=("full",), head=0):
     return SimpleNamespace(precision=precision, predicted_overhead=overhead, predicted_peak_bytes=peak,
-                           budget_bytes=budget, checkpoint=tuple(SimpleNamespace(mode=m) for m in modes))
+                           budget_bytes=budget, checkpoint=tuple(SimpleNamespace(mode=m) for m in modes),
+                           loss_head_chunk_tokens=head, predicted_step_ms=20.0 * (1 + overhead))
 
 
 class StubSession:
@@ -36,8 +37,8 @@ class StubSession:
     def remove_plan(self):
         self.handle = None
 
-    def replan(self, budget, precisions, without_modes=()):
-        self.calls.append((budget, precisions, without_modes))
+    def replan(self, budget, precisions, without_modes=(), without_levers=()):
+        self.calls.append((budget, precisions, without_modes) + ((without_levers,) if without_levers else ()))
         return self.replans.pop(0) if self.replans else None
 
     def verified(self, result):
@@ -112,6 +113,32 @@ def test_a_plan_over_budget_is_planned_again_for_a_budget_lowered_by_the_excess(
     _drive(check, session, lambda p: 0.0, steps=3)
     check.remove()
     assert session.calls == [(1200 - 300, None, ())]  # over by 300 bytes against the prediction
+
+
+def test_a_chunked_head_slower_than_predicted_is_planned_again_without_it():
+    chunked = _plan(overhead=0.05, modes=("keep", "keep"), head=256)
+    checkpointed = _plan(overhead=0.2, modes=("full", "keep"))
+    session = StubSession(chunked, [checkpointed])
+    notes = []
+    check = LiveCheck(session, _opt(), notify=notes.append, plain_may_run=True, peak_known=900, pairs=4).install()
+    # the chunked head runs at 2x the plain step here, the checkpointed plan +20% as predicted
+    _drive(check, session, lambda p: 0.02 if p is None else (0.04 if p is chunked else 0.024), steps=60)
+    check.remove()
+    assert session.calls[0] == (1200, None, (), ("loss-head",))  # same budget, without the lever
+    assert session.plan is checkpointed and session.verifications[-1].finished
+    assert "chunked loss head costs more here" in notes[0]
+
+
+def test_a_chunked_head_whose_full_logits_the_loop_needs_is_dropped_when_over_budget():
+    chunked = _plan(peak=1000, budget=1200, modes=("keep",), head=256)
+    session = StubSession(chunked, [])
+    session.loss_head_materialised = lambda: 2  # two head calls computed the full logits after all
+    notes = []
+    check = LiveCheck(session, _opt(), notify=notes.append, plain_may_run=True, peak_known=1700).install()
+    _drive(check, session, lambda p: 0.0, steps=3)
+    check.remove()
+    assert session.calls == [(1200 - 700, None, (), ("loss-head",))]
+    assert "needed the chunked head's full logits in 2 call(s)" in notes[0]
 
 
 def test_the_check_unwraps_the_optimizer_step_exactly():

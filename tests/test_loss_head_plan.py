@@ -137,19 +137,6 @@ def test_the_plan_file_keeps_the_chunk_and_an_older_file_without_it_loads_as_unc
         dataclasses.replace(p, loss_head_chunk_tokens=-1)
 
 
-def test_run_budget_and_auto_refuse_the_lever_with_the_way_to_use_it(tmp_path):
-    from click.testing import CliRunner
-
-    from memprof.cli import main
-
-    script = tmp_path / "train.py"
-    script.write_text("raise SystemExit('must not run')\n")
-    r = CliRunner().invoke(main, ["run", "--budget", "1GiB", "--levers", "checkpoint,loss-head", str(script)])
-    assert r.exit_code == 2 and "memprof plan" in r.output and "--policy" in r.output
-    with pytest.raises(MemprofError, match="weighed on estimates"):
-        memprof.auto(lambda: None, budget="1GiB", levers=("checkpoint", "loss-head"))
-
-
 def cli_build():
     """``--model tests.test_loss_head_plan:cli_build``: the head-heavy nanoGPT of these tests."""
     return _build()

@@ -114,8 +114,10 @@ def _report_failure(result, device_memory: int | None, debug: bool) -> None:
               help="Apply this plan to the script's model at its first forward (then measure it).")
 @click.option("--budget", metavar="SIZE|DEVICE",
               help="Fit the script into SIZE: estimate, plan and apply on the fly (as @memprof.auto).")
-@click.option("--levers", default="checkpoint,precision", show_default=True, metavar="LIST",
-              help="With --budget: checkpoint, precision (autocast).")
+@click.option("--levers", default="checkpoint,precision,loss-head", show_default=True, metavar="LIST",
+              help="With --budget: checkpoint, precision (autocast), loss-head (the output projection and "
+                   "cross-entropy a chunk of tokens at a time); each plan is measured in the running script and "
+                   "dropped if it does not hold.")
 @click.option("--plan-out", default="memprof-plan.toml", show_default=True, type=click.Path(dir_okay=False),
               help="With --budget: where to write the plan.")
 @click.option("--force", is_flag=True,
@@ -216,6 +218,7 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
         from ..plans import Plan
         from ..policy.apply import apply
         from ..policy.auto import first_call_context
+        from ..policy.live_levers import check_script_plan
 
         the_plan = load(policy_path)
         if not isinstance(the_plan, Plan):
@@ -224,6 +227,7 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
             raise MemprofError(f"{policy_path}: shards with FSDP, which replaces the parameters the script's "
                                "optimizer already holds by its first forward; apply it in code, before building "
                                "the optimizer: memprof.apply(model, memprof.load(PLAN))")
+        check_script_plan(the_plan, policy_path)  # the loop's and the optimizer's levers: refused before it runs
         applied["plan"] = the_plan
 
         def on_root_forward(model, args, kwargs):
@@ -234,16 +238,10 @@ def _plan_options(policy_path, budget, levers, out, plan_out):
     if budget:
         from ..hardware import resolve_capacity
         from ..policy.auto import AutoSession
+        from ..policy.live_levers import check_live_levers
         from .plan_cmds import parse_levers
 
-        lever_list = parse_levers(levers)
-        if "sharding" in lever_list:
-            raise click.BadParameter("--budget cannot shard a running script; plan with `memprof plan`",
-                                     param_hint="--levers")
-        if "loss-head" in lever_list:
-            from ..policy.auto import LOSS_HEAD_NOT_LIVE
-
-            raise MemprofError(LOSS_HEAD_NOT_LIVE)
+        lever_list = check_live_levers(parse_levers(levers), "--budget")
         _, budget_bytes = resolve_capacity(budget)
         if not budget_bytes:
             raise MemprofError(f"--budget must be a positive size or a device name, got {budget!r}")
@@ -298,7 +296,9 @@ def _live_verification(r) -> str:
                      f"{r.measured_overhead:+.1%}{err}", f"{100 * (r.measured_overhead - r.predicted_overhead):+.1f} pts"))
     if r.planned_step_ms is not None:
         plain = f"{r.plain_step_ms:.1f} ms plain, " if r.plain_step_ms is not None else ""
-        rows.append(("step time (untracked, median)", "", f"{plain}{r.planned_step_ms:.1f} ms planned", ""))
+        predicted = f"{r.predicted_step_ms:.1f} ms" if r.predicted_step_ms else ""
+        diff = f"{100 * (r.planned_step_ms / r.predicted_step_ms - 1):+.1f}%" if r.predicted_step_ms else ""
+        rows.append(("step time (untracked, median)", predicted, f"{plain}{r.planned_step_ms:.1f} ms planned", diff))
     if r.reverted:
         verdict = "no plan held; the plain step was restored"
     elif not r.finished:

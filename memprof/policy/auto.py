@@ -10,8 +10,9 @@
    from the measured profile, and applies the plan (if anything needs to change) before the third step;
 3. where the plain step may run on this device (a CPU, or a plain peak that fits the device), it does not
    stop at that first plan: it measures the loop's own steps first
-   (:mod:`memprof.policy.calibrate`: tracked plain steps and steps in each other precision, untracked steps
-   of each checkpoint mode and precision paired with plain ones) and plans again from them, so the plan's
+   (:mod:`memprof.policy.calibrate`: tracked plain steps and steps in each other precision and with the loss
+   head chunked, untracked steps of each checkpoint mode, precision and the chunked head paired with plain
+   ones) and plans again from them, so the plan's
    peak is the real loop's (its loss outside the model, what it drops before backward) and its step time
    this machine's; the plan made before step 1 stays applied meanwhile (on a CPU the plain and timed
    steps may exceed the budget, which is not the device's limit);
@@ -31,9 +32,12 @@ stderr) says why, and the first step is measured unguarded.
 
 Training goes on in the same function call. When it returns or raises, the plan is removed
 (:meth:`memprof.ApplyHandle.remove`: the model's forwards, hooks and dtypes as before the call) and every hook
-and tracker of the session is gone. Levers are checkpointing and autocast precision: sharding and
-bf16 parameters change the parameters the user's optimizer already holds, so they are not applied
-mid-training (plan them with ``memprof plan`` and apply before building the optimizer).
+and tracker of the session is gone. Levers are checkpointing, autocast precision and loss-head chunking,
+all three by default (:mod:`memprof.policy.live_levers` says why each may be applied to a running loop and
+why the others are refused: sharding and bf16 parameters change the parameters the user's optimizer already
+holds, micro-batches belong to the loop, the optimizer levers to the optimizer). The loss-head chunk is
+:func:`~memprof.policy.live_levers.live_chunk_tokens` of the estimate: one value for planning, calibrating
+and applying.
 
 The first forward is caught by :class:`memprof.tracking.first_forward.FirstRootForward`.
 """
@@ -56,7 +60,9 @@ from .calibrate import AUTOCAST as _AUTOCAST
 from .calibrate import CalibratingSession
 from .chain_problem import InfeasibleBudget
 from .engine import plan
-from .live_check import LiveCheck
+from .live_check import LiveCheck, plan_words
+from .live_levers import DEFAULT_LIVE_LEVERS, LIVE_LEVERS, check_live_levers, live_chunk_tokens
+from .loss_head import DEFAULT_CHUNK_TOKENS
 from .precision_timing import measure_precision_ratios
 
 __all__ = ["auto", "AutoSession", "first_call_context"]
@@ -72,24 +78,14 @@ def first_call_context(plan, model):
     return None
 
 
-# The live path measures each lever's effect in the loop before it plans; loss-head chunking is not among them.
-LOSS_HEAD_NOT_LIVE = ("loss-head chunking is weighed on estimates, not in a running loop: plan it with `memprof plan "
-                      "PROFILE --levers checkpoint,loss-head --hf NAME|--model PKG.MOD:FACTORY` (or memprof.plan with "
-                      "source=), then run the script with --policy PLAN")
-
-def auto(fn=None, *, budget, levers=("checkpoint", "precision"), optimizer: str = "adamw",
+def auto(fn=None, *, budget, levers=DEFAULT_LIVE_LEVERS, optimizer: str = "adamw",
          profile_path: str | None = "memprof.json", plan_path: str | None = "memprof-plan.toml"):
     """Decorate a training function: fit it into ``budget`` by planning and applying on the fly."""
     if fn is None:
         return functools.partial(auto, budget=budget, levers=levers, optimizer=optimizer,
                                  profile_path=profile_path, plan_path=plan_path)
 
-    levers = tuple(levers)
-    if "sharding" in levers:
-        raise MemprofError("@memprof.auto cannot shard mid-training (FSDP replaces the parameters your optimizer "
-                           "holds): plan with `memprof plan --levers sharding` and apply before the optimizer")
-    if "loss-head" in levers:
-        raise MemprofError(LOSS_HEAD_NOT_LIVE)
+    levers = check_live_levers(levers, "@memprof.auto")
     _, budget_bytes = resolve_capacity(budget)
     if not budget_bytes:
         raise MemprofError(f"budget must be a positive size or a device name, got {budget!r}")
@@ -148,6 +144,10 @@ class AutoSession(CalibratingSession):
         self.measured_profiles: dict = {}  # (precision, "none") -> the loop's tracked steps in it
         self.step_timing = None  # whole-step precision ratios timed in the loop (PrecisionTiming)
         self.plan_profile = None  # the tracked plain profile the plan was made from, once calibrated
+        self.loss_head_chunk_tokens = DEFAULT_CHUNK_TOKENS  # set from the estimate (live_chunk_tokens)
+        self.variant_ratios: dict = {}  # StepVariant -> whole-step time ratio timed in the loop
+        self.head_materialised = 0  # head calls whose full logits the loop needed while the head was chunked
+        self._head = None  # the LossHeadHandle of the applied plan, if it chunks the head
 
     def start(self) -> None:
         """Own hooks and tracker (the decorator); ``memprof run --budget`` wires the two callbacks itself."""
@@ -214,15 +214,19 @@ class AutoSession(CalibratingSession):
             self.estimate = self.source.profile(self.base_precision)
         except Exception as e:  # cannot estimate: fall back to measuring the first step (never fail training)
             why = str(e) if isinstance(e, MemprofError) else f"{type(e).__name__}: {e}"
-            dropped = "; other precisions cannot be weighed either" if "precision" in self.levers else ""
+            lost = [w for lv, w in (("precision", "other precisions"), ("loss-head", "the chunked loss head"))
+                    if lv in self.levers]
+            dropped = f"; {' and '.join(lost)} cannot be weighed either" if lost else ""
             self.notify(f"could not estimate the first step before it runs ({why}); measuring it "
                         f"unguarded{dropped}")
-            self.levers = tuple(lv for lv in self.levers if lv != "precision")  # they are weighed on estimates
+            # they are weighed on estimates
+            self.levers = tuple(lv for lv in self.levers if lv not in ("precision", "loss-head"))
             self.source = None
             return None
         finally:
             if self.tracker is not None:
                 self.tracker.resume()
+        self.loss_head_chunk_tokens = live_chunk_tokens(self.estimate)
         if "precision" in self.levers and self.base_precision == "fp32":
             self._time_precisions(model, args, kwargs)
         if self.estimate.peak_bytes <= self.budget_bytes:
@@ -291,7 +295,7 @@ class AutoSession(CalibratingSession):
             if running:
                 self.tracker.resume()
 
-    def _plan(self, prof, budget_bytes: int | None = None, precisions=None, without_modes=()):
+    def _plan(self, prof, budget_bytes: int | None = None, precisions=None, without_modes=(), without_levers=()):
 
         running = self.tracker is not None and self.tracker.active
         if running:
@@ -299,13 +303,27 @@ class AutoSession(CalibratingSession):
         try:
             allowed = precisions or (_AUTOCAST if self.base_precision == "fp32" else (self.base_precision,))
             calibrated = prof is self.plan_profile
-            made = plan(prof, budget_bytes or self.budget_bytes, levers=self.levers, precisions=allowed,
-                        source=self.source, precision=self.base_precision,
-                        precision_timing=self.step_timing if calibrated and self.step_timing else self.precision_timing,
-                        applicable=("checkpoint", "precision"),
-                        modes=tuple(m for m in CHECKPOINT_MODES if m not in without_modes),
-                        costs=self.costs if calibrated else None,
-                        profiles=self.measured_profiles if calibrated else None)
+            levers = tuple(lv for lv in self.levers if lv not in without_levers)
+            try:
+                made = plan(prof, budget_bytes or self.budget_bytes, levers=levers, precisions=allowed,
+                            source=self.source, precision=self.base_precision,
+                            precision_timing=self.step_timing if calibrated and self.step_timing
+                            else self.precision_timing, applicable=LIVE_LEVERS,
+                            modes=tuple(m for m in CHECKPOINT_MODES if m not in without_modes),
+                            costs=self.costs if calibrated else None,
+                            profiles=self.measured_profiles if calibrated else None,
+                            loss_head_chunk_tokens=self.loss_head_chunk_tokens,
+                            variant_ratios=self.variant_ratios if calibrated else None)
+            except InfeasibleBudget:
+                raise
+            except Exception as e:  # a default lever must never fail the script: plan again without it
+                if "loss-head" not in levers:
+                    raise
+                why = str(e) if isinstance(e, MemprofError) else f"{type(e).__name__}: {e}"
+                self.notify(f"loss-head chunking left out: the step with the head chunked could not be planned "
+                            f"({why})")
+                self.levers = tuple(lv for lv in self.levers if lv != "loss-head")
+                return self._plan(prof, budget_bytes, precisions, without_modes, without_levers)
             if calibrated and self.calibration is not None:
                 import dataclasses
 
@@ -323,30 +341,42 @@ class AutoSession(CalibratingSession):
 
     def _apply(self, action: str):
         self.apply_plan(self.plan)
-        modes = [c.mode for c in self.plan.checkpoint]
-        self.action = (f"{action} ({modes.count('full')} full, {modes.count('selective')} selective checkpoints, "
-                       f"{self.plan.precision})")
+        self.action = f"{action} ({plan_words(self.plan)})"
         return first_call_context(self.plan, self.model)
 
     # -- the live check's side ------------------------------------------------------------------------------
     def apply_plan(self, plan) -> None:
 
         self.handle = apply(self.model, plan)
+        if plan.loss_head_chunk_tokens:  # its handle counts the calls whose full logits the loop needed
+            from .loss_head import find_head
+
+            self._head = getattr(find_head(self.model)[1], "_memprof_loss_head", None)
 
     def remove_plan(self) -> None:
         if self.handle is not None:
+            if self._head is not None:
+                self.head_materialised += self._head.materialised
+                self._head = None
             self.handle.remove()
             self.handle = None
 
-    def replan(self, budget_bytes: int, precisions, without_modes=()):
-        """A plan for a lower budget, fewer precisions or checkpoint modes, from what the plan was made from;
-        None if none fits."""
+    def loss_head_materialised(self) -> int:
+        """How many head calls needed the full logits while the head was chunked (so chunking saved nothing)."""
+        return self.head_materialised + (self._head.materialised if self._head is not None else 0)
+
+    def replan(self, budget_bytes: int, precisions, without_modes=(), without_levers=()):
+        """A plan for a lower budget, fewer precisions, checkpoint modes or levers, from what the plan was made
+        from; None if none fits."""
 
         base = self.plan_profile or (self.estimate if self.estimate_applied else self.profile)
         if budget_bytes <= 0:
             return None
+        if all(lv in without_levers for lv in self.levers):
+            self.replan_refusal = f"no lever left to try without {', '.join(without_levers)}"
+            return None
         try:
-            return self._plan(base, budget_bytes, precisions, without_modes)
+            return self._plan(base, budget_bytes, precisions, without_modes, without_levers)
         except InfeasibleBudget as e:
             self.replan_refusal = str(e)
             return None

@@ -10,19 +10,22 @@ over the next optimizer steps of the loop, between steps (the optimizer's ``step
 instance, as :class:`~memprof.policy.live_check.LiveCheck` does):
 
 1. **profiles** — track two plain steps (when the first tracked steps ran with a plan applied before step 1),
-   and two steps in each other candidate precision (autocast applied as a plan): the real loop's peaks, the
-   memory the planner then works from, for every precision it weighs;
-2. **costs** — time untracked steps of each checkpoint mode on every unit, and of each other precision with
-   nothing checkpointed, against plain steps exactly as the live check will time the plan (one warm-up
-   step, then ``rounds`` pairs in the order plain, planned, planned, plain, ...; the median ratio): the
-   per-unit checkpoint costs (each mode's measured extra time shared over the units in proportion to the
-   profile's recomputed work) and the whole-step ratio of each precision (forward, backward and optimizer
-   step together) on this machine;
+   two steps in each other candidate precision (autocast applied as a plan), and two with each step variant
+   asked for in each of these precisions (the loss head chunked, applied as a plan;
+   :class:`~memprof.policy.variants.StepVariant`): the
+   real loop's peaks, the memory the planner then works from, for every configuration it weighs;
+2. **costs** — time untracked steps of each checkpoint mode on every unit, of each other precision with
+   nothing checkpointed, and of each variant, against plain steps exactly as the live check will time the
+   plan (one warm-up step, then ``rounds`` pairs in the order plain, planned, planned, plain, ...; the median
+   ratio): the per-unit checkpoint costs (each mode's measured extra time shared over the units in
+   proportion to the profile's recomputed work), the whole-step ratio of each precision (forward, backward
+   and optimizer step together) and of each variant on this machine;
 3. the session plans from these (``on_done``), applies, and the live check verifies the new plan over the
    steps that follow.
 
-Known limits: about ``5 + (2 x rounds + 1) x configurations`` steps pass before the plan is made (the plain
-and planned steps meanwhile run over the budget only where the device allows it); a loop that ends first
+Known limits: about ``3 x tracked + (2 x rounds + 1) x timed`` configurations' steps pass before the plan is
+made (nanoGPT with checkpoint, precision and loss-head: 5 tracked, 4 timed, ~52 steps; the plain and planned
+steps meanwhile run over the budget only where the device allows it); a loop that ends first
 leaves the plan applied before step 1 in place (the session records it unfinished); step times include
 whatever the loop does between steps (medians of pairs keep that down).
 """
@@ -37,12 +40,13 @@ from ..tracking.devices import cpu_name
 from ..units import format_bytes
 from ..vocab import RECOMPUTE_MODES
 from .chain_problem import InfeasibleBudget
-from .live_check import LiveResult
+from .live_check import LiveResult, plan_words
 from .overrides import CallAfter
 from .precision_timing import PrecisionTiming
 from .timing import OptionCosts, config_name, cost_configurations, median_stderr, uniform_plan
+from .variants import StepVariant
 
-__all__ = ["AUTOCAST", "Calibration", "CalibratingSession"]
+__all__ = ["AUTOCAST", "Calibration", "CalibratingSession", "variant_plan"]
 
 # The precisions run --budget and @memprof.auto may switch to: fp16 needs the optimizer for loss scaling,
 # bf16 parameters break the optimizer state the loop already holds.
@@ -55,24 +59,30 @@ class Calibration:
     ``session`` provides ``model``, ``plan``/``handle`` (the plan applied, if any), ``apply_plan(plan)`` and
     ``remove_plan()``. ``plain_profile``: the tracked plain profile when the first steps ran plain (else two
     plain steps are tracked first). ``precisions``: other precisions to profile and time; ``modes``: the
-    checkpoint modes to time. Results: :attr:`plain_profile`, :attr:`profiles` (precision -> profile),
-    :attr:`costs` (:class:`~memprof.policy.timing.OptionCosts` or None), :attr:`precision_ratios`.
+    checkpoint modes to time; ``variants``: the step variants to profile in every precision and time in the
+    base one (the loss head chunked; the plan applying one is :func:`variant_plan`). Results:
+    :attr:`plain_profile`, :attr:`profiles` (precision -> profile), :attr:`variant_profiles` ((precision,
+    StepVariant) -> profile), :attr:`costs`
+    (:class:`~memprof.policy.timing.OptionCosts` or None), :attr:`precision_ratios`, :attr:`variant_ratios`.
     """
 
     def __init__(self, session, optimizer, *, plain_profile, base_precision: str, precisions=(), modes=(),
-                 rounds: int = 4, on_done, notify) -> None:
+                 variants=(), rounds: int = 4, on_done, notify) -> None:
         self.session = session
         self.optimizer = optimizer
         self.plain_profile = plain_profile
         self.base_precision = base_precision
         self.precisions = tuple(p for p in precisions if p != base_precision)
         self.modes = tuple(modes)
+        self.variants = tuple(v for v in variants if not v.plain)
         self.rounds = rounds
         self.on_done = on_done
         self.notify = notify
         self.profiles: dict = {}
         self.costs = None
         self.precision_ratios: dict = {base_precision: 1.0}
+        self.variant_profiles: dict = {}
+        self.variant_ratios: dict = {}
         self.done = False
         self.error: str = ""
         self._tasks: list = []
@@ -99,6 +109,9 @@ class Calibration:
             self._tasks.append(("track", self.base_precision, None))
         for p in self.precisions:
             self._tasks.append(("track", p, _precision_plan(self.session, p)))
+        for v in self.variants:
+            for p in (self.base_precision, *self.precisions):
+                self._tasks.append(("track", (p, v), variant_plan(v, p)))
         return self
 
     def remove(self) -> None:
@@ -121,6 +134,7 @@ class Calibration:
                 total = sum(per_unit.values())
                 words.append(f"{mode} on every unit {total / self.costs.base_step_ms:+.1%}")
         words += [f"{p} {r:.2f}x" for p, r in self.precision_ratios.items() if p != self.base_precision]
+        words += [f"{v.describe()} {r:.3f}x" for v, r in self.variant_ratios.items()]
         base = f"{self.base_step_ms:.1f} ms" if getattr(self, "base_step_ms", 0) else "not timed"
         return (f"timed in the loop's untracked steps against the plain step ({base}; median of {self.rounds} "
                 f"pairs each): " + (", ".join(words) or "nothing"))
@@ -134,7 +148,9 @@ class Calibration:
                 return  # the tracker stops itself after its second step (_profiled)
             self._tracker = None
             prof, self._tracked = self._tracked, None
-            if task[1] == self.base_precision:
+            if isinstance(task[1], tuple):  # (precision, StepVariant)
+                self.variant_profiles[task[1]] = prof
+            elif task[1] == self.base_precision:
                 self.plain_profile = prof
             else:
                 self.profiles[task[1]] = prof
@@ -193,6 +209,8 @@ class Calibration:
                 self.modes = ()
         for p in self.precisions:
             configs[("precision", p)] = _precision_plan(self.session, p)
+        for v in self.variants:
+            configs[("variant", v)] = variant_plan(v, self.base_precision)
         self._configs_timed = configs
         # Each configuration as the live check will time a plan: one warm-up step (kernel choice, caches; not
         # counted), then plain and planned steps in the order plain, planned, planned, plain, ... (ABBA), so
@@ -212,7 +230,7 @@ class Calibration:
             ratios[k] = [a / b for a, b in zip(mine, theirs)]
             plain += theirs
         base_ms = statistics.median(plain) * 1e3 if plain else 0.0
-        ck = {k: v for k, v in ratios.items() if not (isinstance(k, tuple) and k[0] == "precision")}
+        ck = {k: v for k, v in ratios.items() if not (isinstance(k, tuple) and k[0] in ("precision", "variant"))}
         if ck and base_ms:
             pairs = {config_name(k): (len(v), median_stderr(v)) for k, v in ck.items()}
             self.costs = _fit_uniform(self._names, self._model_costs, ck, base_ms, self.rounds, pairs)
@@ -222,6 +240,10 @@ class Calibration:
             rs = ratios.get(("precision", p))
             if rs:
                 self.precision_ratios[p] = statistics.median(rs)
+        for v in self.variants:
+            rs = ratios.get(("variant", v))
+            if rs and (self.base_precision, v) in self.variant_profiles:  # priced with its measured memory beside it
+                self.variant_ratios[v] = statistics.median(rs)
         self.base_step_ms = base_ms
         self._finished(None)
 
@@ -259,8 +281,22 @@ class CalibratingSession:
         modes = RECOMPUTE_MODES if "checkpoint" in self.levers else ()
         self.calibration = Calibration(self, self.optimizer_seen, plain_profile=plain_profile,
                                        base_precision=self.base_precision, precisions=precisions, modes=modes,
-                                       on_done=self._calibrated, notify=self.notify).install()
+                                       variants=self._variants_to_measure(), on_done=self._calibrated,
+                                       notify=self.notify).install()
         return True
+
+    def _variants_to_measure(self) -> tuple:
+        """The chunked loss head, when the lever is weighed and the model has a head to chunk (else the planner
+        leaves the lever out and says why)."""
+        if "loss-head" not in self.levers or self.source is None:
+            return ()
+        from .loss_head import LossHeadError, find_head
+
+        try:
+            find_head(self.model)
+        except LossHeadError:
+            return ()
+        return (StepVariant(loss_head_chunk_tokens=self.loss_head_chunk_tokens),)
 
     def _calibrated(self, cal) -> None:
         """The loop's steps are measured: plan from them, apply, and check the plan live."""
@@ -275,6 +311,8 @@ class CalibratingSession:
         prof = cal.plain_profile
         self.plan_profile = prof
         self.measured_profiles = {(p, "none"): q for p, q in cal.profiles.items()}
+        self.measured_profiles.update({(p, "none", False, v): q for (p, v), q in cal.variant_profiles.items()})
+        self.variant_ratios = dict(cal.variant_ratios)
         self.costs = cal.costs
         self.step_timing = cal.precision_timing()
         self._set_profile(prof)
@@ -303,11 +341,8 @@ class CalibratingSession:
         self.remove_plan()
         self.plan = new
         self.apply_plan(new)
-        modes = [c.mode for c in new.checkpoint]
         self.action = (f"{self.action}; then measured {_size(prof.peak_bytes)} and timed the levers in the "
-                       "loop's own steps: applied the plan made from them "
-                       f"({modes.count('full')} full, {modes.count('selective')} selective checkpoints, "
-                       f"{new.precision})")
+                       f"loop's own steps: applied the plan made from them ({plan_words(new)})")
         self._save_plan()
         self._check_live(peak_known=None)
 
@@ -350,3 +385,10 @@ def _precision_plan(session, precision: str):
     """A plan that changes only the precision (nothing checkpointed)."""
 
     return replace(uniform_plan([], "keep"), precision=precision)
+
+
+def variant_plan(v: StepVariant, precision: str):
+    """A plan that runs the step as ``v`` in ``precision`` (nothing checkpointed): the loss head chunked."""
+
+    return replace(uniform_plan([], "keep"), precision=precision, levers=("checkpoint", *v.levers),
+                   loss_head_chunk_tokens=v.loss_head_chunk_tokens)

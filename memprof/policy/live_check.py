@@ -11,9 +11,11 @@ so its work runs between steps, never inside torch's hook loops) and, step by st
    estimated, fits the device); otherwise planned steps only, against the tracked steps before;
 3. **decide** — the plan holds when the measured peak is within the budget and the measured overhead is at
    most ``max(25% of the predicted overhead, 5 points)`` above the predicted one, beyond twice its standard
-   error. If the peak is over, the plan is made again for a budget lowered by the excess; if the time is
-   over and the plan changed precision, again without that precision, else without the checkpoint mode it
-   uses most; each new plan is checked the same way (at most ``max_attempts``). When nothing untried is
+   error. If the peak is over, the plan is made again for a budget lowered by the excess (and without the
+   loss-head lever when the loop needed the chunked head's full logits after all, so chunking saved
+   nothing); if the time is over and the plan changed precision, again without that precision, else without
+   loss-head chunking if it chunks the head, else without the checkpoint mode it uses most; each new plan is
+   checked the same way (at most ``max_attempts``). When nothing untried is
    left, the fastest plan measured within the budget is kept; when none was, the plain step is restored.
    Every move is reported through ``notify`` (stderr under ``memprof run``).
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .overrides import CallAfter
 
-__all__ = ["LiveCheck", "LiveResult", "time_tolerance"]
+__all__ = ["LiveCheck", "LiveResult", "time_tolerance", "describe_plan", "plan_words"]
 
 
 def time_tolerance(predicted_overhead: float) -> float:
@@ -54,6 +56,7 @@ class LiveResult:
     interleaved: bool = False  # plain and planned steps alternated (else: against the steps tracked before)
     plain_step_ms: float | None = None
     planned_step_ms: float | None = None
+    predicted_step_ms: float | None = None  # the plan's (its baseline x (1 + predicted overhead))
     moves: list = field(default_factory=list)  # one sentence per fallback
     finished: bool = False
     held: bool = False  # within the budget and the time tolerance
@@ -105,6 +108,7 @@ class LiveCheck:
         self._step_hook: CallAfter | None = None
         self.tried: list = []  # (plan, its LiveResult) measured so far
         self.excluded_modes: set = set()
+        self.excluded_levers: set = set()  # "loss-head" once a chunked head failed
 
     # -- wiring ----------------------------------------------------------------------------------------------
     def install(self) -> LiveCheck:
@@ -136,7 +140,7 @@ class LiveCheck:
         plan = self.session.plan
         moves = self.result.moves if hasattr(self, "result") else []
         return LiveResult(self.session.budget_bytes, plan.predicted_peak_bytes, None, plan.predicted_overhead,
-                          moves=moves)
+                          moves=moves, predicted_step_ms=plan.predicted_step_ms or None)
 
     # -- the state machine, between steps --------------------------------------------------------------------
     def _after_step(self) -> None:
@@ -238,8 +242,13 @@ class LiveCheck:
         r = self.result
         excess = r.measured_peak_bytes - r.predicted_peak_bytes
         lower = self.session.plan.budget_bytes - max(excess, 1)
-        self._move(f"measured peak {r.measured_peak_bytes} bytes is over the budget of {r.budget_bytes} "
-                   f"(predicted {r.predicted_peak_bytes})", lower, None, precision_failed=False)
+        why = (f"measured peak {r.measured_peak_bytes} bytes is over the budget of {r.budget_bytes} "
+               f"(predicted {r.predicted_peak_bytes})")
+        materialised = getattr(self.session, "loss_head_materialised", lambda: 0)()
+        if self.session.plan.loss_head_chunk_tokens and materialised:  # chunking saved nothing: plan without it
+            self.excluded_levers.add("loss-head")
+            why += f" (the loop needed the chunked head's full logits in {materialised} call(s))"
+        self._move(why, lower, None, precision_failed=False)
 
     def _too_slow(self) -> None:
         r, plan = self.result, self.session.plan
@@ -248,6 +257,12 @@ class LiveCheck:
         base = self.session.base_precision
         if plan.precision != base:
             self._move(words + f" ({plan.precision} is slow on this device)", plan.budget_bytes, (base,))
+            return
+        if plan.loss_head_chunk_tokens and "loss-head" not in self.excluded_levers and \
+                self.attempts < self.max_attempts:
+            self.excluded_levers.add("loss-head")
+            self._move(words + " (the chunked loss head costs more here than measured before)", plan.budget_bytes,
+                       None, precision_failed=False)
             return
         modes = [c.mode for c in plan.checkpoint if c.mode != "keep"]
         slow = max(set(modes), key=modes.count) if modes else None
@@ -280,7 +295,8 @@ class LiveCheck:
         """Plan again and check the new plan; with nothing left, keep the fastest plan that held (or, when
         only a precision's time failed, any within the budget), else restore the plain step."""
         r = self.result
-        new = (self.session.replan(budget_bytes, precisions, tuple(self.excluded_modes))
+        without = {"without_levers": tuple(sorted(self.excluded_levers))} if self.excluded_levers else {}
+        new = (self.session.replan(budget_bytes, precisions, tuple(self.excluded_modes), **without)
                if self.attempts < self.max_attempts else None)
         if new is None and any(t.within_budget() and (t.held or not precision_failed) for _, t in self.tried):
             self._keep_fastest(why, held_only=precision_failed)
@@ -308,5 +324,13 @@ class LiveCheck:
 
 def describe_plan(plan) -> str:
     modes = [c.mode for c in plan.checkpoint]
-    return (f"{plan.precision}, {modes.count('full')} full and {modes.count('selective')} selective checkpoints, "
-            f"predicted peak {plan.predicted_peak_bytes} bytes, {plan.predicted_overhead:+.1%} step time")
+    head = f", loss head chunked by {plan.loss_head_chunk_tokens} tokens" if plan.loss_head_chunk_tokens else ""
+    return (f"{plan.precision}, {modes.count('full')} full and {modes.count('selective')} selective checkpoints"
+            f"{head}, predicted peak {plan.predicted_peak_bytes} bytes, {plan.predicted_overhead:+.1%} step time")
+
+
+def plan_words(plan) -> str:
+    """What a plan applies, in a few words (the session's action line)."""
+    modes = [c.mode for c in plan.checkpoint]
+    head = f", loss head chunked by {plan.loss_head_chunk_tokens} tokens" if plan.loss_head_chunk_tokens else ""
+    return f"{modes.count('full')} full, {modes.count('selective')} selective checkpoints, {plan.precision}{head}"
