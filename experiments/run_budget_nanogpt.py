@@ -85,8 +85,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="iterations per run (calibration ~52, the check ~13 a plan)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per memprof run")
     args = ap.parse_args()
-    import memprof
     import tomllib
+
+    import memprof
 
     load_before = os.getloadavg()
     t0 = time.perf_counter()

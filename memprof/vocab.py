@@ -14,7 +14,7 @@ __all__ = [
     "Precision", "PRECISIONS", "AUTOCAST_PRECISIONS",
     "Strategy", "SHARDING_STRATEGIES",
     "CheckpointMode", "CHECKPOINT_MODES", "RECOMPUTE_MODES",
-    "Lever", "LEVERS",
+    "Lever", "LEVERS", "STEP_LEVERS",
     "Optimizer", "OPTIMIZERS",
     "FinetuneMethod", "FINETUNE_METHODS", "DpoReference", "DPO_REFERENCES",
 ]
@@ -49,6 +49,7 @@ and cross-entropy a chunk of tokens at a time, :mod:`memprof.policy.loss_head`),
 accumulation (:mod:`memprof.policy.microbatch`), the optimizer step in backward
 (:mod:`memprof.policy.step_in_backward`), bf16 Adam moments (:mod:`memprof.policy.state_precision`)."""
 LEVERS: tuple[Lever, ...] = get_args(Lever)
+STEP_LEVERS: tuple[Lever, ...] = ("loss-head", "micro-batches", "optimizer-in-backward", "bf16-moments")
 
 Optimizer = Literal["adamw", "adamw-forloop", "adamw-foreach", "adamw-fused",
                     "adam", "adam-forloop", "adam-foreach", "adam-fused", "sgd"]

@@ -101,6 +101,7 @@ class ApplyHandle:
         self.units: dict[str, str] = {}
         self.irreversible: list[str] = []
         self.step = None  # the training step that runs the plan's loop-side levers (micro-batches)
+        self.loss_head = None  # the LossHeadHandle when the plan chunks the loss head (its .materialised count)
         self._undo: list = []
         self._removed = False
 
@@ -234,7 +235,8 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
                 _swap_forward(handle, model.get_submodule(fqn), lambda f, m=mode: _checkpointed(f, m))
                 handle.units[fqn] = mode
         if plan.loss_head_chunk_tokens:
-            handle._undo.append(chunk_loss_head(model, chunk_tokens=plan.loss_head_chunk_tokens).remove)
+            handle.loss_head = chunk_loss_head(model, chunk_tokens=plan.loss_head_chunk_tokens)
+            handle._undo.append(handle.loss_head.remove)
         _apply_precision(handle, model, plan.precision, device_type, optimizer)
         if plan.bf16_moments:
             from .state_precision import low_precision_state

@@ -348,10 +348,7 @@ class AutoSession(CalibratingSession):
     def apply_plan(self, plan) -> None:
 
         self.handle = apply(self.model, plan)
-        if plan.loss_head_chunk_tokens:  # its handle counts the calls whose full logits the loop needed
-            from .loss_head import find_head
-
-            self._head = getattr(find_head(self.model)[1], "_memprof_loss_head", None)
+        self._head = self.handle.loss_head  # counts the calls whose full logits the loop needed
 
     def remove_plan(self) -> None:
         if self.handle is not None:

@@ -44,6 +44,7 @@ from .live_check import LiveResult, plan_words
 from .overrides import CallAfter
 from .precision_timing import PrecisionTiming
 from .timing import OptionCosts, config_name, cost_configurations, median_stderr, uniform_plan
+from .variant_timing import priced_ratio
 from .variants import StepVariant
 
 __all__ = ["AUTOCAST", "Calibration", "CalibratingSession", "variant_plan"]
@@ -243,7 +244,7 @@ class Calibration:
         for v in self.variants:
             rs = ratios.get(("variant", v))
             if rs and (self.base_precision, v) in self.variant_profiles:  # priced with its measured memory beside it
-                self.variant_ratios[v] = statistics.median(rs)
+                self.variant_ratios[v] = priced_ratio(statistics.median(rs), median_stderr(rs))
         self.base_step_ms = base_ms
         self._finished(None)
 

@@ -233,8 +233,14 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 unit_modes = tuple(m for m in unit_modes if m != "selective")
                 if _SELECTIVE_AUTOCAST_NOTE not in notes:
                     notes.append(_SELECTIVE_AUTOCAST_NOTE)
-            model = chain_model(ps, budget_bytes, names, unit_modes,
-                                extra_ms=measured.extra_ms if measured else None)
+            try:
+                model = chain_model(ps, budget_bytes, names, unit_modes,
+                                    extra_ms=measured.extra_ms if measured else None)
+            except MemprofError as e:  # e.g. a variant whose estimate lost the units' backward
+                if v.plain:
+                    raise
+                dropped[v] = f"{', '.join(v.levers)} not weighed ({v.describe()}): {e}"
+                continue
             if not v.plain:  # the plain step's time in this configuration, times the variant's own ratio
                 plain_ms, scale, plain_modelled, _ = plain_time[(p, s, o)]
                 ratio = variant_ratios.get(v) if (p == ratio_precision and s == "none" and not o) else None

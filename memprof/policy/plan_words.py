@@ -13,7 +13,7 @@ from .._version import __version__
 from ..advice import allocator_advice
 from ..plans import CheckpointChoice, FrontierPoint, Plan, Sharding, Source
 from ..units import format_bytes
-from ..vocab import LEVERS
+from ..vocab import LEVERS, STEP_LEVERS
 from .candidates import Candidate, sharding_words
 from .solver import InfeasibleBudget, dominant_term
 
@@ -53,6 +53,9 @@ def infeasible_budget(candidates, budget_bytes, levers, world_size, applicable=L
         hints.append("allow other precisions")
     if "checkpoint" not in levers and "checkpoint" in applicable:
         hints.append("allow checkpointing")
+    step_levers = [lv for lv in STEP_LEVERS if lv not in levers and lv in applicable]
+    if step_levers:
+        hints.append(f"allow {', '.join(step_levers)}")
     hint = ("; " + " or ".join(hints)) if hints else "; use a smaller batch or a lighter optimizer"
     return InfeasibleBudget(
         smallest.peak_bytes, budget_bytes, message=f"no plan fits {format_bytes(budget_bytes)}: the smallest achievable peak is "

@@ -27,7 +27,7 @@ from ..training import default_step, make_optimizer
 from .timing import median_stderr
 from .variants import PLAIN, StepVariant, model_transform, step_wrapper
 
-__all__ = ["VariantTiming", "measure_variant_ratios"]
+__all__ = ["VariantTiming", "measure_variant_ratios", "priced_ratio"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,13 @@ class VariantTiming:
         """The ratios the planner prices: a variant measured faster than the plain step counts as faster only
         when the speed-up exceeds twice its standard error (else 1.0: noise must not buy a lever); a
         measured cost is kept as measured."""
-        out = {}
-        for v, r in self.ratios.items():
-            err = self.stderr.get(v, float("inf"))
-            out[v] = r if r >= 1.0 or r + 2 * err < 1.0 else 1.0
-        return out
+        return {v: priced_ratio(r, self.stderr.get(v, float("inf"))) for v, r in self.ratios.items()}
+
+
+def priced_ratio(ratio: float, stderr: float) -> float:
+    """A measured step-time ratio as the planner prices it: a speed-up counts only beyond twice its standard
+    error (else 1.0); a cost counts as measured."""
+    return ratio if ratio >= 1.0 or ratio + 2 * stderr < 1.0 else 1.0
 
     def describe(self) -> str:
         return (f"measured on this device: untracked steps, {self.rounds} rounds, every variant once per round "
