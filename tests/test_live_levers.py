@@ -23,8 +23,7 @@ from memprof.cli import main
 from memprof.errors import MemprofError
 from memprof.policy.calibrate import Calibration, variant_plan
 from memprof.policy.engine import plan
-from memprof.policy.live_levers import live_chunk_tokens
-from memprof.policy.loss_head import chunk_loss_head
+from memprof.policy.loss_head import chunk_loss_head, chunk_tokens_for
 from memprof.policy.variants import StepVariant
 from tests.fixtures.nanogpt_model import GPT, GPTConfig
 
@@ -117,15 +116,15 @@ def test_run_policy_refuses_a_plan_for_the_scripts_loop_or_optimizer_before_it_r
 # -- the chunk ----------------------------------------------------------------------------------------------
 
 def test_the_live_chunk_leaves_at_least_four_chunks_in_a_step(heavy_profile):
-    assert live_chunk_tokens(heavy_profile) == 128  # 512 tokens: 1024 halved three times
-    assert live_chunk_tokens(_steady_peak(_model(), _batch(rows=64))) == 1024  # 4096 tokens: the planner's default
+    assert chunk_tokens_for(heavy_profile) == 128  # 512 tokens: 1024 halved three times
+    assert chunk_tokens_for(_steady_peak(_model(), _batch(rows=64))) == 1024  # 4096 tokens: the planner's default
     tiny = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(tiny.parameters(), lr=0.1)
     with memprof.track(tiny, opt) as tracker:
         for _ in range(2):
             tiny(torch.ones(4, 8)).sum().backward()
             opt.step()
-    assert live_chunk_tokens(tracker.profile) == 1024  # no loss head: the default
+    assert chunk_tokens_for(tracker.profile) == 1024  # no loss head: the default
 
 
 # -- calibration ----------------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_memprof_plan_weighs_the_lever_on_the_named_model_and_writes_the_chunk(t
     from click.testing import CliRunner
 
     from memprof.cli import main
-    from memprof.policy.loss_head import DEFAULT_CHUNK_TOKENS
+    from memprof.policy.loss_head import chunk_tokens_for
 
     monkeypatch.chdir(tmp_path)
     model = "tests.test_loss_head_plan:cli_build"
@@ -166,6 +166,8 @@ def test_memprof_plan_weighs_the_lever_on_the_named_model_and_writes_the_chunk(t
                                   *common, "--out", "plan.toml"])
     assert r.exit_code == 0, r.output
     p = load_plan(tmp_path / "plan.toml")
-    assert p.loss_head_chunk_tokens == DEFAULT_CHUNK_TOKENS and p.predicted_peak_bytes <= budget
+    # the chunk picked for the step's tokens (32 x 64: 2048, so 512 leaves four chunks)
+    assert p.loss_head_chunk_tokens == chunk_tokens_for(memprof.load(tmp_path / "est.json")) == 512
+    assert p.predicted_peak_bytes <= budget
     r = CliRunner().invoke(main, ["plan", "est.json", "--budget", str(budget), "--levers", "checkpoint"])
     assert r.exit_code == 2 and "no plan fits" in r.output

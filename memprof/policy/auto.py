@@ -36,7 +36,7 @@ and tracker of the session is gone. Levers are checkpointing, autocast precision
 all three by default (:mod:`memprof.policy.live_levers` says why each may be applied to a running loop and
 why the others are refused: sharding and bf16 parameters change the parameters the user's optimizer already
 holds, micro-batches belong to the loop, the optimizer levers to the optimizer). The loss-head chunk is
-:func:`~memprof.policy.live_levers.live_chunk_tokens` of the estimate: one value for planning, calibrating
+:func:`~memprof.policy.loss_head.chunk_tokens_for` of the estimate: one value for planning, calibrating
 and applying.
 
 The first forward is caught by :class:`memprof.tracking.first_forward.FirstRootForward`.
@@ -61,8 +61,8 @@ from .calibrate import CalibratingSession
 from .chain_problem import InfeasibleBudget
 from .engine import plan
 from .live_check import LiveCheck, plan_words
-from .live_levers import DEFAULT_LIVE_LEVERS, LIVE_LEVERS, check_live_levers, live_chunk_tokens
-from .loss_head import DEFAULT_CHUNK_TOKENS
+from .live_levers import DEFAULT_LIVE_LEVERS, LIVE_LEVERS, check_live_levers
+from .loss_head import DEFAULT_CHUNK_TOKENS, chunk_tokens_for
 from .precision_timing import measure_precision_ratios
 
 __all__ = ["auto", "AutoSession", "first_call_context"]
@@ -144,7 +144,7 @@ class AutoSession(CalibratingSession):
         self.measured_profiles: dict = {}  # (precision, "none") -> the loop's tracked steps in it
         self.step_timing = None  # whole-step precision ratios timed in the loop (PrecisionTiming)
         self.plan_profile = None  # the tracked plain profile the plan was made from, once calibrated
-        self.loss_head_chunk_tokens = DEFAULT_CHUNK_TOKENS  # set from the estimate (live_chunk_tokens)
+        self.loss_head_chunk_tokens = DEFAULT_CHUNK_TOKENS  # set from the estimate (chunk_tokens_for)
         self.variant_ratios: dict = {}  # StepVariant -> whole-step time ratio timed in the loop
         self.head_materialised = 0  # head calls whose full logits the loop needed while the head was chunked
         self._head = None  # the LossHeadHandle of the applied plan, if it chunks the head
@@ -226,7 +226,7 @@ class AutoSession(CalibratingSession):
         finally:
             if self.tracker is not None:
                 self.tracker.resume()
-        self.loss_head_chunk_tokens = live_chunk_tokens(self.estimate)
+        self.loss_head_chunk_tokens = chunk_tokens_for(self.estimate)
         if "precision" in self.levers and self.base_precision == "fp32":
             self._time_precisions(model, args, kwargs)
         if self.estimate.peak_bytes <= self.budget_bytes:

@@ -28,7 +28,7 @@ from ..vocab import AUTOCAST_PRECISIONS, CHECKPOINT_MODES, LEVERS, PRECISIONS, S
 from .candidates import Candidate, describe_choice, describe_config
 from .chain import chain_model, find_units
 from .costs import CommModel, comm_ms, offload_ms
-from .loss_head import DEFAULT_CHUNK_TOKENS, LossHeadError
+from .loss_head import LossHeadError, chunk_tokens_for
 from .microbatch import MicrobatchError
 from .plan_words import baseline_candidate, infeasible_budget, make_plan
 from .solver import InfeasibleBudget, frontier, min_peak, solve_dp
@@ -94,7 +94,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
          source=None, precision: str | None = None, modes=CHECKPOINT_MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
          precisions: tuple[str, ...] | None = None, costs=None, precision_timing=None,
-         applicable=LEVERS, loss_head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+         applicable=LEVERS, loss_head_chunk_tokens: int | None = None,
          variant_ratios: dict | None = None) -> Plan:
     """The configuration with the least predicted step time whose predicted peak fits ``budget``.
 
@@ -119,7 +119,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             (:func:`memprof.policy.precision_timing.measure_precision_ratios`); they replace the modelled ratio
             of each precision they name. Without them other precisions' times are modelled, and the plan says so.
         applicable: the levers the caller can apply (a refusal suggests only those).
-        loss_head_chunk_tokens: the chunk the loss-head lever weighs.
+        loss_head_chunk_tokens: the chunk the loss-head lever weighs (default:
+            :func:`~memprof.policy.loss_head.chunk_tokens_for` the profile's step).
         variant_ratios: measured whole-step time of step variants (:class:`~memprof.policy.variants.StepVariant`)
             over the step as written, on this device (a dict, or the :class:`~memprof.policy.variant_timing.
             VariantTiming` of :func:`~memprof.policy.variant_timing.measure_variant_ratios`), for the base
@@ -170,6 +171,8 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                              key=lambda c: (c[1], SHARDING_STRATEGIES.index(c[0])))
     if "sharding" in levers and prof.environment.device == "cpu" and not any(o for _, o in configs):
         notes.append("CPU offload not weighed: on a CPU the host's memory is the device's")
+    if loss_head_chunk_tokens is None:
+        loss_head_chunk_tokens = chunk_tokens_for(prof)
     variants, variant_notes = weighed_variants(
         levers, chunk_tokens=loss_head_chunk_tokens, custom_step=source is not None and source.step is not None,
         optimizer=source.optimizer if source is not None else prof.assumptions.get("optimizer", "adamw"))

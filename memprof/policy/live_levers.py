@@ -18,21 +18,18 @@ the loop owns:
   batch; ``optimizer-in-backward`` and ``bf16-moments`` change the optimizer: refused, with the way to use
   each (:func:`check_live_levers`, :func:`check_script_plan` for ``run --policy``).
 
-:func:`live_chunk_tokens` picks the chunk the live path weighs, measures and applies: the planner's default
-(:data:`~memprof.policy.loss_head.DEFAULT_CHUNK_TOKENS`) unless the step has fewer than four chunks' worth
-of tokens, where a chunk that holds the whole step's logits would save little (nanoGPT at 4 x 256 tokens:
-a 1024-token chunk measured 79% of the plain peak, a 256-token chunk 36%).
+The live path weighs, measures and applies the chunk :func:`memprof.policy.loss_head.chunk_tokens_for` picks
+for the step, as the offline planner does.
 """
 
 from __future__ import annotations
 
 from ..errors import MemprofError
 
-__all__ = ["LIVE_LEVERS", "DEFAULT_LIVE_LEVERS", "check_live_levers", "check_script_plan", "live_chunk_tokens"]
+__all__ = ["LIVE_LEVERS", "DEFAULT_LIVE_LEVERS", "check_live_levers", "check_script_plan"]
 
 LIVE_LEVERS = ("checkpoint", "precision", "loss-head")
 DEFAULT_LIVE_LEVERS = ("checkpoint", "precision", "loss-head")
-MIN_CHUNK_TOKENS = 64  # below this the head's matmuls get too small to run at speed
 
 _OPTIMIZER_LEVER = ("{where} cannot apply {lever} to a running script: it changes the optimizer, which only the "
                     "script holds; plan it with `memprof plan PROFILE --levers checkpoint,{lever} --model "
@@ -76,21 +73,3 @@ def check_script_plan(plan, path: str) -> None:
         raise MemprofError(f"{path}: uses {' and '.join(needs)}, which change the script's optimizer and "
                            "--policy reaches only its model: apply it in code with memprof.apply(model, "
                            "memprof.load(PLAN), optimizer=opt)")
-
-
-def live_chunk_tokens(prof) -> int:
-    """The loss-head chunk for a step like ``prof``'s (see the module docstring): the planner's default,
-    halved while the step's tokens are fewer than four chunks (not below :data:`MIN_CHUNK_TOKENS`)."""
-    import math
-
-    from ..peak_words import loss_head
-    from .loss_head import DEFAULT_CHUNK_TOKENS
-
-    chunk = DEFAULT_CHUNK_TOKENS
-    head = loss_head(prof, min_share=0.0) if prof is not None else None
-    if head is None:
-        return chunk
-    tokens = math.prod(head.logits_shape[:-1])
-    while chunk > MIN_CHUNK_TOKENS and 4 * chunk > tokens:
-        chunk //= 2
-    return chunk
