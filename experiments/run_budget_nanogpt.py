@@ -13,9 +13,9 @@ chunked-head steps paired with plain ones), applies the plan and checks it in th
 (memprof.policy.live_check). From the plan file: the plan kept, its levers, predicted peak and overhead, the
 live check's measured peak (two tracked applied steps) and overhead (untracked steps interleaved with plain
 ones). A run holds when the measured peak is <= B and within 1% of the prediction and the overhead is at
-most max(25% of the predicted, 5 points) above it (as the live check decides; a faster step is no failure). Run once on a 2-core CPU shared with another engineer's jobs: the
-step times (hence the overheads and the live check's time decisions) are noisy, the peaks are not. Writes
-results/run-budget-nanogpt.json.
+most max(25% of the predicted, 5 points) above it (as the live check decides; a faster step is no failure).
+On a 2-core CPU the step times (hence the overheads and the live check's time decisions) are noisy, the
+peaks are not; the JSON records the load average before and after. Writes results/run-budget-nanogpt.json.
 """
 
 from __future__ import annotations
