@@ -4,7 +4,7 @@ For each fixture script (nanoGPT-style ``train.py``, a Lightning LM, a PEFT LoRA
 GPT-2, a TRL ``SFTTrainer`` with its defaults) this measures its plain peak (``memprof run --out``), then runs
 ``memprof run --budget B --plan-out P --out O SCRIPT`` in a fresh subprocess at three budgets:
 
-* 90% and 80% of the plain peak, with the default levers (checkpoint, precision), as a user would;
+* 90% and 80% of the plain peak, with the default levers (checkpoint, precision, loss-head), as a user would;
 * one reached by a plan with selective (or mixed full + selective) checkpointing: the selective point of the
   checkpoint-only frontier of the plain profile (``memprof.plan`` on it) nearest to 85% of the peak, with a
   budget just above that point and below the next faster one, run with ``--levers checkpoint``; where the
@@ -23,7 +23,7 @@ max(25% of the predicted overhead, 5 points) of it.
 Limits: step times on a shared CPU are noisy (the JSON records the load average before and after); the
 scripts are tiny, so fixed costs (imports, the precision timing) dominate each run's wall time.
 
-    python experiments/real_scripts.py                 # all five scripts, 60 steps per run
+    python experiments/real_scripts.py                 # all five scripts, 100 steps per run
     python experiments/real_scripts.py --scripts peft_lora,lightning --steps 60
 """
 
@@ -244,7 +244,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated: " + ", ".join(SCRIPTS))
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (calibration ~32, the live check ~13 more)")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (calibration ~52 with the chunked head, the live check ~13 more per plan)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per memprof run")
     ap.add_argument("--caching-malloc", action="store_true",
                     help="run the scripts with glibc malloc keeping freed memory, as the plans' note advises "
@@ -285,7 +285,7 @@ def main() -> None:
         "notes": [
             "Run on a 2-core CPU shared with other jobs (see the load averages): step times, hence the measured "
             "overheads and the live check's time decisions, are noisy; the peaks are not affected by load.",
-            "The 90%/80% budgets use the default levers (checkpoint, precision); the third budget uses "
+            "The 90%/80% budgets use the default levers (checkpoint, precision, loss-head); the third budget uses "
             "--levers checkpoint and sits just above a selective point of the plain profile's frontier (made "
             "with modelled costs). Each run plans from its own loop's steps, tracked and timed before the plan "
             "is made (see calibration: the every-unit cost of each checkpoint mode and bf16's whole-step "

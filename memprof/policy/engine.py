@@ -272,7 +272,7 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 base_ms = base_measured_ms * ratio
             if v.plain:  # the variants' modelled times are compared with the same model's (the estimate's)
                 modelled = (source.profile(p, s, ws, shard_group_size, offload=o).steady_step_ms
-                            if source is not None else ps.steady_step_ms)
+                            if source is not None and len(variants) > 1 else ps.steady_step_ms)
                 plain_time[(p, s, o)] = (base_ms, scale, modelled, measured)
                 ratios[key] = 1.0
             params, grads = _travelling_bytes(fp32_params, p)
