@@ -167,21 +167,20 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
     import memprof
 
     peak = memprof.load(str(prof)).peak_bytes
-    budgets = [(int(0.9 * peak), "90% of plain peak", ["--levers", "checkpoint,precision"], None),
-               (int(0.8 * peak), "80% of plain peak", ["--levers", "checkpoint,precision"], None)]
+    budgets = [(int(0.9 * peak), "90% of plain peak", [], None),  # no --levers: the defaults, as a user would
+               (int(0.8 * peak), "80% of plain peak", [], None)]
     sel = selective_budget(prof, peak)
     if sel is not None:
         budgets.append((sel[0], "selective point of the checkpoint frontier", ["--levers", "checkpoint"], sel[1]))
     else:  # no selective point (the script checkpoints already): a budget it meets must not be refused
-        budgets.append((int(1.01 * peak), "101% of plain peak (no selective point on the frontier)",
-                        ["--levers", "checkpoint,precision"], None))
+        budgets.append((int(1.01 * peak), "101% of plain peak (no selective point on the frontier)", [], None))
     rows = []
     for i, (budget, why, levers, point) in enumerate(budgets):
         plan_path, out = work / f"{name}-{i}.toml", work / f"{name}-{i}.json"
         r = memprof_run(["--budget", str(budget), *levers, "--plan-out", str(plan_path), "--out", str(out)],
                         script, args, timeout)
         row = {"script": name, "plain_peak_bytes": peak, "budget_bytes": budget, "budget_rule": why,
-               "levers": levers[1], "frontier_point": point, "rc": r["rc"], "wall_s": r["wall_s"],
+               "levers": levers[1] if levers else "default (checkpoint,precision,loss-head)", "frontier_point": point, "rc": r["rc"], "wall_s": r["wall_s"],
                "printed_check": "Applied plan checked" in r["stderr"], "moves": moves_from(r["stderr"]),
                "nothing_applied": "nothing to change" in r["stderr"]}
         refusal = [line for line in r["stderr"].splitlines() if line.startswith("memprof: error:")]
