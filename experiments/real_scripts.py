@@ -111,6 +111,7 @@ def plan_summary(path: Path) -> dict:
     modes = [c["mode"] for c in d.get("checkpoint", [])]
     ck = ", ".join(f"{modes.count(m)} {m}" for m in ("full", "selective") if modes.count(m)) or "none"
     return {"precision": d.get("precision"), "checkpoint": ck, "modes": modes,
+            "loss_head_chunk_tokens": d.get("loss_head_chunk_tokens", 0),
             "predicted_peak_bytes": d.get("predicted_peak_bytes"),
             "predicted_overhead": d.get("predicted_overhead"),
             "verified": d.get("assumptions", {}).get("verified", ""),
@@ -165,6 +166,7 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
     if plain["rc"] != 0:
         return [{"script": name, "budget": "plain", "rc": plain["rc"], "stderr_tail": plain["stderr"][-3000:]}]
     import memprof
+    from memprof.policy.live_levers import DEFAULT_LIVE_LEVERS
 
     peak = memprof.load(str(prof)).peak_bytes
     budgets = [(int(0.9 * peak), "90% of plain peak", [], None),  # no --levers: the defaults, as a user would
@@ -180,7 +182,7 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
         r = memprof_run(["--budget", str(budget), *levers, "--plan-out", str(plan_path), "--out", str(out)],
                         script, args, timeout)
         row = {"script": name, "plain_peak_bytes": peak, "budget_bytes": budget, "budget_rule": why,
-               "levers": levers[1] if levers else "default (checkpoint,precision,loss-head)", "frontier_point": point, "rc": r["rc"], "wall_s": r["wall_s"],
+               "levers": levers[1] if levers else "default: " + ",".join(DEFAULT_LIVE_LEVERS), "frontier_point": point, "rc": r["rc"], "wall_s": r["wall_s"],
                "printed_check": "Applied plan checked" in r["stderr"], "moves": moves_from(r["stderr"]),
                "nothing_applied": "nothing to change" in r["stderr"]}
         refusal = [line for line in r["stderr"].splitlines() if line.startswith("memprof: error:")]
@@ -195,7 +197,7 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
         if r["rc"] != 0 or not (row["printed_check"] or row["nothing_applied"]):
             row["stderr_tail"] = r["stderr"][-3000:]
         rows.append(row)
-        print(f"  budget {budget} ({why}): rc={r['rc']} {row.get('precision')} {row.get('checkpoint')} "
+        print(f"  budget {budget} ({why}): rc={r['rc']} {row.get('precision')} {row.get('checkpoint')} head {row.get('loss_head_chunk_tokens')} "
               f"peak err {row.get('peak_error', float('nan')):+.2%} overhead "
               f"{row.get('measured_overhead')} vs {row.get('predicted_overhead')} held={row['held']} "
               f"({r['wall_s']} s)", flush=True)
