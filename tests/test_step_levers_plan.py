@@ -269,3 +269,13 @@ def test_cli_plan_weighs_the_step_levers(tmp_path):
     p = load_plan(tmp_path / "plan.toml")
     assert p.predicted_peak_bytes <= budget and p.step_levers()
     assert "  step: " + ", ".join(p.step_levers()) in out.stdout
+
+
+def test_micro_batches_refuse_to_wrap_a_custom_step():
+    """measure_variant_ratios with a custom step: the micro-batch variant fails (kept in ``failed``), never
+    silently timed on the default step instead."""
+    def own_step(model, batch, opt, precision="fp32", scaler=None, device_type="cpu"):
+        return default_step(model, batch, opt, precision, scaler, device_type)
+    v = StepVariant(micro_batches=2)
+    t = measure_variant_ratios(_build, _batch, [v], step=own_step, rounds=1, warmup=1)
+    assert v not in t.ratios and "custom step" in t.failed[v]

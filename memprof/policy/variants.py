@@ -131,8 +131,10 @@ def step_wrapper(v: StepVariant):
 
     def wrap(inner):
         from ..training import default_step
-        from .microbatch import microbatched
+        from .microbatch import MicrobatchError, microbatched
 
+        if v.micro_batches > 1 and inner is not None:
+            raise MicrobatchError("micro-batches slice the batch around the default step; a custom step owns its loop")
         base = microbatched(v.micro_batches) if v.micro_batches > 1 else (inner or default_step)
 
         def step(model, batch, optimizer, precision="fp32", scaler=None, device_type="cpu"):
