@@ -168,21 +168,17 @@ _LEVER_WORDS = {
                                         "completes and the gradient freed"),
     "bf16-moments": lambda v: "bf16 optimizer moments: Adam's two moments in bf16, half their bytes",
 }
-_WITHOUT = {"loss-head": {"loss_head_chunk_tokens": 0}, "micro-batches": {"micro_batches": 1},
-            "optimizer-in-backward": {"optimizer_in_backward": False}, "bf16-moments": {"bf16_moments": False}}
 
 
 def explain_variant(best: Candidate, candidates) -> list[str]:
     """Each step lever of the chosen configuration: the bytes it saves and the time it adds, against the same
     configuration without it (checkpointing solved again there), and how to run it where it is the loop's."""
-    import dataclasses
-
     lines = []
     same = {c.variant: c for _, c, _m in candidates if c.precision == best.precision and c.sharding == best.sharding
             and c.offload == best.offload}
     for lever in best.variant.levers:
         line = _LEVER_WORDS[lever](best.variant)
-        other = same.get(dataclasses.replace(best.variant, **_WITHOUT[lever]))
+        other = same.get(best.variant.without(lever))
         if other is not None:
             line += (f"; peak {format_bytes(best.profile.peak_bytes)} before checkpointing vs "
                      f"{format_bytes(other.profile.peak_bytes)} without it "

@@ -53,11 +53,13 @@ class StepVariant:
             out.append("bf16-moments")
         return tuple(out)
 
+    def without(self, lever: str) -> StepVariant:
+        """This variant less ``lever`` (a name from :attr:`levers`)."""
+        return dataclasses.replace(self, **_OFF[lever])
+
     def without_each(self) -> list[StepVariant]:
         """This variant less one of its levers, for each lever it uses."""
-        off = {"loss-head": {"loss_head_chunk_tokens": 0}, "micro-batches": {"micro_batches": 1},
-               "optimizer-in-backward": {"optimizer_in_backward": False}, "bf16-moments": {"bf16_moments": False}}
-        return [dataclasses.replace(self, **off[lever]) for lever in self.levers]
+        return [self.without(lever) for lever in self.levers]
 
     def words(self) -> list[str]:
         return step_lever_words(self.loss_head_chunk_tokens, self.micro_batches, self.optimizer_in_backward,
@@ -68,6 +70,8 @@ class StepVariant:
 
 
 PLAIN = StepVariant()
+_OFF = {"loss-head": {"loss_head_chunk_tokens": 0}, "micro-batches": {"micro_batches": 1},
+        "optimizer-in-backward": {"optimizer_in_backward": False}, "bf16-moments": {"bf16_moments": False}}
 
 
 def variant_allowed(v: StepVariant, precision: str, sharding: str, offload: bool) -> bool:
