@@ -106,16 +106,7 @@ class ModuleTree:
             owner = walk.get(pname.rpartition(".")[0]) or walk[""]
             full = f"{prefix}.{pname}" if prefix else pname
             self.owner[p] = (owner, full)
-            for t in real_tensors(p):
-                s = t.untyped_storage()
-                if id(s) in seen_storage:
-                    continue
-                seen_storage.add(id(s))
-                rec = led.live.get(id(s))
-                if rec is None:
-                    led.found(s, t, PARAM, label=full, node=owner)
-                else:
-                    rec.cat, rec.label, rec.node = PARAM, full, owner
+            _label_storages(led, p, PARAM, full, owner, seen_storage)
             if p.grad is not None:
                 self.label_grad(p)
             if p.requires_grad:
@@ -127,16 +118,7 @@ class ModuleTree:
         for bname, b in _members(modules, "_buffers"):
             owner = walk.get(bname.rpartition(".")[0]) or walk[""]
             full = f"{prefix}.{bname}" if prefix else bname
-            for t in real_tensors(b):
-                s = t.untyped_storage()
-                if id(s) in seen_storage:
-                    continue
-                seen_storage.add(id(s))
-                rec = led.live.get(id(s))
-                if rec is None:
-                    led.found(s, t, BUFFER, label=full, node=owner)
-                elif rec.cat != PARAM:
-                    rec.cat, rec.label, rec.node = BUFFER, full, owner
+            _label_storages(led, b, BUFFER, full, owner, seen_storage)
         if self.backward.enabled:
             # Gradients are labelled after each backward (RecordedBackward.run), not by a hook per parameter:
             # in a recorded backward the hooks were a third of memprof's cost (a claim and a drain each).
@@ -186,6 +168,21 @@ class ModuleTree:
             for k, v in state.items():
                 if isinstance(v, torch.Tensor):
                     self.relabel(v, OPTIMIZER, f"{name}:{k}" if name else k, owner)
+
+
+def _label_storages(led, tensor, cat: str, label: str, owner, seen: set) -> None:
+    """Give each storage of ``tensor`` not seen yet this category, label and owner (found if the ledger does
+    not follow it yet); a buffer sharing a parameter's storage leaves it a parameter."""
+    for t in real_tensors(tensor):
+        s = t.untyped_storage()
+        if id(s) in seen:
+            continue
+        seen.add(id(s))
+        rec = led.live.get(id(s))
+        if rec is None:
+            led.found(s, t, cat, label=label, node=owner)
+        elif cat == PARAM or rec.cat != PARAM:
+            rec.cat, rec.label, rec.node = cat, label, owner
 
 
 def _frozen(modules) -> bool:
