@@ -115,6 +115,20 @@ def test_run_policy_applies_a_plan_to_an_unmodified_script_and_verifies_it(tmp_p
     assert "Plan verified" in r.stderr and "predicted" in r.stderr
 
 
+def test_verification_of_a_plan_without_step_times_says_so_instead_of_dividing_by_zero(tiny_peak):
+    import dataclasses
+
+    from memprof.cli.run_cmds import _verification
+
+    prof = _measure_tiny()
+    plan = memprof.plan(prof, int(tiny_peak * 0.85))
+    text = _verification(plan, prof)
+    assert f"{100 * (prof.peak_bytes / plan.predicted_peak_bytes - 1):+.2f}%" in text
+    untimed = dataclasses.replace(plan, predicted_step_ms=0.0, baseline_step_ms=0.0, predicted_overhead=0.0)
+    step_row = next(line for line in _verification(untimed, prof).splitlines() if line.startswith("step time"))
+    assert "n/a" in step_row and f"{prof.steady_step_ms:.1f} ms" in step_row and "%" not in step_row
+
+
 def test_run_budget_trains_stays_under_it_and_writes_plan_and_profile(tmp_path, tiny_peak):
     budget = int(tiny_peak * 0.85)
     out, plan_out = tmp_path / "p.json", tmp_path / "plan.toml"

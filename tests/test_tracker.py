@@ -494,3 +494,23 @@ def test_torch_compile_inside_the_block_never_compiles_the_trackers_own_frames()
         torch._dynamo.reset()
     assert counter.frame_count == 0  # the mode makes dynamo skip the user's frames too: all ran eagerly
     assert tracker.profile.peak_bytes == expected + (1 << 20)  # x is found live: its MiB counts, unlike above
+
+
+def test_a_hooks_own_time_is_counted_once_when_hooks_nest():
+    """The clock leaves out memprof's own time; a hook run inside another must not be subtracted twice (a
+    clock that stalls would give steps of 0 ms)."""
+    import time
+
+    from memprof.tracking.ledger import Ledger
+
+    led = Ledger()
+    inner = led.own_time(lambda: time.sleep(0.02))
+
+    def outer_work():
+        led.overhead += 0.5  # what an op inside the hook adds as its own overhead
+        inner()
+
+    t0 = time.perf_counter()
+    led.own_time(outer_work)()
+    elapsed = time.perf_counter() - t0
+    assert 0.02 <= led.overhead <= elapsed

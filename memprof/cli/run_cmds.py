@@ -268,12 +268,15 @@ def _verification(the_plan, prof, world_size: int = 1) -> str:
                 f"as {world_size} process(es); its per-device peak holds only with that many ranks (launch with "
                 f"torchrun --nproc-per-node {the_plan.world_size} -m memprof run ...)")
 
-    measured_ms = prof.steady_step_ms or float("nan")
+    def cells(predicted, measured, text, digits):  # a side not measured (a profile without step times): n/a
+        if not predicted or not measured:
+            return (text(predicted) if predicted else "n/a", text(measured) if measured else "n/a", "")
+        return text(predicted), text(measured), f"{100 * (measured / predicted - 1):+.{digits}f}%"
+
     rows = [
-        ("peak", fmt_bytes(the_plan.predicted_peak_bytes), fmt_bytes(prof.peak_bytes),
-         f"{100 * (prof.peak_bytes / the_plan.predicted_peak_bytes - 1):+.2f}%"),
-        ("step time (fastest after the first)", f"{the_plan.predicted_step_ms:.1f} ms", f"{measured_ms:.1f} ms",
-         f"{100 * (measured_ms / the_plan.predicted_step_ms - 1):+.1f}%"),
+        ("peak", *cells(the_plan.predicted_peak_bytes, prof.peak_bytes, fmt_bytes, 2)),
+        ("step time (fastest after the first)",
+         *cells(the_plan.predicted_step_ms, prof.steady_step_ms, lambda ms: f"{ms:.1f} ms", 1)),
     ]
     verdict = "within" if prof.peak_bytes <= the_plan.budget_bytes else "OVER"
     return (f"Plan verified ({verdict} the budget of {fmt_bytes(the_plan.budget_bytes)}):\n"

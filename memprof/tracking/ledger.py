@@ -391,11 +391,11 @@ class Ledger(LedgerRecording, TorchDispatchMode):
         def timed(*args, **kwargs):
             if _interrupts.pending:  # a signal recorded in memprof's code: raise it before the hook runs
                 _interrupts.deliver()
-            t_in = perf_counter()
+            t_in, before = perf_counter(), self.overhead
             try:
                 return method(*args, **kwargs)
-            finally:
-                self.overhead += perf_counter() - t_in
+            finally:  # the hook's whole time, once: what ops or hooks inside it added is part of it
+                self.overhead = before + (perf_counter() - t_in)
         return timed
 
     def set_aside(self, records, device: str = "cpu") -> list:
