@@ -218,3 +218,16 @@ def test_module_boundaries_at_one_tensor_share_one_hook_and_give_the_same_profil
     for name, m in separate.modules.items():
         assert shared.modules[name].backward_peak_bytes == m.backward_peak_bytes, name
         assert shared.modules[name].forward_peak_bytes == m.forward_peak_bytes, name
+
+
+def test_the_gradients_a_backward_will_make_are_known_by_size_before_it_runs():
+    from memprof.tracking.recorded_backward import gradient_shapes
+
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    loss = (x.double() @ w).log_softmax(-1).sum()
+    # by hand: the loss (8 B, float64), the log-softmax's and the product's gradients (4x16 float64), the
+    # gradient of x's float64 copy (4x8 float64: 256 B) and of w (8x16 float64), and of x itself (4x8 float32)
+    assert gradient_shapes((loss,)) == {8: ((), torch.float64), 512: ((4, 16), torch.float64),
+                                        256: ((4, 8), torch.float64), 1024: ((8, 16), torch.float64),
+                                        128: ((4, 8), torch.float32)}

@@ -4,7 +4,8 @@ that logs what the C++ allocation recorder (:class:`.native.AllocationRecorder`)
 While autograd's engine runs, the tracker pops the ledger's dispatch mode (the per-op path would cost more
 than everything else in a backward, results/floors.json) and the ledger reads the recorder instead: every
 allocation and free the host allocator reports, op scratch included. Each allocation becomes a record of
-the phase and module it happened in, with no shape or op, logged when the recorder is drained: at phase
+the phase and module it happened in, with no op and no shape unless its size is a gradient's
+(:func:`.recorded_backward.gradient_shapes`), logged when the recorder is drained: at phase
 marks, when a storage is claimed and when backward ends. Module boundaries inside backward
 (:meth:`LedgerRecording.defer_mark`) and frees of storages the ledger follows (their weakrefs) wait for
 the drain, each placed at the recorder's count when it happened, so the log keeps the allocator's order.
@@ -36,6 +37,8 @@ from .records import FreeRef, ModuleNode, StorageRecord
 __all__ = ["LedgerRecording"]
 
 _graph_task_id = torch._C._current_graph_task_id
+_UNKNOWN = ((), None)  # a recorded allocation whose size is no gradient's: shape and dtype not recorded
+BY_SIZE = "shape by size"  # the label of a recorded allocation given a gradient's shape by its size
 
 
 class LedgerRecording:
@@ -55,6 +58,7 @@ class LedgerRecording:
         self._seg = None  # (phase, phase id, module, op clock) of recorder events not logged yet
         self._switching = False  # a drain is entering the backward phase
         self.closed_task = None  # the graph task whose backward phase the tracker closed last
+        self.grad_shapes: dict = {}  # nbytes -> (shape, dtype) of the recorded backward's gradients
 
     def mark(self, kind: str, node: ModuleNode | None = None) -> None:
         """A module or phase boundary at this point of the log; with the recorder on, what it saw before is
@@ -103,6 +107,7 @@ class LedgerRecording:
             for rec in self.anon.values():
                 self.unfollowed += rec.nbytes
             self.anon.clear()
+            self.grad_shapes = {}
 
     def drain(self, switch: bool = True) -> None:
         """Log the allocations and frees the recorder reported since the last drain. With ``switch``, a
@@ -145,6 +150,7 @@ class LedgerRecording:
         anon, pop, add, events = self.anon, self.anon.pop, self._add, self.events
         phase, pid, node, clock = self._seg
         cat = ACTIVATION if phase == FORWARD else (OTHER if phase == OTHER_PHASE else TEMPORARY)
+        shapes = self.grad_shapes if phase == BACKWARD else {}
         devices: dict = {}
         it = iter(raw)
         for ptr, nb, code in zip(it, it, it):
@@ -152,7 +158,8 @@ class LedgerRecording:
                 dev = devices.get(code)
                 if dev is None:
                     dev = devices[code] = self._device_named(_native_device_name(code))
-                rec = StorageRecord(nb, cat, node, phase, pid, None, (), None, dev, "")
+                shape, dtype = shapes.get(nb, _UNKNOWN)
+                rec = StorageRecord(nb, cat, node, phase, pid, None, shape, dtype, dev, BY_SIZE if dtype else "")
                 rec.t = clock
                 anon[ptr] = rec
                 add(rec, nb, events)

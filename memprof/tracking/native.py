@@ -220,6 +220,9 @@ class quiet_allocator_log:
 
 
 _CHUNK = 4096  # events read per call by AllocationRecorder.raw
+# Its buffer's type, made once: each ctypes array type is a class in reference cycles, left to the garbage
+# collector when the recorder that made it is gone.
+_BUFFER = ctypes.c_int64 * (3 * _CHUNK)
 
 
 class AllocationRecorder:
@@ -273,13 +276,11 @@ class AllocationRecorder:
     def events(self, first: int = 0) -> list[tuple[int, int, str]]:
         if not self._h:
             return []
-        n = max(0, len(self) - first)
-        buf = (ctypes.c_int64 * (3 * n))()
-        got = self._lib.memprof_rec_read(self._h, first, n, buf)
+        flat = self.raw(first)
         names: dict[int, str] = {}
         out = []
-        for i in range(got):
-            ptr, size, dev = buf[3 * i], buf[3 * i + 1], buf[3 * i + 2]
+        for i in range(len(flat) // 3):
+            ptr, size, dev = flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]
             name = names.get(dev)
             if name is None:
                 name = names[dev] = device_name(dev)
@@ -294,7 +295,7 @@ class AllocationRecorder:
             return []
         buf = self._buf
         if buf is None:  # one buffer, reused: a ctypes array type per length would cost more than the read
-            buf = self._buf = (ctypes.c_int64 * (3 * _CHUNK))()
+            buf = self._buf = _BUFFER()
         out: list = []
         while n > 0:
             got = self._lib.memprof_rec_read(self._h, first, min(n, _CHUNK), buf)

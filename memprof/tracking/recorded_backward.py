@@ -17,6 +17,8 @@ tracker cannot reach (noted in the profile; such bytes count until tracking stop
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils._python_dispatch import (
     _get_current_dispatch_mode,
@@ -39,6 +41,38 @@ def _user_backward(engine, args, kwargs):
     """Autograd's engine, run by the tracker: the user's backward (hooks, autograd Functions, recomputed
     forwards) runs under this frame, and a signal there is raised at once (:mod:`.interrupts`)."""
     return engine(*args, **kwargs)
+
+
+def gradient_shapes(roots) -> dict:
+    """``{nbytes: (shape, dtype)}`` of the gradients a backward from ``roots`` (tensors or gradient edges) will
+    make: each autograd node's input metadata is the shape and dtype of a gradient it receives. The recorder
+    sees allocations by size only; one whose size is a gradient's is given that gradient's shape (the first
+    met from the roots when several shapes have that size). Nodes a checkpointed region builds during the
+    backward are not walked yet: their temporaries keep no shape unless their size is one of these."""
+    out: dict = {}
+    stack = []
+    for r in roots if isinstance(roots, (tuple, list)) else (roots,):
+        node = r.grad_fn if isinstance(r, torch.Tensor) else getattr(r, "node", None)
+        if node is not None:
+            stack.append(node)
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        try:
+            metadata = node._input_metadata
+        except (AttributeError, RuntimeError):  # private API: without it, shapes stay unrecorded
+            return out
+        for m in metadata:
+            if m.is_nested_tensor or m.dtype is None:
+                continue
+            shape = tuple(m.shape)
+            nbytes = math.prod(shape) * m.dtype.itemsize if shape else m.dtype.itemsize
+            out.setdefault(nbytes, (shape, m.dtype))
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return out
 
 
 class RecordedBackward:
@@ -94,6 +128,7 @@ class RecordedBackward:
             return result
         result = None
         phase_id = led.phase_id
+        led.grad_shapes = gradient_shapes(args[0] if args else kwargs.get("t_outputs", ()))
         led.start_recording(rec)
         try:
             mode = _pop_mode()
