@@ -29,7 +29,8 @@ def parse_levers(text: str) -> tuple[str, ...]:
 @click.option("--levers", default="checkpoint", show_default=True, metavar="LIST",
               help="Comma-separated: checkpoint, precision, sharding (FSDP strategies and CPU offload), loss-head "
                    "(the output projection and cross-entropy a chunk of tokens at a time), micro-batches (2 or 4, "
-                   "gradients accumulated), optimizer-in-backward, bf16-moments (Adam moments in bf16).")
+                   "gradients accumulated), optimizer-in-backward, bf16-moments (Adam moments in bf16), activation-offload (a unit's saved "
+                   "tensors in host memory; CUDA profiles, with a model to estimate).")
 @click.option("--units", "unit_patterns", multiple=True, metavar="PATTERN",
               help="Units to checkpoint: class name or FQN glob (default: the repeated blocks).")
 @click.option("--precision", "current_precision", default=None, help="The precision the profile was taken in.")
@@ -129,7 +130,7 @@ def _echo_plan(p) -> None:
     if p.step_levers():
         click.echo("  step: " + ", ".join(p.step_levers()))
     modes = p.checkpoint_modes()
-    counted = {m: sum(1 for v in modes.values() if v == m) for m in ("keep", "full", "selective")}
+    counted = {m: sum(1 for v in modes.values() if v == m) for m in ("keep", "full", "selective", "offload")}
     click.echo("  checkpoint: " + ", ".join(f"{n} {m}" for m, n in counted.items() if n))
     rows = [(c.unit, c.mode) for c in p.checkpoint if c.mode != "keep"]
     if rows:

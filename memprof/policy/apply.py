@@ -7,6 +7,9 @@
   by one that runs the original under non-reentrant ``torch.utils.checkpoint`` — RNG state preserved, so
   dropout recomputes the same masks — with the selective policy of :mod:`memprof.policy.selective` for
   "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
+* activation offload ("offload" units): the unit's forward is replaced by one that saves its tensors for
+  backward in host memory (:func:`memprof.policy.activation_offload.offloaded`; CUDA tensors only, a no-op
+  on the CPU).
 * loss-head chunking (``plan.loss_head_chunk_tokens`` > 0): :func:`memprof.policy.loss_head.chunk_loss_head`
   on the model's output head (the full logits and their gradient never exist at once).
 * optimizer levers (pass ``optimizer=``): ``plan.bf16_moments`` keeps Adam/AdamW moments in bf16
@@ -51,6 +54,7 @@ from ..plans import Plan
 from ..sharding import shard_model
 from ..training import autocast, cast_floating
 from ..vocab import AUTOCAST_PRECISIONS, RECOMPUTE_MODES
+from .activation_offload import offloaded
 from .loss_head import chunk_loss_head
 from .selective import context_fn as selective_context
 
@@ -131,7 +135,7 @@ class ApplyHandle:
             raise errors[0]
 
     def __repr__(self) -> str:
-        modes = {m: sum(1 for v in self.units.values() if v == m) for m in RECOMPUTE_MODES}
+        modes = {m: sum(1 for v in self.units.values() if v == m) for m in RECOMPUTE_MODES + ("offload",)}
         return (f"ApplyHandle(precision={self.plan.precision!r}, sharding={self.plan.sharding.strategy!r}, "
                 f"checkpoint={modes}, removed={self._removed})")
 
@@ -228,11 +232,14 @@ def apply(model: nn.Module, plan, *, optimizer=None) -> ApplyHandle:
         _APPLIED[mod] = weakref.ref(handle)
     try:
         # Order as in torchtitan: activation checkpointing, then precision, then FSDP.
-        if any(m != "keep" for m in units.values()):
+        if any(m in RECOMPUTE_MODES for m in units.values()):
             _no_kv_cache(handle, model)
         for fqn, mode in units.items():
             if mode in RECOMPUTE_MODES:
                 _swap_forward(handle, model.get_submodule(fqn), lambda f, m=mode: _checkpointed(f, m))
+                handle.units[fqn] = mode
+            elif mode == "offload":
+                _swap_forward(handle, model.get_submodule(fqn), lambda f: offloaded(f, model))
                 handle.units[fqn] = mode
         if plan.loss_head_chunk_tokens:
             handle.loss_head = chunk_loss_head(model, chunk_tokens=plan.loss_head_chunk_tokens)

@@ -46,7 +46,7 @@ class Candidate:
         parts = [self.precision, sharding_words(self.sharding, self.offload)]
         parts += self.variant.words()
         counted = {m: modes.count(m) for m in CHECKPOINT_MODES if modes.count(m)}
-        if counted.get("full") or counted.get("selective"):
+        if counted.get("full") or counted.get("selective") or counted.get("offload"):
             parts.append(", ".join(f"{n} of {len(modes)} units {m}" for m, n in counted.items() if m != "keep"))
         else:
             parts.append("no checkpointing")
@@ -64,6 +64,6 @@ def describe_config(precision: str, sharding: str, offload: bool) -> str:
 
 def describe_choice(precision: str, sharding: str, choices, offload: bool = False,
                     variant: StepVariant = PLAIN) -> str:
-    counted = {m: list(choices).count(m) for m in RECOMPUTE_MODES}
+    counted = {m: list(choices).count(m) for m in RECOMPUTE_MODES + ("offload",)}
     ck = ", ".join(f"{n}/{len(choices)} {m}" for m, n in counted.items() if n) or "no checkpointing"
     return ", ".join([precision, sharding_words(sharding, offload), *variant.words(), ck])

@@ -20,6 +20,13 @@ and each option of unit i (see :mod:`memprof.policy.solver` for how they combine
                recomputes the rest (during its backward a_i + backward peak + the matmul outputs backward
                would not have kept), costing the time of the ops it recomputes
 
+    offload    (CUDA; weighed from a second profile, of the model with every unit offloaded,
+               :mod:`memprof.policy.activation_offload`) retains on the device what that profile's unit
+               keeps (its output: the unit's inputs are never copied, so this does not depend on the
+               neighbours' choices); during its backward that plus its backward peak there (the copies
+               brought back); costs its saved bytes moved both ways over the host link (``host_link_gbs``,
+               modelled from PCIe bandwidth, no overlap with compute: the copies run on the compute stream)
+
 (A checkpointed unit needs as much during its own backward as a kept one: what it saves is the memory the
 *other* units' backward positions would otherwise carry.)
 
@@ -39,10 +46,11 @@ from dataclasses import dataclass
 
 from ..errors import MemprofError
 from ..vocab import CHECKPOINT_MODES
+from .costs import HOST_LINK_GBS
 from .selective import SAVE_OP_NAMES
 from .solver import ChainProblem, Option, Unit, peak_of
 
-__all__ = ["UnitStats", "ChainModel", "find_units", "unit_stats", "chain_model"]
+__all__ = ["UnitStats", "ChainModel", "find_units", "unit_stats", "chain_model", "offload_copied_bytes"]
 
 @dataclass(frozen=True)
 class UnitStats:
@@ -144,10 +152,19 @@ def _floor(prof) -> tuple[int, str]:
     return best, phase
 
 
+def offload_copied_bytes(offloaded) -> int:
+    """Bytes an offloaded profile's step copies to the host (and back), per step: the estimator's count."""
+    total = int(offloaded.assumptions.get("activation_host_copied_bytes", 0))
+    steps = max(1, len(offloaded.steps))
+    return total // steps
+
+
 def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=CHECKPOINT_MODES,
-                extra_ms: dict | None = None) -> ChainModel:
+                extra_ms: dict | None = None, offloaded=None, host_link_gbs: float = HOST_LINK_GBS) -> ChainModel:
     """The chain problem of a profile's units under ``budget_bytes``; ``extra_ms`` (mode -> unit -> ms, from
-    :func:`memprof.policy.timing.measure_costs`) replaces the modelled cost of options it names."""
+    :func:`memprof.policy.timing.measure_costs`) replaces the modelled cost of options it names.
+    ``offloaded``: the profile of the same step with every unit offloaded (an estimate of a CUDA device);
+    without it, "offload" is not an option."""
     for mode in modes:
         if mode not in CHECKPOINT_MODES:
             raise MemprofError(f"unknown checkpoint mode {mode!r}; choose from {', '.join(CHECKPOINT_MODES)}")
@@ -155,6 +172,13 @@ def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=C
     if not names:
         raise MemprofError("no repeated units found in the profile to checkpoint; name them (units=[...])")
     stats = unit_stats(prof, names)
+    if offloaded is not None and "offload" in modes:
+        missing = [n for n in names if n not in offloaded.modules or not offloaded.modules[n].backward_entry_bytes]
+        if missing:
+            raise MemprofError(f"the offloaded profile lacks units {missing[:4]}: estimate it with the same units")
+        # the step's copies split over the units by their activations (equal units: equal shares)
+        copied = offload_copied_bytes(offloaded)
+        total_a = sum(u.activation_bytes for u in stats) or 1
     prefix = 0
     chain = []
     for u in stats:
@@ -174,6 +198,12 @@ def chain_model(prof, budget_bytes: int, units: list[str] | None = None, modes=C
             unneeded = max(0, s - o - u.kept_by_matmuls_bytes)
             options.append(Option("selective", s, max(own + unneeded, u.forward_peak_bytes, forward_term),
                                   u.recompute_selective_ms))
+        if "offload" in modes and offloaded is not None:
+            m = offloaded.modules[u.name]
+            r = m.activation_bytes
+            moved = copied * a // total_a
+            options.append(Option("offload", r, max(r + m.backward_peak_bytes, forward_term),
+                                  2 * moved / (host_link_gbs * 1e9) * 1e3))
         if extra_ms:
             options = [Option(o.name, o.retained_bytes, o.local_bytes, extra_ms.get(o.name, {}).get(u.name, o.extra_ms))
                        for o in options]

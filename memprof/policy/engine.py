@@ -90,6 +90,45 @@ def _travelling_bytes(fp32_param_bytes: int, precision: str) -> tuple[int, int]:
 _VARIANT_ERRORS = (LossHeadError, MicrobatchError, StepInBackwardError, StatePrecisionError)
 
 
+_OFFLOAD_NOTES = {
+    "cpu": "activation offload not weighed: on a CPU the host's memory is the device's",
+    "source": "activation offload not weighed: it is weighed on an estimate of the model with its units offloaded "
+              "(source=EstimateSource(...))",
+    "sharded": "activation offload weighed unsharded, without CPU offload, only",
+    "priced": "activation offload: the saved tensors' copies to the host and back priced from the host link's "
+              "bandwidth (modelled, PCIe), without overlap (they run on the compute stream)",
+}
+
+
+def offload_all(model, units):
+    """``model`` with each of ``units`` (FQNs) offloaded, as ``memprof.apply`` does it (for estimates)."""
+    from .activation_offload import offloaded
+
+    for name in units:
+        mod = model.get_submodule(name)
+        mod.forward = offloaded(mod.forward, model)
+    return model
+
+
+def _offloaded_profile(ps, source, names, precision, strategy, offload, notes):
+    """The profile of configuration ``ps`` with every unit offloaded, or None (and a note saying why)."""
+    why = None
+    if not str(ps.environment.device).startswith("cuda"):
+        why = "cpu"
+    elif source is None:
+        why = "source"
+    elif strategy != "none" or offload:
+        why = "sharded"
+    if why is not None:
+        if _OFFLOAD_NOTES[why] not in notes:
+            notes.append(_OFFLOAD_NOTES[why])
+        return None
+    if _OFFLOAD_NOTES["priced"] not in notes:
+        notes.append(_OFFLOAD_NOTES["priced"])
+    units = tuple(names)
+    return source.derived(lambda m: offload_all(m, units), "activation offload of " + ",".join(units)).profile(precision)
+
+
 def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: list[str] | None = None,
          source=None, precision: str | None = None, modes=CHECKPOINT_MODES, comm: CommModel | None = None,
          shard_group_size: int | None = None, profiles: dict | None = None,
@@ -232,13 +271,20 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
             if step_ratio is not None:
                 measured = costs
             unit_modes = modes if "checkpoint" in levers else ("keep",)
+            unit_modes = tuple(m for m in unit_modes if m != "offload")
+            offloaded = None
+            if "activation-offload" in levers and "offload" in modes:
+                offloaded = _offloaded_profile(ps, sources.get(v), names, p, s, o, notes)
+                if offloaded is not None:
+                    unit_modes += ("offload",)
             if p in AUTOCAST_PRECISIONS and "selective" in unit_modes:
                 unit_modes = tuple(m for m in unit_modes if m != "selective")
                 if _SELECTIVE_AUTOCAST_NOTE not in notes:
                     notes.append(_SELECTIVE_AUTOCAST_NOTE)
             try:
                 model = chain_model(ps, budget_bytes, names, unit_modes,
-                                    extra_ms=measured.extra_ms if measured else None)
+                                    extra_ms=measured.extra_ms if measured else None, offloaded=offloaded,
+                                    host_link_gbs=comm.host_link_gbs)
             except MemprofError as e:  # e.g. a variant whose estimate lost the units' backward
                 if v.plain:
                     raise

@@ -213,6 +213,11 @@ def explain(prof, best: Candidate, baseline: Candidate, candidates, budget_bytes
                      "step.")
     else:
         lines.append("No checkpointing needed.")
+    n_off = modes.count("offload")
+    if n_off:
+        lines.append(f"Activation offload of {n_off} unit{'s' if n_off != 1 else ''}: their saved tensors kept in "
+                     "host memory from forward to backward, copied over the host link (priced from PCIe "
+                     "bandwidth, modelled, without overlap).")
     if best.precision != baseline.precision:
         lines.append(f"Precision {best.precision}: peak {format_bytes(best.profile.peak_bytes)} before "
                      f"checkpointing (vs {format_bytes(keep_peak)}), step {best.base_ms:.1f} ms (vs "

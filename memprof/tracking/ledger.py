@@ -398,7 +398,7 @@ class Ledger(LedgerRecording, TorchDispatchMode):
                 self.overhead = before + (perf_counter() - t_in)
         return timed
 
-    def set_aside(self, records, device: str = "cpu") -> list:
+    def set_aside(self, records, device: str = "cpu", since: int | None = None) -> list:
         """Stop counting ``records`` in the tracked total: memory that lives on another device (cold path).
 
         For the estimator's CPU-offload emulation, which runs the host's storages (FSDP's sharded
@@ -406,13 +406,17 @@ class Ledger(LedgerRecording, TorchDispatchMode):
         as the accelerator's. Called before the step is replayed: their events of this step become zero-byte
         ones (which the replay skips), their frees are no longer logged, and they are counted on ``device``
         from now on (sizes no longer rounded like CUDA's). Returns the events taken out, in log order.
+        ``since``: the records were all born at or after that index of ``events`` (only those are searched:
+        the activation-offload emulation sets each host copy aside as it is made).
         Known limit: a set-aside storage that is resized later is counted again from that resize.
         """
         records = list(records)
         ids = {id(r) for r in records}
         moved = []
-        for log in (self.prelude, self.events):
-            for i, (rec, d) in enumerate(log):
+        logs = ((self.prelude, 0), (self.events, 0)) if since is None else ((self.events, since),)
+        for log, start in logs:
+            for i in range(start, len(log)):
+                rec, d = log[i]
                 if d and id(rec) in ids:
                     log[i] = (rec, 0)
                     moved.append((rec, d))
