@@ -81,6 +81,7 @@ def script(tmp_path):
     ("micro-batches", "--gradient_accumulation_steps"),
     ("optimizer-in-backward", "memprof.apply(model, plan, optimizer=opt)"),
     ("bf16-moments", "memprof.apply(model, plan, optimizer=opt)"),
+    ("activation-offload", "memprof run --policy PLAN.toml"),
 ])
 def test_run_budget_refuses_a_lever_it_cannot_apply_to_a_running_script_in_one_line(tmp_path, script, lever, says):
     r = CliRunner().invoke(main, ["run", "--budget", "1GiB", "--levers", f"checkpoint,{lever}", "--out",

@@ -41,6 +41,10 @@ _REFUSALS = {
                       "gradient accumulation instead (nanoGPT: --gradient_accumulation_steps=N with the batch size "
                       "divided by N; HF Trainer: gradient_accumulation_steps), or apply the plan's handle.step in "
                       "your own loop"),
+    "activation-offload": ("{where} does not weigh activation-offload: it is weighed on an estimate of the model "
+                           "with its units offloaded (CUDA); plan it with `memprof plan PROFILE --levers "
+                           "checkpoint,activation-offload --model PKG.MOD:FACTORY` and apply that plan with "
+                           "`memprof run --policy PLAN.toml` or memprof.apply"),
     "optimizer-in-backward": _OPTIMIZER_LEVER,
     "bf16-moments": _OPTIMIZER_LEVER,
 }
