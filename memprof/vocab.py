@@ -39,7 +39,7 @@ CheckpointMode = Literal["keep", "full", "selective", "offload"]
 """What happens to one unit's activations: ``keep`` (stored, as without memprof), ``full`` (the unit is
 recomputed in backward), ``selective`` (cheap ops recomputed, matmul and attention outputs kept),
 ``offload`` (its saved tensors kept in host memory until backward: CUDA only,
-:mod:`memprof.policy.activation_offload`)."""
+:mod:`memprof.activation_offload`)."""
 CHECKPOINT_MODES: tuple[CheckpointMode, ...] = get_args(CheckpointMode)
 RECOMPUTE_MODES: tuple[CheckpointMode, ...] = ("full", "selective")
 
@@ -51,7 +51,7 @@ and cross-entropy a chunk of tokens at a time, :mod:`memprof.policy.loss_head`),
 accumulation (:mod:`memprof.policy.microbatch`), the optimizer step in backward
 (:mod:`memprof.policy.step_in_backward`), bf16 Adam moments (:mod:`memprof.policy.state_precision`), and
 activation offload to host memory, a per-unit mode beside checkpointing ("offload", CUDA profiles only,
-:mod:`memprof.policy.activation_offload`)."""
+:mod:`memprof.activation_offload`)."""
 LEVERS: tuple[Lever, ...] = get_args(Lever)
 STEP_LEVERS: tuple[Lever, ...] = ("loss-head", "micro-batches", "optimizer-in-backward", "bf16-moments")
 

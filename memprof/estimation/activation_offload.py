@@ -1,9 +1,9 @@
 """Activation offload in the estimator: saved tensors of offloaded units counted on the host, not the device.
 
-:mod:`memprof.policy.activation_offload` copies an offloaded unit's saved tensors to the host in forward and
+:mod:`memprof.activation_offload` copies an offloaded unit's saved tensors to the host in forward and
 back to the device in backward. On a PyTorch build without CUDA the estimator emulates CUDA on CPU tensors,
 where both copies would be no-ops (the tensors are already "on the host"), so the device would keep them all.
-:class:`HostActivations` is the copies the estimator uses instead (:func:`~memprof.policy.activation_offload.
+:class:`HostActivations` is the copies the estimator uses instead (:func:`~memprof.activation_offload.
 copies_used`, for every estimate of a CUDA device):
 
 * every saved tensor that is not a parameter or buffer moves (all tensors of the emulated device are the
@@ -21,11 +21,12 @@ clock prices them as device memory traffic; the planner prices the host link apa
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
 
-from ..policy.activation_offload import HostCopies
+from ..activation_offload import HostCopies, copies_used
 
 __all__ = ["HostActivations"]
 
@@ -40,6 +41,29 @@ class HostActivations(HostCopies):
         self.peak_bytes = 0  # ... at their most
         self.copied_bytes = 0  # bytes copied to the host (each comes back once in backward)
         self._ledger = None
+
+    @classmethod
+    def installed(cls, stack, emulated: bool) -> HostActivations:
+        """Copies for every offloaded unit of an estimate, until ``stack`` (an ExitStack) closes."""
+        copies = cls(emulated=emulated)
+        stack.enter_context(copies_used(copies))
+        return copies
+
+    def noted(self, prof, extra: dict, steps: int, host_counted: bool):
+        """``prof`` with the host's peak on its ``cpu`` device (unless FSDP's offload counts the host:
+        ``host_counted``), and the assumptions in ``extra``; as it was if nothing was offloaded."""
+        if not self.copied_bytes:
+            return prof
+        extra["activation_host_peak_bytes"] = str(self.peak_bytes)
+        extra["activation_host_copied_bytes"] = str(self.copied_bytes)
+        extra["activation_offload"] = (
+            f"saved tensors of offloaded units on the host: {self.peak_bytes} bytes at their most, "
+            f"{self.copied_bytes} copied each way per run of {steps} step(s); not counted on the device"
+            + ("; host-device copies emulated as copies on the CPU kernels" if self.emulated else ""))
+        if host_counted:
+            return prof
+        return dataclasses.replace(prof, devices=tuple(
+            dataclasses.replace(d, peak_bytes=self.peak_bytes) if d.device == "cpu" else d for d in prof.devices))
 
     def bind(self, tracker) -> None:
         self._ledger = tracker.ledger

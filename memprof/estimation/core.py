@@ -416,12 +416,7 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
         stack.enter_context(fake_process_group(world_size, needed=strategy != "none"))
         if offload and emulate:
             stack.enter_context(emulated_host_copies())
-        # units offloaded by memprof.policy.activation_offload: their host copies counted on the host
-        activations = HostActivations(emulated=emulate) if device == "cuda" else None
-        if activations is not None:
-            from ..policy.activation_offload import copies_used
-
-            stack.enter_context(copies_used(activations))
+        activations = HostActivations.installed(stack, emulate) if device == "cuda" else None
         mesh = build_mesh(fake_device, world_size, strategy, shard_group_size) if strategy != "none" else None
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
         stack.enter_context(torch.device(fake_device))
@@ -478,17 +473,8 @@ def estimate(build_model: Callable[[], torch.nn.Module], make_batch: Callable[[]
             extra["fake_dtypes"] = (f"{len(op_model.dtypes)} op signatures given the real CPU kernel's output "
                                     "dtypes, where the fake kernel's differ")
     extra.update(op_model.safety.assumptions())
-    if activations is not None and activations.copied_bytes:
-        extra["activation_host_peak_bytes"] = str(activations.peak_bytes)
-        extra["activation_host_copied_bytes"] = str(activations.copied_bytes)
-        extra["activation_offload"] = (
-            f"saved tensors of offloaded units on the host: {activations.peak_bytes} bytes at their most, "
-            f"{activations.copied_bytes} copied each way per run of {steps} step(s); not counted on the device"
-            + ("; host-device copies emulated as copies on the CPU kernels" if emulate else ""))
-        if host is None:
-            prof = dataclasses.replace(prof, devices=tuple(
-                dataclasses.replace(d, peak_bytes=activations.peak_bytes) if d.device == "cpu" else d
-                for d in prof.devices))
+    if activations is not None:
+        prof = activations.noted(prof, extra, steps, host_counted=host is not None)
     if host is not None:
         extra["host_bytes"] = str(host.resident_bytes)
         extra["host_peak_bytes"] = str(host.peak_bytes)

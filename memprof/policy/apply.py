@@ -8,7 +8,7 @@
   dropout recomputes the same masks — with the selective policy of :mod:`memprof.policy.selective` for
   "selective" units. ``state_dict`` keys, parameter objects and an existing optimizer are untouched.
 * activation offload ("offload" units): the unit's forward is replaced by one that saves its tensors for
-  backward in host memory (:func:`memprof.policy.activation_offload.offloaded`; CUDA tensors only, a no-op
+  backward in host memory (:func:`memprof.activation_offload.offloaded`; CUDA tensors only, a no-op
   on the CPU).
 * loss-head chunking (``plan.loss_head_chunk_tokens`` > 0): :func:`memprof.policy.loss_head.chunk_loss_head`
   on the model's output head (the full logits and their gradient never exist at once).
@@ -54,7 +54,7 @@ from ..plans import Plan
 from ..sharding import shard_model
 from ..training import autocast, cast_floating
 from ..vocab import AUTOCAST_PRECISIONS, RECOMPUTE_MODES
-from .activation_offload import offloaded
+from ..activation_offload import offloaded
 from .loss_head import chunk_loss_head
 from .selective import context_fn as selective_context
 
@@ -167,9 +167,29 @@ def _checkpointed(original, mode: str):
     def forward(*args, **kw):
         if not torch.is_grad_enabled():
             return original(*args, **kw)
-        return checkpoint(original, *args, **kwargs, **kw)
+        return checkpoint(_uncached(original), *args, **kwargs, **kw)
 
     return forward
+
+
+def _uncached(original):
+    """``original`` run with autocast's cast cache off (in forward and in its recomputation). The cache keeps
+    each parameter's low-precision copy until the outermost autocast region exits: in a checkpointed unit,
+    whose saved tensors are dropped, those copies would stay live to the end of the forward (a unit's
+    weights in bf16 above the chain model's peak); uncached, each is freed after its op, and recomputation
+    casts again."""
+
+    @functools.wraps(original)
+    def run(*args, **kw):
+        if not torch.is_autocast_cache_enabled():
+            return original(*args, **kw)
+        torch.set_autocast_cache_enabled(False)
+        try:
+            return original(*args, **kw)
+        finally:
+            torch.set_autocast_cache_enabled(True)
+
+    return run
 
 
 def _device_type(model: nn.Module) -> str:

@@ -21,7 +21,7 @@ and each option of unit i (see :mod:`memprof.policy.solver` for how they combine
                would not have kept), costing the time of the ops it recomputes
 
     offload    (CUDA; weighed from a second profile, of the model with every unit offloaded,
-               :mod:`memprof.policy.activation_offload`) retains on the device what that profile's unit
+               :mod:`memprof.activation_offload`) retains on the device what that profile's unit
                keeps (its output: the unit's inputs are never copied, so this does not depend on the
                neighbours' choices); during its backward that plus its backward peak there (the copies
                brought back); costs its saved bytes moved both ways over the host link (``host_link_gbs``,

@@ -38,11 +38,6 @@ from .variants import PLAIN, StepVariant, variant_allowed, variant_source, weigh
 
 __all__ = ["plan", "InfeasibleBudget", "UnweighableLeverError", "Candidate"]
 
-# Under autocast a selectively checkpointed step measured 0.4-9.1% above the chain model's peak (a GPT, 1 to
-# 6 of 6 blocks; the forward peak rises, not the retained bytes): not weighed until it is modelled right.
-_SELECTIVE_AUTOCAST_NOTE = ("selective checkpointing not weighed under autocast: its forward peak is not "
-                            "modelled right yet (measured up to 9% above prediction)")
-
 
 class UnweighableLeverError(MemprofError):
     """A lever was asked for whose configurations cannot be priced from what was given (no model to estimate
@@ -102,7 +97,7 @@ _OFFLOAD_NOTES = {
 
 def offload_all(model, units):
     """``model`` with each of ``units`` (FQNs) offloaded, as ``memprof.apply`` does it (for estimates)."""
-    from .activation_offload import offloaded
+    from ..activation_offload import offloaded
 
     for name in units:
         mod = model.get_submodule(name)
@@ -277,10 +272,6 @@ def plan(prof, budget, *, world_size: int = 1, levers=("checkpoint",), units: li
                 offloaded = _offloaded_profile(ps, sources.get(v), names, p, s, o, notes)
                 if offloaded is not None:
                     unit_modes += ("offload",)
-            if p in AUTOCAST_PRECISIONS and "selective" in unit_modes:
-                unit_modes = tuple(m for m in unit_modes if m != "selective")
-                if _SELECTIVE_AUTOCAST_NOTE not in notes:
-                    notes.append(_SELECTIVE_AUTOCAST_NOTE)
             try:
                 model = chain_model(ps, budget_bytes, names, unit_modes,
                                     extra_ms=measured.extra_ms if measured else None, offloaded=offloaded,
