@@ -1,10 +1,14 @@
 """Decide → apply → verify on training scripts written the way real projects write them.
 
 For each fixture script (nanoGPT-style ``train.py``, a Lightning LM, a PEFT LoRA Llama loop, an HF ``Trainer``
-GPT-2, a TRL ``SFTTrainer`` with its defaults) this measures its plain peak (``memprof run --out``), then runs
+GPT-2, a TRL ``SFTTrainer`` with its defaults; the nanoGPT script also at a block-heavy width set by its
+flags) this measures its plain peak (``memprof run --out``), then runs
 ``memprof run --budget B --plan-out P --out O SCRIPT`` in a fresh subprocess at three budgets:
 
 * 90% and 80% of the plain peak, with the default levers (checkpoint, precision, loss-head), as a user would;
+  where 90% is refused because the smallest peak the levers reach (as the refusal names it) lies between it
+  and the plain peak (a script that checkpoints and autocasts already), the 80% run is replaced by two budgets
+  in the range they reach: a quarter and three quarters of the way down from the plain peak to that smallest;
 * one reached by a plan with selective (or mixed full + selective) checkpointing: the selective point of the
   checkpoint-only frontier of the plain profile (``memprof.plan`` on it) nearest to 85% of the peak, with a
   budget just above that point and below the next faster one, run with ``--levers checkpoint``; where the
@@ -23,7 +27,7 @@ max(25% of the predicted overhead, 5 points) of it.
 Limits: step times on a shared CPU are noisy (the JSON records the load average before and after); the
 scripts are tiny, so fixed costs (imports, the precision timing) dominate each run's wall time.
 
-    python experiments/real_scripts.py                 # all five scripts, 100 steps per run
+    python experiments/real_scripts.py                 # all five scripts (nanoGPT at two widths), 100 steps per run
     python experiments/real_scripts.py --scripts peft_lora,lightning --steps 60
 """
 
@@ -45,9 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments._common import RESULTS, ROOT, write_result  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
-# name -> (script, how to ask for N optimizer steps)
+# name -> (script, how to ask for N optimizer steps, its other flags)
+# nanogpt_wide: the same unmodified script set by its configurator flags to a block-heavy width (d=384, 256
+# tokens x 8, vocab 512) whose ops take milliseconds: there selective checkpointing costs less than full on
+# this CPU, where on the tiny configurations torch's per-op selective policy costs more than recomputing all.
+WIDE = ["--n_embd=384", "--n_head=6", "--block_size=256", "--batch_size=8", "--vocab_size=512"]
 SCRIPTS = {
     "nanogpt": (FIXTURES / "nanogpt" / "train.py", "--max_iters={n}"),
+    "nanogpt_wide": (FIXTURES / "nanogpt" / "train.py", "--max_iters={n}", WIDE),
     "lightning": (FIXTURES / "lightning_train.py", "--max-steps={n}"),
     "peft_lora": (FIXTURES / "peft_lora_train.py", "--steps={n}"),
     "hf_trainer": (FIXTURES / "hf_trainer_train.py", "--max_steps={n}"),
@@ -158,8 +167,8 @@ def judge(row: dict) -> None:
 
 
 def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
-    script, flag = SCRIPTS[name]
-    args = [flag.format(n=steps)]
+    script, flag, *other = SCRIPTS[name]
+    args = [flag.format(n=steps), *(other[0] if other else [])]
     prof = work / f"{name}-plain.json"
     plain = memprof_run(["--out", str(prof)], script, args, timeout)
     print(f"{name}: plain run rc={plain['rc']} in {plain['wall_s']} s", flush=True)
@@ -177,7 +186,9 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
     else:  # no selective point (the script checkpoints already): a budget it meets must not be refused
         budgets.append((int(1.01 * peak), "101% of plain peak (no selective point on the frontier)", [], None))
     rows = []
-    for i, (budget, why, levers, point) in enumerate(budgets):
+    i = 0
+    while i < len(budgets):
+        budget, why, levers, point = budgets[i]
         plan_path, out = work / f"{name}-{i}.toml", work / f"{name}-{i}.json"
         r = memprof_run(["--budget", str(budget), *levers, "--plan-out", str(plan_path), "--out", str(out)],
                         script, args, timeout)
@@ -197,6 +208,16 @@ def run_script(name: str, steps: int, timeout: float, work: Path) -> list[dict]:
         if r["rc"] != 0 or not (row["printed_check"] or row["nothing_applied"]):
             row["stderr_tail"] = r["stderr"][-3000:]
         rows.append(row)
+        smallest = row.get("smallest_achievable_bytes")
+        if i == 0 and smallest is not None and budget < smallest < peak:
+            # The levers reach less than 10% (the script saves memory itself): the two budgets in the range they
+            # reach instead, a quarter and three quarters of the way down from the plain peak.
+            budgets[:2] = [budgets[0],
+                           (peak - (peak - smallest) // 4, "a quarter of the way from the plain peak to the "
+                            "smallest peak the levers reach", [], None),
+                           (peak - 3 * (peak - smallest) // 4, "three quarters of the way from the plain peak "
+                            "to the smallest peak the levers reach", [], None)]
+        i += 1
         print(f"  budget {budget} ({why}): rc={r['rc']} {row.get('precision')} {row.get('checkpoint')} head {row.get('loss_head_chunk_tokens')} "
               f"peak err {row.get('peak_error', float('nan')):+.2%} overhead "
               f"{row.get('measured_overhead')} vs {row.get('predicted_overhead')} held={row['held']} "
@@ -246,7 +267,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated: " + ", ".join(SCRIPTS))
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (calibration ~52 with the chunked head, the live check ~13 more per plan)")
-    ap.add_argument("--timeout", type=float, default=240, help="seconds per memprof run")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per memprof run")
     ap.add_argument("--caching-malloc", action="store_true",
                     help="run the scripts with glibc malloc keeping freed memory, as the plans' note advises "
                          "(writes results/real-scripts-caching-malloc.json)")
