@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import memprof
+from memprof.activation_offload import copies_used
 from memprof.estimation.activation_offload import HostActivations
 from memprof.estimation.sources import EstimateSource
 from memprof.plans import CheckpointChoice, load_plan
-from memprof.activation_offload import copies_used
 from memprof.policy.engine import plan
 from memprof.zoo import GPT, GPTConfig, gpt_batch
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import MemprofError, ProfileFormatError
+from ..vocab import CHECKPOINT_MODES
 from .common import echo_json, fmt_bytes
 
 __all__ = ["COMMANDS", "plan_cmd"]
@@ -130,7 +131,7 @@ def _echo_plan(p) -> None:
     if p.step_levers():
         click.echo("  step: " + ", ".join(p.step_levers()))
     modes = p.checkpoint_modes()
-    counted = {m: sum(1 for v in modes.values() if v == m) for m in ("keep", "full", "selective", "offload")}
+    counted = {m: sum(1 for v in modes.values() if v == m) for m in CHECKPOINT_MODES}
     click.echo("  checkpoint: " + ", ".join(f"{n} {m}" for m, n in counted.items() if n))
     rows = [(c.unit, c.mode) for c in p.checkpoint if c.mode != "keep"]
     if rows:

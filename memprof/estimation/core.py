@@ -62,11 +62,11 @@ from ..training import (
     make_optimizer,
     make_scaler,
 )
+from .activation_offload import HostActivations
 from .calls import EstimateError, call_fake, current_fake_mode, fake_process_group
 from .factories import factory_notes, unwrap_compiled, user_code
 from .fake_dtypes import OutputDtypes
 from .hf_paths import RealCodePaths
-from .activation_offload import HostActivations
 from .offload import HostSide, emulated_host_copies
 from .replay import PRIM_DEVICE, OpReplay
 from .scratch_safety import RNN_FORWARD, MadeUpInputs

@@ -49,12 +49,12 @@ import weakref
 import torch
 import torch.nn as nn
 
+from ..activation_offload import offloaded
 from ..errors import MemprofError
 from ..plans import Plan
 from ..sharding import shard_model
 from ..training import autocast, cast_floating
-from ..vocab import AUTOCAST_PRECISIONS, RECOMPUTE_MODES
-from ..activation_offload import offloaded
+from ..vocab import AUTOCAST_PRECISIONS, CHECKPOINT_MODES, RECOMPUTE_MODES
 from .loss_head import chunk_loss_head
 from .selective import context_fn as selective_context
 
@@ -135,7 +135,7 @@ class ApplyHandle:
             raise errors[0]
 
     def __repr__(self) -> str:
-        modes = {m: sum(1 for v in self.units.values() if v == m) for m in RECOMPUTE_MODES + ("offload",)}
+        modes = {m: sum(1 for v in self.units.values() if v == m) for m in CHECKPOINT_MODES if m != "keep"}
         return (f"ApplyHandle(precision={self.plan.precision!r}, sharding={self.plan.sharding.strategy!r}, "
                 f"checkpoint={modes}, removed={self._removed})")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..vocab import CHECKPOINT_MODES, RECOMPUTE_MODES
+from ..vocab import CHECKPOINT_MODES
 from .solver import Solution
 from .variants import PLAIN, StepVariant
 
@@ -64,6 +64,6 @@ def describe_config(precision: str, sharding: str, offload: bool) -> str:
 
 def describe_choice(precision: str, sharding: str, choices, offload: bool = False,
                     variant: StepVariant = PLAIN) -> str:
-    counted = {m: list(choices).count(m) for m in RECOMPUTE_MODES + ("offload",)}
+    counted = {m: list(choices).count(m) for m in CHECKPOINT_MODES if m != "keep"}
     ck = ", ".join(f"{n}/{len(choices)} {m}" for m, n in counted.items() if n) or "no checkpointing"
     return ", ".join([precision, sharding_words(sharding, offload), *variant.words(), ck])

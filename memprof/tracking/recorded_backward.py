@@ -69,7 +69,7 @@ def gradient_shapes(roots) -> dict:
             if m.is_nested_tensor or m.dtype is None:
                 continue
             shape = tuple(m.shape)
-            nbytes = math.prod(shape) * m.dtype.itemsize if shape else m.dtype.itemsize
+            nbytes = math.prod(shape) * m.dtype.itemsize
             out.setdefault(nbytes, (shape, m.dtype))
         stack.extend(n for n, _ in node.next_functions if n is not None)
     return out
